@@ -1,0 +1,132 @@
+"""In-process routing overhead per request: `router.submit` against an instant custom
+provider, minus the direct `provider.complete` call, at 1 and 1,000 concurrent callers.
+
+    .venv/bin/python benchmarks/overhead.py [--requests 200000] [--repeat 5]
+
+No network and no sleeping: what is measured is the router's own cost (chain, key
+choice, the actor hop, breaker and cooldown bookkeeping, the attempt record). Each
+figure is the best of `--repeat` runs, to keep a shared machine's noise out. Writes
+`benchmarks/results/overhead.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from router import ApiKey, ChatRequest, ChatResponse, Message, Router, RouterConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+CONFIG = """
+[router]
+seed = 1
+[[providers]]
+name = "instant"
+kind = "custom"
+max_concurrency = 100000
+keys = [{ id = "k1" }, { id = "k2" }]
+[[models]]
+name = "m"
+provider = "instant"
+upstream = "upstream-m"
+"""
+
+
+class InstantProvider:
+    """Answers at once, without a checkpoint: the cheapest possible upstream."""
+
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        return ChatResponse(content="ok")
+
+
+async def _drive(call: Callable[[], Awaitable[object]], callers: int, total: int) -> float:
+    per_caller = total // callers
+
+    async def caller() -> None:
+        for _ in range(per_caller):
+            await call()
+
+    start = time.perf_counter()
+    if callers == 1:
+        await caller()
+    else:
+        async with trio.open_nursery() as nursery:
+            for _ in range(callers):
+                nursery.start_soon(caller)
+    return (time.perf_counter() - start) / (per_caller * callers)
+
+
+async def measure(callers: int, total: int, repeat: int) -> dict[str, float]:
+    provider = InstantProvider()
+    config = RouterConfig.from_toml(CONFIG)
+    request = ChatRequest(model="m", messages=[Message(role="user", content="hello")])
+    key = ApiKey("instant", "k1", "")
+    direct_best = routed_best = float("inf")
+    async with Router.open(config, providers={"instant": provider}) as router:
+
+        async def direct() -> object:
+            return await provider.complete(request, key)
+
+        async def routed() -> object:
+            return await router.submit(request)
+
+        await _drive(routed, callers, min(total, 10_000))  # warm up
+        for _ in range(repeat):
+            direct_best = min(direct_best, await _drive(direct, callers, total))
+            routed_best = min(routed_best, await _drive(routed, callers, total))
+    return {
+        "callers": callers,
+        "requests": total,
+        "direct_us": direct_best * 1e6,
+        "routed_us": routed_best * 1e6,
+        "overhead_us": (routed_best - direct_best) * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    rows = []
+    for callers in (1, 1000):
+        row = trio.run(measure, callers, args.requests, args.repeat)
+        rows.append(row)
+        print(
+            f"callers={callers:5d}  direct {row['direct_us']:6.2f} us  "
+            f"routed {row['routed_us']:6.2f} us  overhead {row['overhead_us']:6.2f} us/request"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (RESULTS / "overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "# Routing overhead (in-process, instant provider)",
+        "",
+        f"Python {meta['python']}, trio {meta['trio']}, {meta['date']}; best of "
+        f"{args.repeat} runs of {args.requests} requests.",
+        "",
+        "| concurrent callers | direct call (µs) | router.submit (µs) | overhead (µs/request) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['callers']} | {r['direct_us']:.2f} | {r['routed_us']:.2f} | "
+            f"{r['overhead_us']:.2f} |"
+        )
+    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""llm-router: an actor-based LLM request router on trio.
+
+Layout (every implementation module is private; this file re-exports the public names):
+
+- `_types.py`     request/response records (msgspec Structs) and the ApiKey handle
+- `_errors.py`    the one error taxonomy, with its tree at the top
+- `_config.py`    the one config loader (TOML/JSON -> validated Structs)
+- `_breaker.py`   circuit breaker state machine (pure, clock injected)
+- `_cooldown.py`  key cooldown state machine (pure, clock injected)
+- `_health.py`    per-model health state machine (pure, clock injected)
+- `_provider.py`  the Provider interface that custom providers implement
+- `_simulated.py` the embedded simulated provider (kind = "simulated")
+- `_actor.py`     KeyActor: one trio task per (provider, key), owning the state above
+- `_chain.py`     ModelChain: request -> ordered, de-duplicated models to try
+- `_router.py`    Router: the supervisor that walks the chain over the actors
+- `_demo.py`      the `llm-router demo` command
+"""
+
+import msgspec as _msgspec
+
+from ._breaker import CircuitBreaker
+from ._config import (
+    BreakerConfig,
+    CooldownConfig,
+    HealthConfig,
+    KeyConfig,
+    ModelConfig,
+    ProviderConfig,
+    RouterConfig,
+    RouterSettings,
+    SimulationConfig,
+)
+from ._cooldown import Cooldown
+from ._errors import (
+    ERROR_KINDS,
+    ChainExhaustedError,
+    ConfigError,
+    DeadlineExceededError,
+    ErrorKind,
+    InvalidRequestError,
+    ProviderError,
+    RouterClosedError,
+    RouterError,
+    UnknownModelError,
+)
+from ._health import ModelHealth
+from ._provider import Provider
+from ._router import KeySnapshot, ModelSnapshot, Router, RouterSnapshot
+from ._simulated import SimulatedProvider
+from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message, Usage
+
+__all__ = [
+    "ERROR_KINDS",
+    "ApiKey",
+    "Attempt",
+    "BreakerConfig",
+    "ChainExhaustedError",
+    "ChatRequest",
+    "ChatResponse",
+    "CircuitBreaker",
+    "ConfigError",
+    "Cooldown",
+    "CooldownConfig",
+    "DeadlineExceededError",
+    "ErrorKind",
+    "HealthConfig",
+    "InvalidRequestError",
+    "KeyConfig",
+    "KeySnapshot",
+    "Message",
+    "ModelConfig",
+    "ModelHealth",
+    "ModelSnapshot",
+    "Provider",
+    "ProviderConfig",
+    "ProviderError",
+    "Router",
+    "RouterClosedError",
+    "RouterConfig",
+    "RouterError",
+    "RouterSettings",
+    "RouterSnapshot",
+    "SimulatedProvider",
+    "SimulationConfig",
+    "UnknownModelError",
+    "Usage",
+]
+
+# Show `router.X` in reprs and tracebacks, as httpx does. msgspec Structs keep their
+# real module: msgspec resolves their annotations through it.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and not issubclass(_obj, _msgspec.Struct):
+        _obj.__module__ = "router"
+del _name, _obj

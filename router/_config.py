@@ -1,0 +1,326 @@
+"""The one config loader: TOML or JSON into typed, validated msgspec Structs.
+
+`RouterConfig.load(path)`, `RouterConfig.from_toml(text)`, `RouterConfig.from_json(text)`
+and `RouterConfig.from_dict(data)` all end in the same validation, and every problem
+becomes a `ConfigError` whose `.field` is the path of the offending field
+(``providers[0].keys[1].secret``). Unknown fields are errors, so a typo never
+silently falls back to a default.
+
+Secrets may be given as ``env:VAR``; they are resolved by `resolve_secret()` when the
+router opens, and no repr in this module shows a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from ._errors import ConfigError
+
+__all__ = [
+    "BreakerConfig",
+    "CooldownConfig",
+    "HealthConfig",
+    "KeyConfig",
+    "ModelConfig",
+    "ProviderConfig",
+    "RouterConfig",
+    "RouterSettings",
+    "SimulationConfig",
+    "resolve_secret",
+]
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+
+ProviderKind = Literal["simulated", "custom", "openai", "anthropic", "gemini"]
+Balancing = Literal["ordered", "round_robin", "least_busy"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BreakerConfig(_Section):
+    """Per-key circuit breaker settings (see `router._breaker`)."""
+
+    failure_threshold: PositiveInt = 5
+    """Consecutive availability failures that open the breaker."""
+    failure_rate: Fraction = 0.5
+    """Failure rate over the last `window` calls that opens it (0 disables)."""
+    window: PositiveInt = 20
+    minimum_calls: PositiveInt = 10
+    """Calls in the window before the failure rate is judged."""
+    open_for: Positive = 30.0
+    open_for_max: Positive = 300.0
+    open_growth: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    """Each re-trip without a full recovery multiplies `open_for` by this."""
+    jitter: Fraction = 0.1
+    """Open durations are stretched by up to this fraction at random."""
+    half_open_probes: PositiveInt = 1
+    """Probes allowed in flight at once while half-open."""
+    success_threshold: PositiveInt = 2
+    """Consecutive probe successes that close the breaker."""
+    adaptive: bool = False
+    """Also open on latency anomalies and slow-call rate; close by sampled success rate."""
+    latency_z_threshold: Positive = 2.5
+    latency_window: PositiveInt = 200
+    latency_min_samples: PositiveInt = 20
+    latency_anomalies_to_open: PositiveInt = 3
+    """Consecutive latency anomalies that open an adaptive breaker."""
+    slow_call_seconds: NonNegative = 0.0
+    """A call slower than this is slow (0 disables the slow-call trigger)."""
+    slow_call_rate: Fraction = 0.5
+    half_open_sample: PositiveInt = 10
+    """Adaptive mode: probes sampled while half-open before deciding."""
+    half_open_success_rate: Fraction = 0.8
+
+
+class CooldownConfig(_Section):
+    """Per-key cooldown settings (see `router._cooldown`)."""
+
+    min: Positive = 5.0
+    max: Positive = 300.0
+    factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    auth: Positive = 600.0
+    """Cooldown after an auth failure."""
+    balance: Positive = 3600.0
+    """Cooldown after a balance/quota failure (the key is out of credit)."""
+
+
+class HealthConfig(_Section):
+    """Per-model health settings (see `router._health`)."""
+
+    failures_to_cool: PositiveInt = 3
+    """Consecutive availability failures of a model before it cools."""
+    cooling_for: Positive = 30.0
+    cooling_max: Positive = 300.0
+    disabled_for: Positive = 3600.0
+    """How long a model stays disabled after a model-missing answer."""
+
+
+class RouterSettings(_Section):
+    """The `[router]` table."""
+
+    timeout: Positive = 60.0
+    """End-to-end deadline of a request across retries and fallbacks."""
+    attempt_timeout: Positive = 30.0
+    """Deadline of one upstream attempt."""
+    transient_retries: NonNegativeInt = 2
+    retry_backoff: list[NonNegative] = msgspec.field(default_factory=lambda: [0.5, 2.0])
+    """Sleep before the n-th in-place retry; the last value repeats."""
+    retry_jitter: Fraction = 0.1
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    """Global fallbacks, appended to every chain."""
+    balancing: Balancing = "ordered"
+    per_tenant_breakers: bool = False
+    seed: int | None = None
+    """Seeds the router's jitter, for reproducible runs."""
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    cooldown: CooldownConfig = msgspec.field(default_factory=CooldownConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+
+
+class SimulationConfig(_Section):
+    """Behaviour of a simulated key: latency and a fault mix (probabilities per call)."""
+
+    latency: NonNegative = 0.05
+    jitter: NonNegative = 0.0
+    """Uniform extra latency in [0, jitter)."""
+    transient: Fraction = 0.0
+    rate_limit: Fraction = 0.0
+    retry_after: NonNegative = 1.0
+    auth: Fraction = 0.0
+    balance: Fraction = 0.0
+    model_missing: Fraction = 0.0
+    hang: Fraction = 0.0
+    """The call never answers (the attempt timeout ends it)."""
+    unknown: Fraction = 0.0
+    down: bool = False
+    """Every call fails at once as a refused connection (transient)."""
+    models: list[str] | None = None
+    """Upstream ids served; any other answers model-missing. None serves all."""
+
+
+class KeyConfig(_Section):
+    id: Name
+    secret: str = ""
+    max_concurrency: PositiveInt | None = None
+    simulate: SimulationConfig | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyConfig(id={self.id!r}, secret='***', max_concurrency={self.max_concurrency!r})"
+
+
+class ProviderConfig(_Section):
+    name: Name
+    kind: ProviderKind
+    keys: list[KeyConfig]
+    base_url: str = ""
+    max_concurrency: PositiveInt = 64
+    simulate: SimulationConfig | None = None
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    name: Name
+    provider: Name
+    upstream: Name
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    context_window: PositiveInt | None = None
+
+
+_ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_ERR_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
+
+
+def _config_error_from_msgspec(exc: msgspec.ValidationError) -> ConfigError:
+    text = str(exc)
+    m = _ERR_PATH.match(text)
+    msg, path = (m.group("msg"), m.group("path") or "") if m else (text, "")
+    fm = _ERR_FIELD.search(msg)
+    if fm:
+        path = f"{path}.{fm.group(1)}"
+    return ConfigError(path.lstrip(".") or "<root>", msg)
+
+
+class RouterConfig(_Section):
+    """The whole configuration: `[router]`, `[[providers]]`, `[[models]]`."""
+
+    providers: list[ProviderConfig]
+    router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+
+    # -- loading --------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, text: str | bytes) -> RouterConfig:
+        try:
+            cfg = msgspec.toml.decode(text, type=cls)
+        except msgspec.ValidationError as exc:
+            raise _config_error_from_msgspec(exc) from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError("<document>", f"not valid TOML: {exc}") from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RouterConfig:
+        try:
+            cfg = msgspec.json.decode(text, type=cls)
+        except msgspec.ValidationError as exc:
+            raise _config_error_from_msgspec(exc) from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError("<document>", f"not valid JSON: {exc}") from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
+        try:
+            cfg = msgspec.convert(data, type=cls)
+        except msgspec.ValidationError as exc:
+            raise _config_error_from_msgspec(exc) from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RouterConfig:
+        """Load a `.toml` or `.json` file (by its suffix; anything else is read as TOML)."""
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError("<file>", f"cannot read {str(p)!r}: {exc.strerror}") from None
+        if p.suffix.lower() == ".json":
+            return cls.from_json(data)
+        return cls.from_toml(data)
+
+    # -- cross-field validation -------------------------------------------------
+
+    def validate(self) -> None:
+        """Check what the schema cannot: uniqueness and references between entries."""
+        if not self.providers:
+            raise ConfigError("providers", "at least one provider is required")
+        providers: dict[str, ProviderConfig] = {}
+        for i, p in enumerate(self.providers):
+            if "/" in p.name:
+                raise ConfigError(f"providers[{i}].name", f"{p.name!r} must not contain '/'")
+            if p.name in providers:
+                raise ConfigError(f"providers[{i}].name", f"duplicate provider {p.name!r}")
+            providers[p.name] = p
+            if not p.keys:
+                raise ConfigError(f"providers[{i}].keys", "at least one key is required")
+            seen: set[str] = set()
+            for j, k in enumerate(p.keys):
+                if k.id in seen:
+                    raise ConfigError(f"providers[{i}].keys[{j}].id", f"duplicate key id {k.id!r}")
+                seen.add(k.id)
+                if k.secret.startswith("env:") and not k.secret[4:]:
+                    raise ConfigError(
+                        f"providers[{i}].keys[{j}].secret", "`env:` needs a variable name"
+                    )
+                if k.simulate is not None and p.kind != "simulated":
+                    raise ConfigError(
+                        f"providers[{i}].keys[{j}].simulate",
+                        f"only simulated providers take `simulate` (kind is {p.kind!r})",
+                    )
+            if p.simulate is not None and p.kind != "simulated":
+                raise ConfigError(
+                    f"providers[{i}].simulate",
+                    f"only simulated providers take `simulate` (kind is {p.kind!r})",
+                )
+            if p.kind in ("openai", "anthropic", "gemini") and not p.base_url:
+                raise ConfigError(f"providers[{i}].base_url", f"required for kind {p.kind!r}")
+        models: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in models:
+                raise ConfigError(f"models[{i}].name", f"duplicate model {m.name!r}")
+            models.add(m.name)
+            if m.provider not in providers:
+                raise ConfigError(f"models[{i}].provider", f"unknown provider {m.provider!r}")
+
+        def check_ref(field: str, name: str) -> None:
+            name = name.strip()
+            if not name or name in models:
+                return
+            prov, sep, upstream = name.partition("/")
+            if sep and prov in providers and upstream:
+                return
+            raise ConfigError(
+                field, f"{name!r} is neither a configured model nor `provider/upstream-id`"
+            )
+
+        for i, m in enumerate(self.models):
+            for j, f in enumerate(m.fallbacks):
+                check_ref(f"models[{i}].fallbacks[{j}]", f)
+        for j, f in enumerate(self.router.fallbacks):
+            check_ref(f"router.fallbacks[{j}]", f)
+        r = self.router
+        if not r.retry_backoff:
+            raise ConfigError("router.retry_backoff", "needs at least one delay")
+        if r.breaker.open_for_max < r.breaker.open_for:
+            raise ConfigError("router.breaker.open_for_max", "must be >= open_for")
+        if r.cooldown.max < r.cooldown.min:
+            raise ConfigError("router.cooldown.max", "must be >= min")
+        if r.health.cooling_max < r.health.cooling_for:
+            raise ConfigError("router.health.cooling_max", "must be >= cooling_for")
+
+
+def resolve_secret(raw: str, field: str) -> str:
+    """Turn ``env:VAR`` into the variable's value; other strings are literal secrets."""
+    if raw.startswith("env:"):
+        var = raw[4:]
+        value = os.environ.get(var)
+        if value is None:
+            raise ConfigError(field, f"environment variable {var!r} is not set")
+        return value
+    return raw

@@ -1,0 +1,74 @@
+"""Per-model health: a pure state machine, clock injected.
+
+The supervisor owns it and is its only writer. Rules every change here must keep:
+
+1. Disabled on model-missing (the provider says the model does not exist) for
+   `disabled_for` seconds, or until a reset.
+2. Cooling after `failures_to_cool` consecutive availability failures of the model
+   (transient failures that outlived their in-place retries, or every key rate-limited
+   or refused), for `cooling_for` growing by 2x per repeat up to `cooling_max`.
+3. Untouched by unknown failures: an ambiguous error may be the request's own, and
+   parking a usable primary would push all later traffic onto the fallback.
+4. A success makes it healthy and clears the failure count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from ._config import HealthConfig
+
+__all__ = ["ModelHealth"]
+
+HealthState = Literal["healthy", "cooling", "disabled"]
+
+
+class ModelHealth:
+    __slots__ = ("config", "failures", "state", "trips", "until")
+
+    def __init__(self, config: HealthConfig) -> None:
+        self.config = config
+        self.state: HealthState = "healthy"
+        self.until = -math.inf
+        self.failures = 0
+        self.trips = 0
+
+    def state_at(self, now: float) -> HealthState:
+        if self.state != "healthy" and now >= self.until:
+            self.state = "healthy"
+        return self.state
+
+    def is_callable(self, now: float) -> bool:
+        return self.state == "healthy" or self.state_at(now) == "healthy"
+
+    def remaining(self, now: float) -> float:
+        if self.state_at(now) == "healthy":
+            return 0.0
+        return max(0.0, self.until - now)
+
+    def on_success(self) -> None:
+        self.failures = 0
+        self.trips = 0
+        self.state = "healthy"
+        self.until = -math.inf
+
+    def on_availability_failure(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= self.config.failures_to_cool:
+            cfg = self.config
+            delay = min(cfg.cooling_for * 2.0**self.trips, cfg.cooling_max)
+            self.trips += 1
+            self.failures = 0
+            self.state = "cooling"
+            self.until = max(self.until, now + delay)
+
+    def on_model_missing(self, now: float) -> None:
+        self.state = "disabled"
+        self.until = max(self.until, now + self.config.disabled_for)
+
+    def reset(self) -> None:
+        self.state = "healthy"
+        self.until = -math.inf
+        self.failures = 0
+        self.trips = 0

@@ -1,0 +1,33 @@
+"""The provider interface: how the router talks to one upstream API.
+
+A provider turns a `ChatRequest` (whose `model` is already the upstream id) into a
+`ChatResponse` for one key, or raises `ProviderError` with the failure classified.
+It never retries, sleeps between attempts, or tracks health: the key actor that calls
+it does all of that. It must be safe to call concurrently for the same key.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ._types import ApiKey, ChatRequest, ChatResponse
+
+__all__ = ["Provider"]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """Implement `complete` to plug an in-house model (or a fault injector) in.
+
+    Register an instance by name with ``Router.open(config, providers={"name": p})``
+    for a ``[[providers]]`` entry of ``kind = "custom"``. Raise
+    ``ProviderError(kind, message, retry_after=None, status=None)`` for a failure:
+    the kind decides what the router does (DESIGN.md's failure table). Any other
+    exception is treated as an ``unknown`` failure. Never put `key.secret` into an
+    error message.
+
+    A provider may also define ``async def aclose(self) -> None``; the router calls
+    it once when it closes.
+    """
+
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse: ...

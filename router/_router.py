@@ -1,0 +1,439 @@
+"""The router: the supervisor that walks the model chain over the key actors.
+
+`Router.open(config, providers=...)` starts one `KeyActor` task per (provider, key)
+in a nursery and yields the router; leaving the block stops them all. `submit()`
+builds the request's chain, and for each model picks a key actor and hands it a job,
+then decides from the outcome: return, propagate, try the next key of the same model,
+or advance to the next model (DESIGN.md's failure table). It also owns per-model
+health, which only it writes.
+
+What this module must never do: count the caller's cancellation or its deadline as a
+provider failure, leave a task running after `Router.open` exits, or let a request end
+in anything but exactly one response or one `RouterError`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Final
+
+import msgspec
+import trio
+
+from ._actor import DEADLINE, SKIPPED, Job, KeyActor
+from ._chain import ModelChain, Route
+from ._config import ProviderConfig, RouterConfig, resolve_secret
+from ._errors import (
+    ChainExhaustedError,
+    ConfigError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    ProviderError,
+    RouterClosedError,
+    RouterError,
+)
+from ._health import ModelHealth
+from ._provider import Provider
+from ._simulated import SimulatedProvider
+from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message
+
+__all__ = ["KeySnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
+
+_NEXT_KEY: Final = frozenset({"rate_limit", "auth", "balance"})
+_PROPAGATE: Final = frozenset({"bad_request", "context_exceeded", "content_filter", "max_tokens"})
+
+
+class KeySnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of one (provider, key) pair at the snapshot's time."""
+
+    provider: str
+    key_id: str
+    breaker: str
+    """closed, open or half_open (the key's own breaker, not a tenant's)."""
+    breaker_open_for: float
+    """Seconds until an open breaker lets a probe through (0 otherwise)."""
+    cooling_for: float
+    """Seconds of cooldown left (0 when the key is not cooling)."""
+    cooling_reason: str | None
+    """rate_limit, auth or balance while cooling."""
+    in_flight: int
+    """Attempts being sent upstream now."""
+    queued: int
+    """Jobs waiting for a concurrency slot."""
+    max_concurrency: int
+    requests: int
+    """Upstream attempts sent, ever."""
+    successes: int
+    failures: int
+    opens: int
+    """Times the key's breaker has opened, ever."""
+    tenant_breakers: dict[str, str]
+    """Per-tenant breaker states, when per-tenant breakers are on."""
+
+
+class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The health of one model (a configured alias or a `provider/upstream` name)."""
+
+    name: str
+    provider: str
+    upstream: str
+    health: str
+    """healthy, cooling or disabled."""
+    remaining: float
+    """Seconds until a cooling or disabled model is callable again."""
+
+
+class RouterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    time: float
+    """The router clock's time when the snapshot was taken."""
+    keys: list[KeySnapshot]
+    models: list[ModelSnapshot]
+
+
+class _ProviderRuntime:
+    """A provider's key actors in their configured order, plus balancing state."""
+
+    __slots__ = ("actors", "config", "name", "next_index", "provider")
+
+    def __init__(self, config: ProviderConfig, provider: Provider, actors: list[KeyActor]) -> None:
+        self.name = config.name
+        self.config = config
+        self.provider = provider
+        self.actors = actors
+        self.next_index = 0
+
+
+class Router:
+    """Routes chat requests across providers, keys and models. Make one with
+    `Router.open(...)`; see the module docstring."""
+
+    def __init__(
+        self, config: RouterConfig, runtimes: dict[str, _ProviderRuntime], rng: random.Random
+    ) -> None:
+        self.config = config
+        self._settings = config.router
+        self._runtimes = runtimes
+        self._chain: ModelChain[_ProviderRuntime] = ModelChain(config, runtimes)
+        self._health: dict[str, ModelHealth] = {}
+        self._rng = rng
+        self._open = False
+        self._strategy = config.router.balancing
+        for m in config.models:
+            self._health_of(m.name)
+
+    def __repr__(self) -> str:
+        keys = sum(len(r.actors) for r in self._runtimes.values())
+        return f"<Router providers={len(self._runtimes)} keys={keys} open={self._open}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, config: RouterConfig, providers: Mapping[str, Provider] | None = None
+    ) -> AsyncIterator[Router]:
+        """Start the router: one actor task per (provider, key), stopped on exit.
+
+        `providers` maps the names of ``kind = "custom"`` providers to instances.
+        """
+        if not isinstance(config, RouterConfig):
+            raise ConfigError("<root>", f"expected RouterConfig, got {type(config).__name__}")
+        supplied = dict(providers or {})
+        rng = random.Random(config.router.seed)
+        runtimes: dict[str, _ProviderRuntime] = {}
+        for i, pc in enumerate(config.providers):
+            instance = _provider_instance(i, pc, supplied)
+            actors = []
+            for j, kc in enumerate(pc.keys):
+                secret = resolve_secret(kc.secret, f"providers[{i}].keys[{j}].secret")
+                actors.append(
+                    KeyActor(
+                        pc.name,
+                        ApiKey(pc.name, kc.id, secret),
+                        instance,
+                        kc.max_concurrency or pc.max_concurrency,
+                        config.router,
+                        rng,
+                    )
+                )
+            runtimes[pc.name] = _ProviderRuntime(pc, instance, actors)
+        if supplied:
+            name = next(iter(supplied))
+            raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
+        router = cls(config, runtimes, rng)
+        try:
+            async with trio.open_nursery() as nursery:
+                for rt in runtimes.values():
+                    for actor in rt.actors:
+                        await nursery.start(actor.run)
+                router._open = True
+                try:
+                    yield router
+                finally:
+                    router._open = False
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for rt in runtimes.values():
+                    aclose = getattr(rt.provider, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+
+    # -- the request path -------------------------------------------------------------------
+
+    async def submit(self, request: ChatRequest) -> ChatResponse:
+        """Serve `request` along its model chain; returns the response or raises one
+        `RouterError` (see `router._errors` for the tree)."""
+        if not self._open:
+            raise RouterClosedError()
+        _check_request(request)
+        settings = self._settings
+        now = trio.current_time()
+        timeout = request.timeout if request.timeout is not None else settings.timeout
+        deadline = now + timeout
+        chain = self._chain.build(request.model, request.fallbacks)
+        tenant = request.tenant
+        attempts: list[Attempt] = []
+        last_error: RouterError | None = None
+        for route in chain:
+            health = self._health.get(route.name) or self._health_of(route.name)
+            if not health.is_callable(now):
+                continue
+            upstream_request = msgspec.structs.replace(request, model=route.upstream)
+            key_failures = 0
+            for actor in self._key_order(route.provider, tenant):
+                now = trio.current_time()
+                if now >= deadline:
+                    raise DeadlineExceededError(timeout, attempts)
+                if not actor.is_available(now, tenant):
+                    continue
+                result = await actor.call(Job(upstream_request, route.name, deadline, attempts))
+                if type(result) is ChatResponse:
+                    health.on_success()
+                    result.model = route.name
+                    if not result.upstream_model:
+                        result.upstream_model = route.upstream
+                    result.provider = actor.provider_name
+                    result.key_id = actor.key_id
+                    result.attempts = attempts
+                    return result
+                if result is SKIPPED:
+                    continue
+                if result is DEADLINE:
+                    raise DeadlineExceededError(timeout, attempts)
+                if isinstance(result, RouterClosedError):
+                    raise result
+                assert isinstance(result, ProviderError)
+                last_error = result
+                kind = result.kind
+                if kind in _NEXT_KEY:
+                    if kind != "balance":
+                        key_failures += 1
+                    continue
+                if kind in _PROPAGATE:
+                    raise _propagated(result, attempts)
+                if kind == "model_missing":
+                    health.on_model_missing(trio.current_time())
+                elif kind == "transient":
+                    health.on_availability_failure(trio.current_time())
+                # unknown: advance for this request only, no mark
+                break
+            else:
+                if key_failures:
+                    health.on_availability_failure(trio.current_time())
+            now = trio.current_time()
+        if trio.current_time() >= deadline:
+            raise DeadlineExceededError(timeout, attempts)
+        raise ChainExhaustedError(
+            len(chain), attempts, last_error, self._retry_after(chain, tenant)
+        )
+
+    def _key_order(self, rt: _ProviderRuntime, tenant: str | None) -> list[KeyActor]:
+        actors = rt.actors
+        n = len(actors)
+        if n == 1:
+            return actors
+        strategy = self._strategy
+        if strategy == "least_busy":
+            return sorted(actors, key=lambda a: (a.in_flight + a.queued) / a.max_concurrency)
+        if strategy == "round_robin":
+            start = rt.next_index
+            rt.next_index = (start + 1) % n
+            if start:
+                actors = actors[start:] + actors[:start]
+        if not actors[0].is_saturated():
+            return actors
+        # Spill over: keys with free capacity first, in order; saturated ones last.
+        free = [a for a in actors if not a.is_saturated()]
+        return free + [a for a in actors if a.is_saturated()] if free else actors
+
+    def _retry_after(
+        self, chain: tuple[Route[_ProviderRuntime], ...], tenant: str | None
+    ) -> float | None:
+        """Shortest wait until some model of the chain has a callable key, when none has
+        one now; None when something is callable now (or nothing ever will be)."""
+        now = trio.current_time()
+        best = math.inf
+        for route in chain:
+            health = self._health_of(route.name)
+            if health.state_at(now) == "disabled":
+                continue
+            key_wait = min(a.wait_time(now, tenant) for a in route.provider.actors)
+            best = min(best, max(health.remaining(now), key_wait))
+        if best <= 0 or math.isinf(best):
+            return None
+        return best
+
+    def _health_of(self, name: str) -> ModelHealth:
+        health = self._health.get(name)
+        if health is None:
+            health = self._health[name] = ModelHealth(self._settings.health)
+        return health
+
+    # -- operator surface -----------------------------------------------------------------
+
+    def snapshot(self) -> RouterSnapshot:
+        """Every key's state and every known model's health, right now."""
+        now = trio.current_time()
+        keys = []
+        for rt in self._runtimes.values():
+            for a in rt.actors:
+                keys.append(
+                    KeySnapshot(
+                        provider=a.provider_name,
+                        key_id=a.key_id,
+                        breaker=a.breaker.state_at(now),
+                        breaker_open_for=a.breaker.remaining(now),
+                        cooling_for=a.cooldown.remaining(now),
+                        cooling_reason=a.cooldown.reason if a.cooldown.is_cooling(now) else None,
+                        in_flight=a.in_flight,
+                        queued=a.queued,
+                        max_concurrency=a.max_concurrency,
+                        requests=a.requests,
+                        successes=a.successes,
+                        failures=a.failures,
+                        opens=a.breaker.opens + sum(b.opens for b in a.tenant_breakers.values()),
+                        tenant_breakers={
+                            t: b.state_at(now) for t, b in sorted(a.tenant_breakers.items())
+                        },
+                    )
+                )
+        models = []
+        for name, health in self._health.items():
+            route = self._chain.resolve(name)
+            models.append(
+                ModelSnapshot(
+                    name=name,
+                    provider=route.provider.name,
+                    upstream=route.upstream,
+                    health=health.state_at(now),
+                    remaining=health.remaining(now),
+                )
+            )
+        return RouterSnapshot(time=now, keys=keys, models=models)
+
+    def reset(
+        self,
+        *,
+        provider: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Clear state an operator knows to be stale.
+
+        ``reset(provider="p", key_id="k")`` clears that key's breakers and cooldown;
+        ``reset(provider="p")`` every key of the provider; ``reset(model="m")`` the
+        model's health; ``reset()`` everything.
+        """
+        if key_id is not None and provider is None:
+            raise InvalidRequestError("provider", "a key_id needs its provider")
+        if model is not None:
+            try:
+                self._chain.resolve(model)
+            except RouterError:
+                raise InvalidRequestError("model", f"unknown model {model!r}") from None
+            self._health_of(model).reset()
+        if provider is not None:
+            rt = self._runtimes.get(provider)
+            if rt is None:
+                raise InvalidRequestError("provider", f"unknown provider {provider!r}")
+            actors = [a for a in rt.actors if key_id is None or a.key_id == key_id]
+            if not actors:
+                raise InvalidRequestError("key_id", f"provider {provider!r} has no key {key_id!r}")
+            for a in actors:
+                a.reset()
+        if provider is None and model is None:
+            for rt in self._runtimes.values():
+                for a in rt.actors:
+                    a.reset()
+            for h in self._health.values():
+                h.reset()
+
+    def provider(self, name: str) -> Provider:
+        """The provider instance serving `name` (the simulated one, or a custom one)."""
+        return self._runtimes[name].provider
+
+
+def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provider]) -> Provider:
+    field = f"providers[{index}]"
+    given = supplied.pop(pc.name, None)
+    if pc.kind == "custom":
+        if given is None:
+            raise ConfigError(
+                f"{field}.kind",
+                f"custom provider {pc.name!r} needs an instance: "
+                f"Router.open(config, providers={{{pc.name!r}: ...}})",
+            )
+        if not isinstance(given, Provider):
+            raise ConfigError(field, f"{type(given).__name__} has no async complete(request, key)")
+        return given
+    if given is not None:
+        raise ConfigError(
+            f"{field}.kind",
+            f"provider {pc.name!r} is of kind {pc.kind!r}; only custom ones take an instance",
+        )
+    if pc.kind == "simulated":
+        return SimulatedProvider(pc)
+    raise ConfigError(f"{field}.kind", f"provider kind {pc.kind!r} is not available in this build")
+
+
+def _propagated(error: ProviderError, attempts: list[Attempt]) -> ProviderError:
+    error.attempts = attempts
+    if error.kind == "max_tokens":
+        error.message = (
+            f"max_tokens is above the ceiling of model {error.model!r} and the request was "
+            f"rejected again without it; lower max_tokens in the request or config. "
+            f"Upstream said: {error.message}"
+        )
+        error.args = (error.message,)
+    return error
+
+
+def _check_request(request: ChatRequest) -> None:
+    if type(request) is not ChatRequest:
+        raise InvalidRequestError(
+            "<request>", f"expected ChatRequest, got {type(request).__name__}"
+        )
+    if type(request.model) is not str or not request.model.strip():
+        raise InvalidRequestError("model", "must be a non-empty string")
+    messages = request.messages
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of Message")
+    for i, m in enumerate(messages):
+        if type(m) is not Message or type(m.content) is not str:
+            raise InvalidRequestError(f"messages[{i}]", "must be a Message with string content")
+    if request.max_tokens is not None and (
+        type(request.max_tokens) is not int or request.max_tokens < 1
+    ):
+        raise InvalidRequestError("max_tokens", "must be a positive integer")
+    if request.temperature is not None and not 0 <= request.temperature <= 2:
+        raise InvalidRequestError("temperature", "must be between 0 and 2")
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise InvalidRequestError("top_p", "must be in (0, 1]")
+    if request.timeout is not None and not request.timeout > 0:
+        raise InvalidRequestError("timeout", "must be a positive number of seconds")
+    if not isinstance(request.fallbacks, list):
+        raise InvalidRequestError("fallbacks", "must be a list of model names")

@@ -1,0 +1,111 @@
+"""The embedded simulated provider (`kind = "simulated"`).
+
+It answers after a configured latency, or fails with a configured mix of faults
+(transient 503, 429 with Retry-After, 401, 402, 404 model-missing, a hang with no
+answer, an unclassified error, or a provider that is down), per key. It is the
+default for the demo and for tests that need many requests, and needs no network.
+
+Deterministic under a seed: every key has its own random stream seeded from
+(provider seed, provider name, key id), and every call draws exactly two numbers
+from it, so the n-th call to a key always meets the same fault and latency.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import trio
+
+from ._config import ProviderConfig, SimulationConfig
+from ._errors import ProviderError
+from ._types import ApiKey, ChatRequest, ChatResponse, Usage
+
+__all__ = ["SimulatedProvider"]
+
+
+class _SimKey:
+    __slots__ = ("calls", "cfg", "rng")
+
+    def __init__(self, cfg: SimulationConfig, seed: str) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(zlib.crc32(seed.encode()))
+        self.calls = 0
+
+
+class SimulatedProvider:
+    """A `Provider` that simulates an upstream per the config's `simulate` tables."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        default = config.simulate or SimulationConfig()
+        self._keys: dict[str, _SimKey] = {
+            k.id: _SimKey(k.simulate or default, f"{config.seed}:{config.name}:{k.id}")
+            for k in config.keys
+        }
+
+    def calls(self, key_id: str) -> int:
+        """How many calls this key has received."""
+        return self._keys[key_id].calls
+
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        sim = self._keys[key.id]
+        cfg = sim.cfg
+        sim.calls += 1
+        u_fault = sim.rng.random()
+        u_latency = sim.rng.random()
+        if cfg.down:
+            await trio.lowlevel.checkpoint()
+            raise ProviderError("transient", f"{self.name}: connection refused")
+        await trio.sleep(cfg.latency + cfg.jitter * u_latency)
+        if cfg.models is not None and request.model not in cfg.models:
+            raise ProviderError(
+                "model_missing", f"model {request.model!r} does not exist", status=404
+            )
+        edge = cfg.transient
+        if u_fault < edge:
+            raise ProviderError("transient", "503 service unavailable (simulated)", status=503)
+        edge += cfg.rate_limit
+        if u_fault < edge:
+            raise ProviderError(
+                "rate_limit",
+                "429 rate limit exceeded (simulated)",
+                retry_after=cfg.retry_after,
+                status=429,
+            )
+        edge += cfg.auth
+        if u_fault < edge:
+            raise ProviderError("auth", "401 invalid api key (simulated)", status=401)
+        edge += cfg.balance
+        if u_fault < edge:
+            raise ProviderError("balance", "402 insufficient quota (simulated)", status=402)
+        edge += cfg.model_missing
+        if u_fault < edge:
+            raise ProviderError(
+                "model_missing", f"model {request.model!r} not found (simulated)", status=404
+            )
+        edge += cfg.hang
+        if u_fault < edge:
+            await trio.sleep_forever()
+        edge += cfg.unknown
+        if u_fault < edge:
+            raise ProviderError("unknown", "unexpected upstream answer (simulated)", status=520)
+        last = request.messages[-1].content if request.messages else ""
+        content = f"[{self.name}/{key.id}] {request.model} says: {last[:48]}"
+        prompt_tokens = sum(len(m.content.split()) + 4 for m in request.messages)
+        completion_tokens = len(content.split())
+        if request.max_tokens is not None and completion_tokens > request.max_tokens:
+            completion_tokens = request.max_tokens
+            finish = "length"
+        else:
+            finish = "stop"
+        return ChatResponse(
+            content=content,
+            finish_reason=finish,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+            upstream_model=request.model,
+        )
