@@ -64,6 +64,22 @@ JobResult = ChatResponse | ProviderError | RouterClosedError | _Signal
 _AVAILABILITY_COOLING: Final = {"rate_limit": "rate_limit", "auth": "auth", "balance": "balance"}
 
 
+class _NoClock(trio.abc.Clock):
+    """Stands in until the actor runs; reading it is a bug."""
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        raise RuntimeError("key actor is not running")
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        raise RuntimeError("key actor is not running")
+
+
+_NO_CLOCK: Final = _NoClock()
+
+
 class Job:
     """One request's visit to one key: carries the deadline and the attempt log."""
 
@@ -85,10 +101,18 @@ class Job:
         self.model = model
         self.deadline = deadline
         self.attempts = attempts
-        self.scope = trio.CancelScope(deadline=deadline)
+        self.scope: trio.CancelScope | None = None
+        """The cancel scope of the job's current wait, for the caller's abort."""
         self.waiter: trio.lowlevel.Task | None = None
         self.abandoned = False
         self.raise_cancel: Any = None
+
+    def open_scope(self, deadline: float) -> trio.CancelScope:
+        """A cancel scope for the job's next wait, already cancelled if the caller left."""
+        scope = self.scope = trio.CancelScope(deadline=deadline)
+        if self.abandoned:
+            scope.cancel()
+        return scope
 
 
 class KeyActor:
@@ -123,6 +147,7 @@ class KeyActor:
         self.successes = 0
         self.failures = 0
         self._nursery: trio.Nursery | None = None
+        self._clock: trio.abc.Clock = _NO_CLOCK
 
     def __repr__(self) -> str:
         return f"KeyActor(provider={self.provider_name!r}, key_id={self.key_id!r})"
@@ -133,6 +158,7 @@ class KeyActor:
         """The actor's own task: holds the nursery every job of this key runs in."""
         try:
             async with trio.open_nursery() as nursery:
+                self._clock = trio.lowlevel.current_clock()
                 self._nursery = nursery
                 task_status.started()
                 await trio.sleep_forever()
@@ -185,7 +211,8 @@ class KeyActor:
         def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
             job.abandoned = True
             job.raise_cancel = raise_cancel
-            job.scope.cancel()
+            if job.scope is not None:
+                job.scope.cancel()
             return trio.lowlevel.Abort.FAILED
 
         result: JobResult = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -194,19 +221,15 @@ class KeyActor:
     async def _run(self, job: Job) -> None:
         result: JobResult | None = None
         try:
-            with job.scope:
-                result = await self._attempts(job)
+            result = await self._attempts(job)
         finally:
             waiter = job.waiter
             assert waiter is not None
             if job.abandoned:
                 trio.lowlevel.reschedule(waiter, outcome.capture(job.raise_cancel))
             else:
-                if result is None:
-                    if job.scope.cancelled_caught and trio.current_time() >= job.deadline:
-                        result = DEADLINE
-                    else:
-                        result = RouterClosedError("router closed while the request was running")
+                if result is None:  # cancelled from outside: the router is closing
+                    result = RouterClosedError("router closed while the request was running")
                 trio.lowlevel.reschedule(waiter, outcome.Value(result))
 
     async def _attempts(self, job: Job) -> JobResult:
@@ -216,9 +239,13 @@ class KeyActor:
         except trio.WouldBlock:
             self.queued += 1
             try:
-                await limiter.acquire_on_behalf_of(job)
+                with job.open_scope(job.deadline) as scope:
+                    await limiter.acquire_on_behalf_of(job)
             finally:
                 self.queued -= 1
+                job.scope = None
+            if scope.cancelled_caught:
+                return DEADLINE  # or abandoned: then the result is not used
         try:
             return await self._attempt_loop(job)
         finally:
@@ -226,13 +253,16 @@ class KeyActor:
 
     async def _attempt_loop(self, job: Job) -> JobResult:
         settings = self.settings
+        clock = self._clock
         breaker = self.breaker_for(job.request.tenant)
         cooldown = self.cooldown
         request = job.request
         retries = 0
         dropped_max_tokens = False
         while True:
-            now = trio.current_time()
+            now = clock.current_time()
+            if job.abandoned or now >= job.deadline:
+                return DEADLINE
             if now < cooldown.until:
                 return SKIPPED
             ticket = breaker.try_acquire(now)
@@ -243,8 +273,9 @@ class KeyActor:
             response: ChatResponse | None = None
             error: ProviderError | None = None
             verdict = False
+            attempt_deadline = now + settings.attempt_timeout
             try:
-                with trio.CancelScope(deadline=now + settings.attempt_timeout) as attempt_scope:
+                with job.open_scope(min(attempt_deadline, job.deadline)) as scope:
                     try:
                         response = await self.provider.complete(request, self.key)
                     except ProviderError as exc:
@@ -253,30 +284,33 @@ class KeyActor:
                         error = ProviderError(
                             "unknown", f"provider raised {type(exc).__name__}: {exc}"
                         )
-                if attempt_scope.cancelled_caught:
+                end = clock.current_time()
+                if scope.cancelled_caught:
+                    if job.abandoned or end >= job.deadline:
+                        raise _NoVerdict
                     error = ProviderError(
                         "transient", f"attempt timed out after {settings.attempt_timeout:g}s"
                     )
                 verdict = True
+            except _NoVerdict:
+                pass
             finally:
+                job.scope = None
                 self.in_flight -= 1
                 if not verdict:
-                    # Cancelled from outside (caller, deadline, shutdown): no verdict.
+                    # Cancelled (caller, deadline, shutdown): no verdict on the key.
                     breaker.on_abandon(ticket)
                     job.attempts.append(
                         Attempt(
                             model=job.model,
                             provider=self.provider_name,
                             key_id=self.key_id,
-                            outcome=(
-                                "deadline"
-                                if not job.abandoned and trio.current_time() >= job.deadline
-                                else "cancelled"
-                            ),
-                            duration=trio.current_time() - now,
+                            outcome="cancelled" if job.abandoned else "deadline",
+                            duration=clock.current_time() - now,
                         )
                     )
-            end = trio.current_time()
+            if not verdict:
+                return DEADLINE
             if error is None:
                 if type(response) is not ChatResponse:
                     error = ProviderError(
@@ -312,13 +346,15 @@ class KeyActor:
             )
             if kind == "transient" or kind == "unknown":
                 if retries < settings.transient_retries:
-                    breaker.on_abandon(ticket)  # the verdict waits for the last retry
                     backoff = settings.retry_backoff
                     delay = backoff[min(retries, len(backoff) - 1)]
                     delay *= 1.0 + settings.retry_jitter * self._rng.random()
                     retries += 1
                     if end + delay < job.deadline:
-                        await trio.sleep(delay)
+                        breaker.on_abandon(ticket)  # the verdict waits for the last retry
+                        with job.open_scope(job.deadline):
+                            await trio.sleep(delay)
+                        job.scope = None
                         continue
                 if kind == "transient":
                     breaker.on_failure(ticket, end)
@@ -350,3 +386,7 @@ class KeyActor:
             error.message = error.message.replace(secret, "***")
             error.args = (error.message,)
         return error
+
+
+class _NoVerdict(Exception):
+    """Internal: the attempt was cut by the caller or the deadline, not the key."""

@@ -42,7 +42,7 @@ import random
 from collections import deque
 from typing import Final, Literal
 
-from ._config import BreakerConfig
+from ._config import BreakerConfig, capped_growth
 
 __all__ = ["BreakerState", "CircuitBreaker"]
 
@@ -54,6 +54,7 @@ HALF_OPEN: Final = "half_open"
 
 # Tickets: the episode number shifted left once, with the low bit set for probes.
 _PROBE: Final = 1
+_EPSILON: Final = 1e-9
 
 
 class CircuitBreaker:
@@ -145,6 +146,8 @@ class CircuitBreaker:
 
     def on_success(self, ticket: int, now: float, latency: float) -> None:
         if self.state == CLOSED:
+            if ticket >> 1 != self._episode:
+                return  # issued before a trip or reset: says nothing about now
             self.consecutive_failures = 0
             self._record_window(False)
             if self.config.adaptive and self._latency_trips(latency):
@@ -162,6 +165,8 @@ class CircuitBreaker:
 
     def on_failure(self, ticket: int, now: float) -> None:
         if self.state == CLOSED:
+            if ticket >> 1 != self._episode:
+                return
             self.consecutive_failures += 1
             self._anomalies = 0
             self._record_window(True)
@@ -217,7 +222,7 @@ class CircuitBreaker:
         return (
             cfg.failure_rate > 0
             and n >= cfg.minimum_calls
-            and self._failures_in_window >= cfg.failure_rate * n
+            and self._failures_in_window >= cfg.failure_rate * n - _EPSILON
         )
 
     def _latency_trips(self, latency: float) -> bool:
@@ -229,7 +234,9 @@ class CircuitBreaker:
             mean = self._lat_sum / n
             var = max(0.0, self._lat_sumsq / n - mean * mean)
             std = math.sqrt(var)
-            if std > 0 and (latency - mean) / std > cfg.latency_z_threshold:
+            # The running sums lose precision: a spread under a millionth of the mean
+            # is rounding, not variation.
+            if std > 1e-6 * abs(mean) and (latency - mean) / std > cfg.latency_z_threshold:
                 self._anomalies += 1
                 tripped = self._anomalies >= cfg.latency_anomalies_to_open
             else:
@@ -248,15 +255,17 @@ class CircuitBreaker:
             self._slow_in_window += slow
             if len(sw) > cfg.window:
                 self._slow_in_window -= sw.popleft()
-            if len(sw) >= cfg.minimum_calls and self._slow_in_window >= cfg.slow_call_rate * len(
-                sw
+            n_slow = len(sw)
+            if (
+                n_slow >= cfg.minimum_calls
+                and self._slow_in_window >= cfg.slow_call_rate * n_slow - _EPSILON
             ):
                 tripped = True
         return tripped
 
     def _judge_sample(self, now: float) -> None:
         cfg = self.config
-        needed = math.ceil(cfg.half_open_success_rate * cfg.half_open_sample - 1e-9)
+        needed = math.ceil(cfg.half_open_success_rate * cfg.half_open_sample - _EPSILON)
         if self._probe_successes >= needed and self._probes_done >= cfg.half_open_sample:
             self._close()
         elif self._probe_failures > cfg.half_open_sample - needed:
@@ -264,7 +273,7 @@ class CircuitBreaker:
 
     def _trip(self, now: float) -> None:
         cfg = self.config
-        base = min(cfg.open_for * cfg.open_growth**self.trips, cfg.open_for_max)
+        base = capped_growth(cfg.open_for, cfg.open_growth, self.trips, cfg.open_for_max)
         if cfg.jitter:
             base *= 1.0 + cfg.jitter * self._rng.random()
         self.trips += 1

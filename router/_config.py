@@ -12,6 +12,7 @@ router opens, and no repr in this module shows a secret.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "RouterConfig",
     "RouterSettings",
     "SimulationConfig",
+    "capped_growth",
     "resolve_secret",
 ]
 
@@ -313,6 +315,15 @@ class RouterConfig(_Section):
             raise ConfigError("router.cooldown.max", "must be >= min")
         if r.health.cooling_max < r.health.cooling_for:
             raise ConfigError("router.health.cooling_max", "must be >= cooling_for")
+
+
+def capped_growth(base: float, factor: float, times: int, cap: float) -> float:
+    """``min(base * factor ** times, cap)`` without overflowing for huge `times`."""
+    if base >= cap or factor <= 1.0:
+        return min(base, cap)
+    if times >= math.log(cap / base, factor):
+        return cap
+    return min(base * factor**times, cap)
 
 
 def resolve_secret(raw: str, field: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ._config import CooldownConfig
+from ._config import CooldownConfig, capped_growth
 
 __all__ = ["Cooldown"]
 
@@ -47,7 +47,7 @@ class Cooldown:
         cfg = self.config
         hint = retry_after if retry_after is not None and retry_after > 0 else 0.0
         if reason == "rate_limit":
-            backoff = min(cfg.min * cfg.factor**self.hits, cfg.max)
+            backoff = capped_growth(cfg.min, cfg.factor, self.hits, cfg.max)
             self.hits += 1
             delay = max(hint, backoff)
         elif reason == "auth":

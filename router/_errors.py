@@ -148,19 +148,24 @@ class ChainExhaustedError(RouterError):
         attempts: list[Attempt],
         last_error: RouterError | None,
         retry_after: float | None,
+        *,
+        chain_length: int | None = None,
     ) -> None:
         self.models_tried = models_tried
+        """Models of the chain that got at least one attempt."""
+        self.chain_length = chain_length if chain_length is not None else models_tried
         self.attempts = attempts
         self.last_error = last_error
         self.retry_after = retry_after
+        tried = f"{models_tried} of {self.chain_length} models tried, {len(attempts)} attempts"
         if last_error is not None:
             message = (
-                f"model chain exhausted ({models_tried} models, {len(attempts)} attempts); "
+                f"model chain exhausted ({tried}); "
                 f"last error: [{last_error.kind}] {last_error.message}"
             )
             kind: ErrorKind = last_error.kind
         else:
-            message = f"model chain exhausted ({models_tried} models, no attempt possible)"
+            message = f"model chain exhausted ({tried}): no model had a callable key"
             kind = "rate_limit" if retry_after is not None else "unknown"
         if retry_after is not None:
             message += f"; everything is cooling, next callable in {retry_after:.2f}s"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ._config import HealthConfig
+from ._config import HealthConfig, capped_growth
 
 __all__ = ["ModelHealth"]
 
@@ -54,10 +54,12 @@ class ModelHealth:
         self.until = -math.inf
 
     def on_availability_failure(self, now: float) -> None:
+        if self.state_at(now) == "disabled":
+            return  # already out for longer; cooling would relabel it
         self.failures += 1
         if self.failures >= self.config.failures_to_cool:
             cfg = self.config
-            delay = min(cfg.cooling_for * 2.0**self.trips, cfg.cooling_max)
+            delay = capped_growth(cfg.cooling_for, 2.0, self.trips, cfg.cooling_max)
             self.trips += 1
             self.failures = 0
             self.state = "cooling"

@@ -164,6 +164,7 @@ class Router:
             name = next(iter(supplied))
             raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
         router = cls(config, runtimes, rng)
+        body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 for rt in runtimes.values():
@@ -172,9 +173,15 @@ class Router:
                 router._open = True
                 try:
                     yield router
+                except BaseException as exc:
+                    # Re-raised below, outside the nursery, so that an error in the
+                    # caller's block reaches it as itself, not inside an ExceptionGroup.
+                    body_error = exc
                 finally:
                     router._open = False
                     nursery.cancel_scope.cancel()
+            if body_error is not None:
+                raise body_error
         finally:
             with trio.CancelScope(shield=True):
                 for rt in runtimes.values():
@@ -234,7 +241,7 @@ class Router:
                         key_failures += 1
                     continue
                 if kind in _PROPAGATE:
-                    raise _propagated(result, attempts)
+                    raise _propagated(result, attempts, request)
                 if kind == "model_missing":
                     health.on_model_missing(trio.current_time())
                 elif kind == "transient":
@@ -248,7 +255,11 @@ class Router:
         if trio.current_time() >= deadline:
             raise DeadlineExceededError(timeout, attempts)
         raise ChainExhaustedError(
-            len(chain), attempts, last_error, self._retry_after(chain, tenant)
+            len({a.model for a in attempts}),
+            attempts,
+            last_error,
+            self._retry_after(chain, tenant),
+            chain_length=len(chain),
         )
 
     def _key_order(self, rt: _ProviderRuntime, tenant: str | None) -> list[KeyActor]:
@@ -400,13 +411,20 @@ def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provi
     raise ConfigError(f"{field}.kind", f"provider kind {pc.kind!r} is not available in this build")
 
 
-def _propagated(error: ProviderError, attempts: list[Attempt]) -> ProviderError:
+def _propagated(
+    error: ProviderError, attempts: list[Attempt], request: ChatRequest
+) -> ProviderError:
     error.attempts = attempts
     if error.kind == "max_tokens":
+        if request.max_tokens is not None:
+            what = (
+                f"max_tokens={request.max_tokens} is above the output ceiling of model "
+                f"{error.model!r}, and the request was rejected again without max_tokens"
+            )
+        else:
+            what = f"model {error.model!r} rejected its own default output limit"
         error.message = (
-            f"max_tokens is above the ceiling of model {error.model!r} and the request was "
-            f"rejected again without it; lower max_tokens in the request or config. "
-            f"Upstream said: {error.message}"
+            f"{what}; lower max_tokens in the request or the config. Upstream said: {error.message}"
         )
         error.args = (error.message,)
     return error

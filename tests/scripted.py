@@ -1,0 +1,101 @@
+"""Shared test tools: a scripted custom provider that injects exact faults, and a
+config builder. Tests use the real Router, real key actors and the real trio clock
+(virtual under `autojump_clock`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from router import ApiKey, ChatRequest, ChatResponse, ErrorKind, ProviderError, RouterConfig
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Answer after `latency` seconds."""
+
+    content: str = "ok"
+    latency: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Raise ProviderError(kind) after `latency` seconds."""
+
+    kind: ErrorKind
+    retry_after: float | None = None
+    status: int | None = None
+    latency: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Hang:
+    """Never answer."""
+
+
+Action = Reply | Fail | Hang
+
+
+@dataclass(frozen=True)
+class Call:
+    time: float
+    key_id: str
+    model: str
+    max_tokens: int | None
+
+
+@dataclass
+class ScriptedProvider:
+    """A custom provider whose every call follows a per-key script.
+
+    `script(key_id, actions)` queues actions for that key; a key with an empty queue
+    uses `default` (a plain reply). `calls` records every call, in order.
+    `on_call(key_id)` runs at the start of each call, before any sleeping.
+    """
+
+    default: Action = field(default_factory=Reply)
+    calls: list[Call] = field(default_factory=list)
+    on_call: Callable[[str], None] | None = None
+    _scripts: dict[str, deque[Action]] = field(default_factory=lambda: defaultdict(deque))
+    _defaults: dict[str, Action] = field(default_factory=dict)
+
+    def script(self, key_id: str, actions: Iterable[Action]) -> None:
+        self._scripts[key_id].extend(actions)
+
+    def set_default(self, key_id: str, action: Action) -> None:
+        self._defaults[key_id] = action
+
+    def calls_to(self, key_id: str) -> int:
+        return sum(1 for c in self.calls if c.key_id == key_id)
+
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        self.calls.append(Call(trio.current_time(), key.id, request.model, request.max_tokens))
+        if self.on_call is not None:
+            self.on_call(key.id)
+        queue = self._scripts[key.id]
+        action = queue.popleft() if queue else self._defaults.get(key.id, self.default)
+        if isinstance(action, Hang):
+            await trio.sleep_forever()
+        assert isinstance(action, Reply | Fail)
+        if action.latency:
+            await trio.sleep(action.latency)
+        if isinstance(action, Fail):
+            raise ProviderError(
+                action.kind,
+                action.message or f"scripted {action.kind}",
+                retry_after=action.retry_after,
+                status=action.status,
+            )
+        return ChatResponse(content=f"{action.content} from {key.id}")
+
+
+def make_config(text: str) -> RouterConfig:
+    """RouterConfig from TOML, with jitter off so timings are exact."""
+    cfg = RouterConfig.from_toml(text)
+    cfg.router.retry_jitter = 0.0
+    cfg.router.breaker.jitter = 0.0
+    return cfg
