@@ -1,31 +1,47 @@
-"""The key actor: one trio task per (provider, key) pair.
+"""The key actor: one trio task per (provider, key) pair, and the workers it owns.
 
-It owns that pair's circuit breaker(s), cooldown, concurrency limiter and counters,
-and is the only code that changes them. Others read them (`is_available`,
-`wait_time`, `snapshot`) to skip a key without a round trip.
+A `KeyActor` owns its pair's circuit breaker(s), cooldown, concurrency bound and
+counters, and is the only code that changes them. Others read them (`is_available`,
+`wait_time`, the router's snapshot) to skip a key without a round trip.
 
-How a job travels, and why: the caller's task hands a `Job` to `KeyActor.call`,
-which starts the job as a task in the actor's own nursery and parks the caller with
-`trio.lowlevel.wait_task_rescheduled`. The job task wakes the caller directly with
-`trio.lowlevel.reschedule` when it ends. Replying through a `trio.Event` or a memory
-channel costs a second scheduling hop per request (measured at about three times
-the overhead); this path keeps the actor's ownership (the job runs under the actor's
-nursery, limiter and state) without it.
+How a job travels, and why this way:
 
-Cancellation: if the caller is cancelled while parked, the job's cancel scope is
-cancelled and the caller stays parked until the job task has fully unwound (so
-`in_flight` is back to its old value and the breaker's probe slot is freed before the
-caller sees `Cancelled`). A caller's cancellation or the request's deadline is never
-counted against the key.
+- The caller's task hands a `Job` to `KeyActor.call` and parks itself with
+  `trio.lowlevel.wait_task_rescheduled`. An idle worker of the actor is woken with the
+  job directly (`trio.lowlevel.reschedule`); if none is idle and the key is below
+  `max_concurrency`, a new worker task is started in the actor's nursery; otherwise
+  the job waits in the actor's queue. The worker wakes the caller directly when the
+  job ends. So a request costs two task switches and no channel, no Event and no task
+  creation once the pool is warm. (Measured on this project's machines: a task per
+  job cost about 6 µs more per request than a warm worker, and a fresh cancel scope
+  per attempt about 6 µs more than moving the deadline of the worker's own scope.)
+- Each worker runs one job at a time inside one long-lived cancel scope; an attempt
+  sets that scope's deadline to ``min(attempt deadline, request deadline)``. When the
+  scope fires (attempt timeout, request deadline, or the caller's cancellation), the
+  worker settles the cut attempt from the state kept in the `Job` and carries on with
+  the job (a timeout is a transient failure, retried in place) in a fresh scope.
+- Workers that stay idle past their last deadline retire; `max_concurrency` bounds
+  how many exist, so jobs beyond it queue in trio, never in the HTTP pool.
+- The actor's own task watches the deadlines of queued jobs, so a request waiting for
+  a free worker still ends at its deadline.
+
+Cancellation: if the caller is cancelled while its job runs, the worker's scope is
+cancelled and the caller stays parked until the attempt has unwound (so `in_flight`
+is back and the breaker's probe slot is freed before the caller sees `Cancelled`). A
+queued job is simply withdrawn. A caller's cancellation or the request's deadline is
+never counted against the key.
 
 What this module must never do: send a call to a key that is cooling or whose breaker
-refuses at that moment (checked before every attempt, retries included), or put a
-secret into an error.
+refuses at that moment (checked before every attempt, retries included), answer a job
+twice or never, or put a secret into an error.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
+from collections import deque
 from typing import Any, Final
 
 import msgspec
@@ -62,6 +78,7 @@ DEADLINE: Final = _Signal("DEADLINE")
 JobResult = ChatResponse | ProviderError | RouterClosedError | _Signal
 
 _AVAILABILITY_COOLING: Final = {"rate_limit": "rate_limit", "auth": "auth", "balance": "balance"}
+WORKER_TASK_NAME: Final = "router.KeyActor.worker"
 
 
 class _NoClock(trio.abc.Clock):
@@ -81,16 +98,26 @@ _NO_CLOCK: Final = _NoClock()
 
 
 class Job:
-    """One request's visit to one key: carries the deadline and the attempt log."""
+    """One request's visit to one key. Carries the deadline, the attempt log, and the
+    state of the attempt in progress, so that a worker can settle an attempt its
+    cancel scope cut and carry on."""
 
     __slots__ = (
         "abandoned",
         "attempts",
+        "breaker",
         "deadline",
+        "done",
+        "dropped_max_tokens",
+        "in_attempt",
         "model",
+        "queued",
         "raise_cancel",
         "request",
+        "retries",
         "scope",
+        "started",
+        "ticket",
         "waiter",
     )
 
@@ -101,18 +128,22 @@ class Job:
         self.model = model
         self.deadline = deadline
         self.attempts = attempts
-        self.scope: trio.CancelScope | None = None
-        """The cancel scope of the job's current wait, for the caller's abort."""
         self.waiter: trio.lowlevel.Task | None = None
+        self.scope: trio.CancelScope | None = None
+        """The scope of the worker serving the job, for the caller's abort."""
         self.abandoned = False
         self.raise_cancel: Any = None
+        self.done = False
+        self.queued = False
+        self.breaker: CircuitBreaker | None = None
+        self.retries = 0
+        self.dropped_max_tokens = False
+        self.in_attempt = False
+        self.ticket = 0
+        self.started = 0.0
 
-    def open_scope(self, deadline: float) -> trio.CancelScope:
-        """A cancel scope for the job's next wait, already cancelled if the caller left."""
-        scope = self.scope = trio.CancelScope(deadline=deadline)
-        if self.abandoned:
-            scope.cancel()
-        return scope
+    def __lt__(self, other: Job) -> bool:  # for the queue-deadline heap's ties
+        return id(self) < id(other)
 
 
 class KeyActor:
@@ -138,34 +169,33 @@ class KeyActor:
         self.tenant_breakers: dict[str, CircuitBreaker] = {}
         self._per_tenant = settings.per_tenant_breakers
         self.cooldown = Cooldown(settings.cooldown)
-        self.limiter = trio.CapacityLimiter(max_concurrency)
         self.in_flight = 0
         """Attempts being sent upstream right now."""
-        self.queued = 0
-        """Jobs waiting for a concurrency slot."""
         self.requests = 0
         self.successes = 0
         self.failures = 0
         self._nursery: trio.Nursery | None = None
         self._clock: trio.abc.Clock = _NO_CLOCK
+        self._workers = 0
+        self._idle: list[trio.lowlevel.Task] = []
+        self._queue: deque[Job] = deque()
+        self._queue_deadlines: list[tuple[float, Job]] = []
+        self._watch_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"KeyActor(provider={self.provider_name!r}, key_id={self.key_id!r})"
 
-    # -- the actor task ---------------------------------------------------------------
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The actor's own task: holds the nursery every job of this key runs in."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._clock = trio.lowlevel.current_clock()
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-
     # -- reads (any task) ---------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a free worker."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """Workers serving a job (in an attempt, a retry backoff, or about to start)."""
+        return self._workers - len(self._idle)
 
     def breaker_for(self, tenant: str | None) -> CircuitBreaker:
         if not self._per_tenant or not tenant:
@@ -181,7 +211,7 @@ class KeyActor:
         return now >= self.cooldown.until and self.breaker_for(tenant).can_attempt(now)
 
     def is_saturated(self) -> bool:
-        return self.in_flight + self.queued >= self.max_concurrency
+        return self._workers - len(self._idle) + len(self._queue) >= self.max_concurrency
 
     def wait_time(self, now: float, tenant: str | None) -> float:
         """Seconds until this key may be called again (0 if it may be now)."""
@@ -195,6 +225,40 @@ class KeyActor:
             b.reset()
         self.cooldown.reset()
 
+    # -- the actor task -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The actor's own task: holds the nursery its workers run in, and ends queued
+        jobs at their deadlines."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._clock = trio.lowlevel.current_clock()
+                self._nursery = nursery
+                task_status.started()
+                await self._watch_queue()
+        finally:
+            self._nursery = None
+            closed = RouterClosedError("router closed while the request was queued")
+            while self._queue:
+                job = self._queue.popleft()
+                job.queued = False
+                self._finish(job, closed)
+
+    async def _watch_queue(self) -> None:
+        heap = self._queue_deadlines
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._watch_scope = scope
+                await trio.sleep_forever()
+            self._watch_scope = None
+            now = self._clock.current_time()
+            while heap and heap[0][0] <= now:
+                job = heapq.heappop(heap)[1]
+                if job.queued:
+                    job.queued = False
+                    self._queue.remove(job)
+                    self._finish(job, DEADLINE)
+
     # -- the hop --------------------------------------------------------------------------
 
     async def call(self, job: Job) -> JobResult:
@@ -203,13 +267,24 @@ class KeyActor:
         if nursery is None:
             return RouterClosedError("router is closed (key actor stopped)")
         job.waiter = trio.lowlevel.current_task()
-        try:
-            nursery.start_soon(self._run, job, name="router.KeyActor.job")
-        except RuntimeError:
-            return RouterClosedError("router is closing")
+        if self._idle:
+            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(job))
+        elif self._workers < self.max_concurrency:
+            try:
+                nursery.start_soon(self._worker, job, name=WORKER_TASK_NAME)
+            except RuntimeError:
+                return RouterClosedError("router is closing")
+            self._workers += 1
+        else:
+            self._enqueue(job)
 
         def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
             job.abandoned = True
+            if job.queued:  # nothing started: withdraw it
+                job.queued = False
+                job.done = True
+                self._queue.remove(job)
+                return trio.lowlevel.Abort.SUCCEEDED
             job.raise_cancel = raise_cancel
             if job.scope is not None:
                 job.scope.cancel()
@@ -218,106 +293,125 @@ class KeyActor:
         result: JobResult = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
-    async def _run(self, job: Job) -> None:
-        result: JobResult | None = None
-        try:
-            result = await self._attempts(job)
-        finally:
-            waiter = job.waiter
-            assert waiter is not None
-            if job.abandoned:
-                trio.lowlevel.reschedule(waiter, outcome.capture(job.raise_cancel))
-            else:
-                if result is None:  # cancelled from outside: the router is closing
-                    result = RouterClosedError("router closed while the request was running")
-                trio.lowlevel.reschedule(waiter, outcome.Value(result))
+    def _enqueue(self, job: Job) -> None:
+        job.queued = True
+        self._queue.append(job)
+        heapq.heappush(self._queue_deadlines, (job.deadline, job))
+        watch = self._watch_scope
+        if watch is not None and job.deadline < watch.deadline:
+            watch.deadline = job.deadline
 
-    async def _attempts(self, job: Job) -> JobResult:
-        limiter = self.limiter
-        try:
-            limiter.acquire_on_behalf_of_nowait(job)
-        except trio.WouldBlock:
-            self.queued += 1
-            try:
-                with job.open_scope(job.deadline) as scope:
-                    await limiter.acquire_on_behalf_of(job)
-            finally:
-                self.queued -= 1
-                job.scope = None
-            if scope.cancelled_caught:
-                return DEADLINE  # or abandoned: then the result is not used
-        try:
-            return await self._attempt_loop(job)
-        finally:
-            limiter.release_on_behalf_of(job)
+    def _finish(self, job: Job, result: JobResult) -> None:
+        """Wake the job's caller with its one outcome."""
+        if job.done:
+            return
+        job.done = True
+        waiter = job.waiter
+        assert waiter is not None
+        if job.abandoned:
+            trio.lowlevel.reschedule(waiter, outcome.capture(job.raise_cancel))
+        else:
+            trio.lowlevel.reschedule(waiter, outcome.Value(result))
 
-    async def _attempt_loop(self, job: Job) -> JobResult:
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _worker(self, first: Job) -> None:
+        me = trio.lowlevel.current_task()
+        job: Job | None = first
+        try:
+            while True:
+                scope = trio.CancelScope()
+                with scope:
+                    while True:
+                        if job is None:
+                            if self._queue:
+                                job = self._queue.popleft()
+                                job.queued = False
+                            else:
+                                job = await self._park(me)
+                                if scope.cancel_called:
+                                    break  # a stale deadline of this scope: take a fresh one
+                        job.scope = scope
+                        result = await self._serve(job, scope)
+                        job.scope = None
+                        self._finish(job, result)
+                        job = None
+                        if scope.cancel_called:
+                            break
+                if job is None and scope.cancelled_caught:
+                    return  # idle past the last deadline: retire
+                # Otherwise the scope cut `job` (its attempt timed out, its deadline
+                # passed or its caller left): `_serve` settles that in a fresh scope.
+        finally:
+            self._workers -= 1
+            if job is not None and not job.done:
+                self._finish(job, RouterClosedError("router closed while the request was running"))
+
+    async def _park(self, me: trio.lowlevel.Task) -> Job:
+        idle = self._idle
+        idle.append(me)
+
+        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+            idle.remove(me)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        job: Job = await trio.lowlevel.wait_task_rescheduled(abort)
+        return job
+
+    async def _serve(self, job: Job, scope: trio.CancelScope) -> JobResult:
+        """Attempt `job` on this key, with in-place retries, until it has a result."""
         settings = self.settings
         clock = self._clock
-        breaker = self.breaker_for(job.request.tenant)
         cooldown = self.cooldown
-        request = job.request
-        retries = 0
-        dropped_max_tokens = False
+        breaker = job.breaker
+        if breaker is None:
+            breaker = job.breaker = self.breaker_for(job.request.tenant)
         while True:
-            now = clock.current_time()
-            if job.abandoned or now >= job.deadline:
-                return DEADLINE
-            if now < cooldown.until:
-                return SKIPPED
-            ticket = breaker.try_acquire(now)
-            if ticket is None:
-                return SKIPPED
-            self.requests += 1
-            self.in_flight += 1
             response: ChatResponse | None = None
             error: ProviderError | None = None
-            verdict = False
-            attempt_deadline = now + settings.attempt_timeout
-            try:
-                with job.open_scope(min(attempt_deadline, job.deadline)) as scope:
-                    try:
-                        response = await self.provider.complete(request, self.key)
-                    except ProviderError as exc:
-                        error = exc
-                    except Exception as exc:  # a provider bug is an unknown failure
-                        error = ProviderError(
-                            "unknown", f"provider raised {type(exc).__name__}: {exc}"
-                        )
+            if job.in_attempt:
+                # The previous attempt was cut by the worker's scope.
+                job.in_attempt = False
+                now = job.started
                 end = clock.current_time()
-                if scope.cancelled_caught:
-                    if job.abandoned or end >= job.deadline:
-                        raise _NoVerdict
-                    error = ProviderError(
-                        "transient", f"attempt timed out after {settings.attempt_timeout:g}s"
-                    )
-                verdict = True
-            except _NoVerdict:
-                pass
-            finally:
-                job.scope = None
-                self.in_flight -= 1
-                if not verdict:
-                    # Cancelled (caller, deadline, shutdown): no verdict on the key.
-                    breaker.on_abandon(ticket)
-                    job.attempts.append(
-                        Attempt(
-                            model=job.model,
-                            provider=self.provider_name,
-                            key_id=self.key_id,
-                            outcome="cancelled" if job.abandoned else "deadline",
-                            duration=clock.current_time() - now,
-                        )
-                    )
-            if not verdict:
-                return DEADLINE
+                if job.abandoned or end >= job.deadline:
+                    breaker.on_abandon(job.ticket)  # the caller's doing: no verdict
+                    self._log(job, "cancelled" if job.abandoned else "deadline", end - now)
+                    return DEADLINE
+                error = ProviderError(
+                    "transient", f"attempt timed out after {settings.attempt_timeout:g}s"
+                )
+            else:
+                now = clock.current_time()
+                if job.abandoned or now >= job.deadline:
+                    return DEADLINE
+                if now < cooldown.until:
+                    return SKIPPED
+                ticket = breaker.try_acquire(now)
+                if ticket is None:
+                    return SKIPPED
+                job.ticket = ticket
+                job.started = now
+                self.requests += 1
+                attempt_deadline = now + settings.attempt_timeout
+                scope.deadline = (
+                    job.deadline if job.deadline < attempt_deadline else attempt_deadline
+                )
+                job.in_attempt = True
+                self.in_flight += 1
+                try:
+                    response = await self.provider.complete(job.request, self.key)
+                except ProviderError as exc:
+                    error = exc
+                except Exception as exc:  # a provider bug is an unknown failure
+                    error = ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
+                finally:
+                    self.in_flight -= 1
+                job.in_attempt = False
+                end = clock.current_time()
+            ticket = job.ticket
             if error is None:
-                if type(response) is not ChatResponse:
-                    error = ProviderError(
-                        "unknown",
-                        f"provider returned {type(response).__name__}, not ChatResponse",
-                    )
-                else:
+                if type(response) is ChatResponse:
                     breaker.on_success(ticket, end, end - now)
                     cooldown.hits = 0
                     self.successes += 1
@@ -331,30 +425,23 @@ class KeyActor:
                         )
                     )
                     return response
+                error = ProviderError(
+                    "unknown", f"provider returned {type(response).__name__}, not ChatResponse"
+                )
             self.failures += 1
             error = self._own(error, job)
             kind = error.kind
-            job.attempts.append(
-                Attempt(
-                    model=job.model,
-                    provider=self.provider_name,
-                    key_id=self.key_id,
-                    outcome=kind,
-                    duration=end - now,
-                    status=error.status,
-                )
-            )
+            self._log(job, kind, end - now, error.status)
             if kind == "transient" or kind == "unknown":
-                if retries < settings.transient_retries:
+                if job.retries < settings.transient_retries:
                     backoff = settings.retry_backoff
-                    delay = backoff[min(retries, len(backoff) - 1)]
+                    delay = backoff[min(job.retries, len(backoff) - 1)]
                     delay *= 1.0 + settings.retry_jitter * self._rng.random()
-                    retries += 1
+                    job.retries += 1
                     if end + delay < job.deadline:
                         breaker.on_abandon(ticket)  # the verdict waits for the last retry
-                        with job.open_scope(job.deadline):
-                            await trio.sleep(delay)
-                        job.scope = None
+                        scope.deadline = job.deadline
+                        await trio.sleep(delay)
                         continue
                 if kind == "transient":
                     breaker.on_failure(ticket, end)
@@ -370,11 +457,27 @@ class KeyActor:
                     breaker.on_failure(ticket, end)
                 return error
             breaker.on_abandon(ticket)
-            if kind == "max_tokens" and request.max_tokens is not None and not dropped_max_tokens:
-                request = msgspec.structs.replace(request, max_tokens=None)
-                dropped_max_tokens = True
+            if (
+                kind == "max_tokens"
+                and job.request.max_tokens is not None
+                and not job.dropped_max_tokens
+            ):
+                job.request = msgspec.structs.replace(job.request, max_tokens=None)
+                job.dropped_max_tokens = True
                 continue
             return error
+
+    def _log(self, job: Job, outcome: str, duration: float, status: int | None = None) -> None:
+        job.attempts.append(
+            Attempt(
+                model=job.model,
+                provider=self.provider_name,
+                key_id=self.key_id,
+                outcome=outcome,
+                duration=duration,
+                status=status,
+            )
+        )
 
     def _own(self, error: ProviderError, job: Job) -> ProviderError:
         """Stamp the error with where it happened, and scrub the secret from it."""
@@ -386,7 +489,3 @@ class KeyActor:
             error.message = error.message.replace(secret, "***")
             error.args = (error.message,)
         return error
-
-
-class _NoVerdict(Exception):
-    """Internal: the attempt was cut by the caller or the deadline, not the key."""

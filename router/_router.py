@@ -120,6 +120,7 @@ class Router:
         self._health: dict[str, ModelHealth] = {}
         self._rng = rng
         self._open = False
+        self._clock: trio.abc.Clock = trio.lowlevel.current_clock()
         self._strategy = config.router.balancing
         for m in config.models:
             self._health_of(m.name)
@@ -198,7 +199,8 @@ class Router:
             raise RouterClosedError()
         _check_request(request)
         settings = self._settings
-        now = trio.current_time()
+        clock = self._clock
+        now = clock.current_time()
         timeout = request.timeout if request.timeout is not None else settings.timeout
         deadline = now + timeout
         chain = self._chain.build(request.model, request.fallbacks)
@@ -212,7 +214,7 @@ class Router:
             upstream_request = msgspec.structs.replace(request, model=route.upstream)
             key_failures = 0
             for actor in self._key_order(route.provider, tenant):
-                now = trio.current_time()
+                now = clock.current_time()
                 if now >= deadline:
                     raise DeadlineExceededError(timeout, attempts)
                 if not actor.is_available(now, tenant):
@@ -243,16 +245,16 @@ class Router:
                 if kind in _PROPAGATE:
                     raise _propagated(result, attempts, request)
                 if kind == "model_missing":
-                    health.on_model_missing(trio.current_time())
+                    health.on_model_missing(clock.current_time())
                 elif kind == "transient":
-                    health.on_availability_failure(trio.current_time())
+                    health.on_availability_failure(clock.current_time())
                 # unknown: advance for this request only, no mark
                 break
             else:
                 if key_failures:
-                    health.on_availability_failure(trio.current_time())
-            now = trio.current_time()
-        if trio.current_time() >= deadline:
+                    health.on_availability_failure(clock.current_time())
+            now = clock.current_time()
+        if now >= deadline:
             raise DeadlineExceededError(timeout, attempts)
         raise ChainExhaustedError(
             len({a.model for a in attempts}),

@@ -90,17 +90,24 @@ def three(sp: ScriptedProvider, attempt_timeout: float = 30, retries: int = 0):
     return Router.open(cfg, providers={"p1": sp, "p2": sp, "p3": sp})
 
 
-def job_tasks() -> int:
-    """Key-actor job tasks alive anywhere in the task tree."""
+def worker_tasks() -> int:
+    """Key-actor worker tasks alive anywhere in the task tree."""
     count = 0
     stack = [trio.lowlevel.current_root_task()]
     while stack:
         task = stack.pop()
-        if task.name == "router.KeyActor.job":
+        if task.name == "router.KeyActor.worker":
             count += 1
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count
+
+
+def busy_workers(router: Router) -> int:
+    """Workers serving a job; idle workers wait, parked, for the next one."""
+    busy = sum(a.busy for rt in router._runtimes.values() for a in rt.actors)
+    assert busy <= worker_tasks()
+    return busy
 
 
 class Recorder:
@@ -143,7 +150,7 @@ async def test_one_deadline_across_attempt_timeouts_and_fallbacks(autojump_clock
         k2 = key(router, "p2", "k2")
         assert (k2.failures, k2.in_flight, k2.breaker) == (0, 0, "closed")
         assert key(router, "p1", "k1").failures == 1
-        assert job_tasks() == 0
+        assert busy_workers(router) == 0
 
 
 async def test_deadline_holds_across_in_place_retries_of_slow_failures(autojump_clock):
@@ -230,7 +237,7 @@ async def test_caller_cancellation_cancels_the_attempt_and_counts_nothing(autoju
         async def watch() -> None:
             await trio.sleep(1.0)
             seen_in_flight.append(key(router, "p", "k").in_flight)
-            seen_in_flight.append(job_tasks())
+            seen_in_flight.append(busy_workers(router))
 
         async with trio.open_nursery() as n:
             n.start_soon(watch)
@@ -247,7 +254,7 @@ async def test_caller_cancellation_cancels_the_attempt_and_counts_nothing(autoju
         assert k.breaker == "closed"
         assert k.cooling_for == 0
         assert model(router, "m").health == "healthy"
-        assert job_tasks() == 0
+        assert busy_workers(router) == 0
 
         # The key is still usable (failure_threshold = 1 would have opened it otherwise).
         rec2_calls = rec.started
@@ -277,13 +284,13 @@ async def test_cancelling_callers_nursery_cancels_attempts(autojump_clock):
             k = key(router, "p", "k")
             # Two attempts in flight, one job waiting for a concurrency slot.
             assert (k.in_flight, k.queued) == (2, 1)
-            assert job_tasks() == 3
+            assert busy_workers(router) == 2
             n.cancel_scope.cancel()
         assert outcomes == ["cancelled"] * 3
         assert (rec.started, rec.cancelled, rec.finished) == (2, 2, 2)
         k = key(router, "p", "k")
         assert (k.in_flight, k.queued, k.failures, k.breaker) == (0, 0, 0, "closed")
-        assert job_tasks() == 0
+        assert busy_workers(router) == 0
 
 
 async def test_cancelled_half_open_probe_frees_the_probe_slot(autojump_clock):
@@ -377,7 +384,7 @@ async def test_closing_router_fails_in_flight_requests_with_router_closed(autoju
     assert len(results) == 5
     assert all(isinstance(r, RouterClosedError) for r in results)
     assert (rec.started, rec.cancelled, rec.finished) == (3, 3, 3)
-    assert job_tasks() == 0
+    assert worker_tasks() == 0
 
     with pytest.raises(RouterClosedError):
         await router.submit(req("m"))

@@ -1,0 +1,455 @@
+"""The `llm-router demo` command: a burst of requests through simulated providers.
+
+`run_demo()` opens a `Router` on a config (by default the embedded `demo.toml`: three
+simulated providers, one flaky key, one rate-limited key and one provider that is down),
+submits `requests` chat requests cycling over the models "fast", "smart" and "cheap",
+at most `concurrency` at once, and counts each request's one outcome: a response (by
+the model and key that served it) or a `RouterError` (by its kind). While it runs it
+shows the router's key and model state: a table redrawn in place on a terminal, or a
+compact progress line every second on anything else. At the end it prints a summary
+and returns it as a `DemoSummary`.
+
+`main()` is the command line (`llm-router demo`, `python -m router demo`); `add_arguments()`
+and `run_command()` let `router.__main__` mount it as a subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Final, TextIO
+
+import trio
+
+from ._config import RouterConfig
+from ._errors import (
+    ChainExhaustedError,
+    ConfigError,
+    DeadlineExceededError,
+    ProviderError,
+    RouterError,
+)
+from ._router import KeySnapshot, Router, RouterSnapshot
+from ._types import Attempt, ChatRequest, ChatResponse, Message
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_REQUESTS",
+    "MODELS",
+    "DemoSummary",
+    "add_arguments",
+    "load_config",
+    "main",
+    "run_command",
+    "run_demo",
+]
+
+MODELS: Final = ("fast", "smart", "cheap")
+"""The models the demo's requests ask for, in turn."""
+DEFAULT_REQUESTS: Final = 1500
+DEFAULT_CONCURRENCY: Final = 100
+LIVE_INTERVAL: Final = 0.25
+"""Seconds between redraws of the live table (on a terminal)."""
+PROGRESS_INTERVAL: Final = 1.0
+"""Seconds between progress lines (when the output is not a terminal)."""
+
+_COOLING_OUTCOMES: Final = frozenset({"rate_limit", "auth", "balance"})
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSummary:
+    """What a demo run did. Latencies and `wall_time` are in seconds on the router's
+    clock (real time, or virtual time under a mock clock)."""
+
+    requests: int
+    successes: int
+    errors_by_kind: Mapping[str, int]
+    """Requests that ended in a `RouterError`, by its `.kind`."""
+    served_by_model: Mapping[str, int]
+    """Successes by the model that served them (which may be a fallback)."""
+    served_by_key: Mapping[str, int]
+    """Successes by ``provider/key``."""
+    failovers: int
+    """Responses that took more than one attempt or came from a fallback model."""
+    fallback_served: int
+    """Responses served by a model other than the one requested."""
+    p50: float
+    p99: float
+    wall_time: float
+    cooldowns_by_key: Mapping[str, int]
+    """Attempts that put ``provider/key`` into cooldown (rate limit, auth, balance)."""
+    opens_by_key: Mapping[str, int]
+    """Times each ``provider/key`` breaker opened, from the router's final snapshot."""
+    keys: tuple[KeySnapshot, ...]
+    """Every key's state at the end of the run."""
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+
+class _Tally:
+    """Outcome counters, written by the worker tasks (trio is single-threaded)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.successes = 0
+        self.errors: Counter[str] = Counter()
+        self.served_by_model: Counter[str] = Counter()
+        self.served_by_key: Counter[str] = Counter()
+        self.cooldowns: Counter[str] = Counter()
+        self.failovers = 0
+        self.fallback_served = 0
+        self.latencies: list[float] = []
+
+    def _count_attempts(self, attempts: Sequence[Attempt]) -> None:
+        for a in attempts:
+            if a.outcome in _COOLING_OUTCOMES:
+                self.cooldowns[f"{a.provider}/{a.key_id}"] += 1
+
+    def on_response(self, requested: str, response: ChatResponse, latency: float) -> None:
+        self.done += 1
+        self.successes += 1
+        self.latencies.append(latency)
+        self.served_by_model[response.model] += 1
+        self.served_by_key[f"{response.provider}/{response.key_id}"] += 1
+        fallback = response.model != requested
+        self.fallback_served += fallback
+        if fallback or len(response.attempts) > 1:
+            self.failovers += 1
+        self._count_attempts(response.attempts)
+
+    def on_error(self, error: RouterError, latency: float) -> None:
+        self.done += 1
+        self.latencies.append(latency)
+        self.errors[error.kind] += 1
+        if isinstance(error, ChainExhaustedError | DeadlineExceededError | ProviderError):
+            self._count_attempts(error.attempts)
+
+
+def _percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of already sorted values (0.0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+async def run_demo(
+    config: RouterConfig, *, requests: int, concurrency: int, live: bool, out: TextIO
+) -> DemoSummary:
+    """Run the demo burst on `config` and print its progress and summary to `out`."""
+    if requests < 1:
+        raise ValueError(f"requests must be at least 1, got {requests}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    tally = _Tally(requests)
+    tty = live and out.isatty()
+    start = trio.current_time()
+    real_start = time.perf_counter()
+    async with Router.open(config) as router:
+        async with trio.open_nursery() as nursery:
+            if live:
+                show = _LiveTable(router, tally, out, start) if tty else None
+                if show is not None:
+                    nursery.start_soon(show.run)
+                else:
+                    nursery.start_soon(_progress, router, tally, out, start)
+            async with trio.open_nursery() as workers:
+                indices = iter(range(requests))
+                for _ in range(min(concurrency, requests)):
+                    workers.start_soon(_worker, router, indices, tally)
+            nursery.cancel_scope.cancel()
+        wall = trio.current_time() - start
+        final = router.snapshot()
+        if tty:
+            _LiveTable(router, tally, out, start).draw(final)
+    real = time.perf_counter() - real_start
+    latencies = sorted(tally.latencies)
+    summary = DemoSummary(
+        requests=requests,
+        successes=tally.successes,
+        errors_by_kind=dict(sorted(tally.errors.items())),
+        served_by_model=dict(tally.served_by_model.most_common()),
+        served_by_key=dict(tally.served_by_key.most_common()),
+        failovers=tally.failovers,
+        fallback_served=tally.fallback_served,
+        p50=_percentile(latencies, 50),
+        p99=_percentile(latencies, 99),
+        wall_time=wall,
+        cooldowns_by_key=dict(tally.cooldowns.most_common()),
+        opens_by_key={f"{k.provider}/{k.key_id}": k.opens for k in final.keys},
+        keys=tuple(final.keys),
+    )
+    out.write(_format_summary(summary, final, concurrency, max(latencies), real))
+    out.flush()
+    return summary
+
+
+async def _worker(router: Router, indices: Iterator[int], tally: _Tally) -> None:
+    # `indices` is shared by every worker: each takes the next request number.
+    for i in indices:
+        model = MODELS[i % len(MODELS)]
+        request = ChatRequest(
+            model=model, messages=[Message("user", f"demo request #{i}: say hello in one line")]
+        )
+        t0 = trio.current_time()
+        try:
+            response = await router.submit(request)
+        except RouterError as exc:
+            tally.on_error(exc, trio.current_time() - t0)
+        else:
+            tally.on_response(model, response, trio.current_time() - t0)
+
+
+# -- showing the state ---------------------------------------------------------------------
+
+_RESET: Final = "\x1b[0m"
+_RED: Final = "\x1b[31m"
+_YELLOW: Final = "\x1b[33m"
+_GREEN: Final = "\x1b[32m"
+_DIM: Final = "\x1b[2m"
+
+
+def _paint(text: str, color: str | None) -> str:
+    return f"{color}{text}{_RESET}" if color else text
+
+
+def _breaker_cell(k: KeySnapshot) -> tuple[str, str | None]:
+    if k.breaker == "open":
+        return f"open {k.breaker_open_for:.1f}s", _RED
+    if k.breaker == "half_open":
+        return "half-open", _YELLOW
+    return k.breaker, _GREEN
+
+
+def _cooling_cell(k: KeySnapshot) -> tuple[str, str | None]:
+    if k.cooling_for > 0:
+        return f"{k.cooling_for:.1f}s {k.cooling_reason or ''}".rstrip(), _YELLOW
+    return "-", _DIM
+
+
+def _key_rows(snap: RouterSnapshot, color: bool) -> list[str]:
+    head = (
+        f"{'provider':<9} {'key':<10} {'breaker':<11} {'cooling':<16} "
+        f"{'in_flight':>9} {'queued':>6} {'requests':>8} {'failures':>8} {'opens':>5}"
+    )
+    rows = [head]
+    for k in snap.keys:
+        b_text, b_color = _breaker_cell(k)
+        c_text, c_color = _cooling_cell(k)
+        breaker = _paint(f"{b_text:<11}", b_color if color else None)
+        cooling = _paint(f"{c_text:<16}", c_color if color else None)
+        rows.append(
+            f"{k.provider:<9} {k.key_id:<10} {breaker} {cooling} "
+            f"{k.in_flight:>9} {k.queued:>6} {k.requests:>8} {k.failures:>8} {k.opens:>5}"
+        )
+    return rows
+
+
+def _model_rows(snap: RouterSnapshot, color: bool) -> list[str]:
+    rows = [f"{'model':<9} {'route':<20} {'health':<10} {'for':>6}"]
+    for m in snap.models:
+        paint = {"healthy": _GREEN, "cooling": _YELLOW, "disabled": _RED}.get(m.health)
+        health = _paint(f"{m.health:<10}", paint if color else None)
+        remaining = f"{m.remaining:.1f}s" if m.remaining > 0 else "-"
+        rows.append(f"{m.name:<9} {m.provider + '/' + m.upstream:<20} {health} {remaining:>6}")
+    return rows
+
+
+def _progress_head(tally: _Tally, elapsed: float) -> str:
+    errors = sum(tally.errors.values())
+    return (
+        f"[{elapsed:6.2f}s] {tally.done}/{tally.total} done | {tally.successes} ok | "
+        f"{errors} errors | {tally.failovers} failovers"
+    )
+
+
+class _LiveTable:
+    """Redraws the key and model table in place (ANSI cursor movement)."""
+
+    def __init__(self, router: Router, tally: _Tally, out: TextIO, start: float) -> None:
+        self.router = router
+        self.tally = tally
+        self.out = out
+        self.start = start
+        self.lines = 0
+
+    def draw(self, snap: RouterSnapshot) -> None:
+        rows = [
+            _progress_head(self.tally, snap.time - self.start),
+            "",
+            *_key_rows(snap, color=True),
+            "",
+            *_model_rows(snap, color=True),
+        ]
+        # Back to the first line of the previous drawing, clear to the end of the screen.
+        prefix = f"\x1b[{self.lines}F\x1b[J" if self.lines else ""
+        self.out.write(prefix + "\n".join(rows) + "\n")
+        self.out.flush()
+        self.lines = len(rows)
+
+    async def run(self) -> None:
+        while True:
+            self.draw(self.router.snapshot())
+            await trio.sleep(LIVE_INTERVAL)
+
+
+async def _progress(router: Router, tally: _Tally, out: TextIO, start: float) -> None:
+    """One compact line a second: counts, load, and what is open or cooling."""
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL)
+        snap = router.snapshot()
+        in_flight = sum(k.in_flight for k in snap.keys)
+        queued = sum(k.queued for k in snap.keys)
+        parts = [_progress_head(tally, snap.time - start), f"in flight {in_flight}/q {queued}"]
+        opened = [f"{k.provider}/{k.key_id}" for k in snap.keys if k.breaker != "closed"]
+        if opened:
+            parts.append("breaker open: " + ", ".join(opened))
+        cooling = [
+            f"{k.provider}/{k.key_id} {k.cooling_for:.1f}s" for k in snap.keys if k.cooling_for > 0
+        ]
+        if cooling:
+            parts.append("key cooling: " + ", ".join(cooling))
+        unwell = [f"{m.name} {m.health}" for m in snap.models if m.health != "healthy"]
+        if unwell:
+            parts.append("model " + ", ".join(unwell))
+        out.write(" | ".join(parts) + "\n")
+        out.flush()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _format_summary(
+    s: DemoSummary, final: RouterSnapshot, concurrency: int, max_latency: float, real: float
+) -> str:
+    rate = s.requests / s.wall_time if s.wall_time > 0 else math.inf
+    lines = [
+        "",
+        f"llm-router demo: {s.requests} requests over {', '.join(MODELS)}, "
+        f"concurrency {concurrency}",
+        f"  wall time   {s.wall_time:.2f} s router clock ({rate:.0f} req/s), {real:.2f} s real",
+        f"  successes   {s.successes} ({100.0 * s.successes / s.requests:.1f}%)",
+    ]
+    if s.errors_by_kind:
+        kinds = ", ".join(f"{k} {n}" for k, n in s.errors_by_kind.items())
+        lines.append(f"  errors      {s.errors} ({kinds})")
+    else:
+        lines.append("  errors      0")
+    lines += [
+        f"  failovers   {s.failovers} responses took more than one attempt or a fallback "
+        f"model ({s.fallback_served} served by a fallback model)",
+        f"  latency     p50 {_ms(s.p50)}, p99 {_ms(s.p99)}, max {_ms(max_latency)}",
+        "",
+        "served by model: "
+        + (", ".join(f"{m} {n}" for m, n in s.served_by_model.items()) or "none"),
+        "",
+        f"{'provider/key':<16} {'served':>6} {'attempts':>8} {'failures':>8} "
+        f"{'cooldowns':>9} {'opens':>5}  breaker now",
+    ]
+    for k in final.keys:
+        name = f"{k.provider}/{k.key_id}"
+        state = k.breaker + (f" ({k.breaker_open_for:.1f}s left)" if k.breaker == "open" else "")
+        lines.append(
+            f"{name:<16} {s.served_by_key.get(name, 0):>6} {k.requests:>8} {k.failures:>8} "
+            f"{s.cooldowns_by_key.get(name, 0):>9} {k.opens:>5}  {state}"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def load_config(path: str | None) -> RouterConfig:
+    """The config at `path`, or the embedded demo config when `path` is None."""
+    if path is None:
+        text = resources.files("router").joinpath("demo.toml").read_bytes()
+        return RouterConfig.from_toml(text)
+    return RouterConfig.load(path)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to `parser` (its own or a subcommand's)."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="router config (.toml or .json); default: the embedded demo config",
+    )
+    parser.add_argument(
+        "--requests",
+        metavar="N",
+        type=_positive_int,
+        default=DEFAULT_REQUESTS,
+        help=f"requests to submit (default {DEFAULT_REQUESTS})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_positive_int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"requests in flight at most (default {DEFAULT_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--no-live",
+        action="store_true",
+        help="no live table or progress lines, only the final summary",
+    )
+
+
+def run_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the demo from parsed arguments; returns the exit status."""
+    stream = out if out is not None else sys.stdout
+    try:
+        config = load_config(args.config)
+        trio.run(
+            partial(
+                run_demo,
+                config,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                live=not args.no_live,
+                out=stream,
+            )
+        )
+    except ConfigError as exc:
+        print(f"llm-router demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm-router demo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`llm-router demo [options]`, with `argv` the options after ``demo``."""
+    parser = argparse.ArgumentParser(
+        prog="llm-router demo",
+        description="Send a burst of requests through simulated providers and show failover.",
+    )
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
