@@ -314,9 +314,11 @@ async def _progress(router: Router, tally: _Tally, out: TextIO, start: float) ->
         in_flight = sum(k.in_flight for k in snap.keys)
         queued = sum(k.queued for k in snap.keys)
         parts = [_progress_head(tally, snap.time - start), f"in flight {in_flight}/q {queued}"]
-        opened = [f"{k.provider}/{k.key_id}" for k in snap.keys if k.breaker != "closed"]
-        if opened:
-            parts.append("breaker open: " + ", ".join(opened))
+        tripped = [
+            f"{k.provider}/{k.key_id} {k.breaker}" for k in snap.keys if k.breaker != "closed"
+        ]
+        if tripped:
+            parts.append("breaker: " + ", ".join(tripped))
         cooling = [
             f"{k.provider}/{k.key_id} {k.cooling_for:.1f}s" for k in snap.keys if k.cooling_for > 0
         ]
