@@ -11,6 +11,13 @@ Layout (every implementation module is private; this file re-exports the public 
 - `_provider.py`  the Provider interface that custom providers implement
 - `_simulated.py` the embedded simulated provider (kind = "simulated")
 - `_actor.py`     KeyActor: one trio task per (provider, key), owning the state above
+- `_stream.py`    ChatStream: a streamed answer as the caller iterates it
+- `_wire.py`      the WireProtocol interface of HTTP provider kinds
+- `_sse.py`       incremental server-sent-events parser
+- `_classify.py`  retry headers and error-text rules shared by the wire protocols
+- `_openai.py`, `_anthropic.py`, `_gemini.py`  the wire protocols (sans-IO)
+- `_http.py`      HttpProvider: one httpx.AsyncClient per key, over a WireProtocol
+- `emulator/`     a loopback HTTP server speaking the three protocols, with faults
 - `_chain.py`     ModelChain: request -> ordered, de-duplicated models to try
 - `_router.py`    Router: the supervisor that walks the chain over the actors
 - `_demo.py`      the `llm-router demo` command
@@ -41,13 +48,26 @@ from ._errors import (
     ProviderError,
     RouterClosedError,
     RouterError,
+    StreamInterruptedError,
     UnknownModelError,
 )
 from ._health import ModelHealth
 from ._provider import Provider
 from ._router import KeySnapshot, ModelSnapshot, Router, RouterSnapshot
 from ._simulated import SimulatedProvider
-from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message, Usage
+from ._stream import ChatStream
+from ._types import (
+    ApiKey,
+    Attempt,
+    ChatRequest,
+    ChatResponse,
+    Message,
+    StreamChunk,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = [
     "ERROR_KINDS",
@@ -57,6 +77,7 @@ __all__ = [
     "ChainExhaustedError",
     "ChatRequest",
     "ChatResponse",
+    "ChatStream",
     "CircuitBreaker",
     "ConfigError",
     "Cooldown",
@@ -82,6 +103,11 @@ __all__ = [
     "RouterSnapshot",
     "SimulatedProvider",
     "SimulationConfig",
+    "StreamChunk",
+    "StreamInterruptedError",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "UnknownModelError",
     "Usage",
 ]

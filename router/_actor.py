@@ -38,10 +38,12 @@ twice or never, or put a secret into an error.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import msgspec
@@ -53,9 +55,10 @@ from ._config import RouterSettings
 from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
 from ._provider import Provider
-from ._types import ApiKey, Attempt, ChatRequest, ChatResponse
+from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
+from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
 
-__all__ = ["DEADLINE", "SKIPPED", "Job", "JobResult", "KeyActor"]
+__all__ = ["DEADLINE", "SKIPPED", "STREAMED", "Job", "JobResult", "KeyActor"]
 
 
 class _Signal:
@@ -74,11 +77,14 @@ SKIPPED: Final = _Signal("SKIPPED")
 """The key became unavailable (cooling, or its breaker refused) before an attempt."""
 DEADLINE: Final = _Signal("DEADLINE")
 """The request's end-to-end deadline passed inside the job."""
+STREAMED: Final = _Signal("STREAMED")
+"""A stream job handed its stream to the caller and pumped it to the end."""
 
-JobResult = ChatResponse | ProviderError | RouterClosedError | _Signal
+JobResult = ChatResponse | ProviderError | RouterClosedError | StreamStart | _Signal
 
 _AVAILABILITY_COOLING: Final = {"rate_limit": "rate_limit", "auth": "auth", "balance": "balance"}
 WORKER_TASK_NAME: Final = "router.KeyActor.worker"
+_AFTER_FINISH_GRACE: Final = 1.0
 
 
 class _NoClock(trio.abc.Clock):
@@ -117,13 +123,20 @@ class Job:
         "retries",
         "scope",
         "started",
+        "stream",
         "ticket",
         "waiter",
     )
 
     def __init__(
-        self, request: ChatRequest, model: str, deadline: float, attempts: list[Attempt]
+        self,
+        request: ChatRequest,
+        model: str,
+        deadline: float,
+        attempts: list[Attempt],
+        stream: bool = False,
     ) -> None:
+        self.stream = stream
         self.request = request
         self.model = model
         self.deadline = deadline
@@ -393,21 +406,33 @@ class KeyActor:
                 job.ticket = ticket
                 job.started = now
                 self.requests += 1
-                attempt_deadline = now + settings.attempt_timeout
-                scope.deadline = (
-                    job.deadline if job.deadline < attempt_deadline else attempt_deadline
-                )
                 job.in_attempt = True
                 self.in_flight += 1
-                try:
-                    response = await self.provider.complete(job.request, self.key)
-                except ProviderError as exc:
-                    error = exc
-                except Exception as exc:  # a provider bug is an unknown failure
-                    error = ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
-                finally:
-                    self.in_flight -= 1
-                job.in_attempt = False
+                if job.stream:
+                    scope.deadline = job.deadline  # the first-token timeout is inside
+                    try:
+                        error = await self._stream_attempt(job, now, breaker)
+                    finally:
+                        self.in_flight -= 1
+                    job.in_attempt = False
+                    if error is None:
+                        return STREAMED
+                else:
+                    attempt_deadline = now + settings.attempt_timeout
+                    scope.deadline = (
+                        job.deadline if job.deadline < attempt_deadline else attempt_deadline
+                    )
+                    try:
+                        response = await self.provider.complete(job.request, self.key)
+                    except ProviderError as exc:
+                        error = exc
+                    except Exception as exc:  # a provider bug is an unknown failure
+                        error = ProviderError(
+                            "unknown", f"provider raised {type(exc).__name__}: {exc}"
+                        )
+                    finally:
+                        self.in_flight -= 1
+                    job.in_attempt = False
                 end = clock.current_time()
             ticket = job.ticket
             if error is None:
@@ -466,6 +491,131 @@ class KeyActor:
                 job.dropped_max_tokens = True
                 continue
             return error
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _open_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        stream = getattr(self.provider, "stream", None)
+        if stream is not None:
+            opened: AsyncIterator[StreamChunk] = stream(request, self.key)
+            return opened
+        return self._complete_as_stream(request)
+
+    async def _complete_as_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        """A provider without `stream()`: its whole answer as one chunk."""
+        response = await self.provider.complete(request, self.key)
+        yield StreamChunk(
+            text=response.content,
+            tool_calls=[
+                ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments)
+                for i, call in enumerate(response.tool_calls)
+            ],
+            finish_reason=response.finish_reason,
+            usage=response.usage,
+        )
+
+    async def _stream_attempt(
+        self, job: Job, now: float, breaker: CircuitBreaker
+    ) -> ProviderError | None:
+        """One streamed attempt. Before the first content chunk a failure is returned
+        (and may fail over); after it, the stream belongs to the caller: the chunks are
+        pumped into its channel and a failure reaches it as `StreamInterruptedError`.
+        Returns None once the stream has been handed over and pumped to its end."""
+        settings = self.settings
+        clock = self._clock
+        upstream = self._open_stream(job.request)
+        try:
+            first: list[StreamChunk] = []
+            ended = False
+            with trio.CancelScope(deadline=now + settings.first_token_timeout) as ttft:
+                try:
+                    while True:
+                        try:
+                            chunk = await upstream.__anext__()
+                        except StopAsyncIteration:
+                            ended = True
+                            break
+                        first.append(chunk)
+                        if chunk.has_content:
+                            break
+                except ProviderError as exc:
+                    return exc
+                except Exception as exc:
+                    return ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
+            if ttft.cancelled_caught:
+                return ProviderError(
+                    "transient", f"no first token within {settings.first_token_timeout:g}s"
+                )
+            # The upstream answered: from here on the stream is the caller's.
+            end = clock.current_time()
+            breaker.on_success(job.ticket, end, end - now)
+            self.cooldown.hits = 0
+            self.successes += 1
+            self._log(job, "ok", end - now)
+            send, receive = trio.open_memory_channel[StreamItem](16)
+            pump = job.scope = trio.CancelScope()  # what the caller's aclose() cancels
+            self._finish(job, StreamStart(first, receive, job))
+            with send:
+                if ended:
+                    send.send_nowait(STREAM_END)
+                else:
+                    finished = any(c.finish_reason for c in first)
+                    await self._pump(job, upstream, send, breaker, pump, finished)
+            return None
+        finally:
+            with trio.CancelScope(shield=True) as closing:
+                closing.deadline = clock.current_time() + 5.0
+                aclose = getattr(upstream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    async def _pump(
+        self,
+        job: Job,
+        upstream: AsyncIterator[StreamChunk],
+        send: trio.MemorySendChannel[StreamItem],
+        breaker: CircuitBreaker,
+        pump: trio.CancelScope,
+        finished: bool,
+    ) -> None:
+        idle = self.settings.idle_timeout
+        clock = self._clock
+        with pump:
+            try:
+                while True:
+                    # After the finish reason only trailing usage and the end marker are
+                    # due: wait for them briefly, then end the (whole) answer anyway.
+                    wait_for = min(idle, _AFTER_FINISH_GRACE) if finished else idle
+                    with trio.CancelScope(deadline=clock.current_time() + wait_for) as wait:
+                        chunk = await upstream.__anext__()
+                    if wait.cancelled_caught:
+                        if finished:
+                            break
+                        raise ProviderError("transient", f"stream idle for {idle:g}s")
+                    if chunk.finish_reason:
+                        finished = True
+                    await send.send(chunk)
+                    if pump.cancel_called:
+                        return
+            except StopAsyncIteration:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the caller stopped reading
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, ProviderError)
+                    else ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
+                )
+                error = self._own(error, job)
+                self.failures += 1
+                if error.kind == "transient":
+                    breaker.on_failure(job.ticket, clock.current_time())
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    send.send_nowait(StreamFailure(error))
+                return
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await send.send(STREAM_END)
 
     def _log(self, job: Job, outcome: str, duration: float, status: int | None = None) -> None:
         job.attempts.append(

@@ -116,6 +116,11 @@ class RouterSettings(_Section):
     """End-to-end deadline of a request across retries and fallbacks."""
     attempt_timeout: Positive = 30.0
     """Deadline of one upstream attempt."""
+    first_token_timeout: Positive = 30.0
+    """Streams: the first content chunk must arrive within this; else the attempt fails
+    (transient) and the stream fails over."""
+    idle_timeout: Positive = 30.0
+    """Streams: the longest pause between chunks once the stream has started."""
     transient_retries: NonNegativeInt = 2
     retry_backoff: list[NonNegative] = msgspec.field(default_factory=lambda: [0.5, 2.0])
     """Sleep before the n-th in-place retry; the last value repeats."""
@@ -150,6 +155,8 @@ class SimulationConfig(_Section):
     """Every call fails at once as a refused connection (transient)."""
     models: list[str] | None = None
     """Upstream ids served; any other answers model-missing. None serves all."""
+    chunk_interval: NonNegative = 0.01
+    """Streams: the pause between word chunks."""
 
 
 class KeyConfig(_Section):
@@ -167,6 +174,8 @@ class ProviderConfig(_Section):
     kind: ProviderKind
     keys: list[KeyConfig]
     base_url: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Extra HTTP headers sent with every request (HTTP kinds)."""
     max_concurrency: PositiveInt = 64
     simulate: SimulationConfig | None = None
     seed: int = 0

@@ -14,6 +14,8 @@ that says what went wrong in the terms of DESIGN.md's failure table::
     ├── ChainExhaustedError         every model in the chain was tried or skipped;
     │                               .attempts, .last_error, .retry_after, .models_tried
     ├── DeadlineExceededError       the request's end-to-end deadline passed; .attempts
+    ├── StreamInterruptedError      a stream failed after its first chunk reached the
+    │                               caller; .partial_text, .cause, .attempts
     └── RouterClosedError           submitted to a router that is not open
 
 What this module must never do: put a secret into a message. Errors are built from
@@ -38,6 +40,7 @@ __all__ = [
     "ProviderError",
     "RouterClosedError",
     "RouterError",
+    "StreamInterruptedError",
     "UnknownModelError",
 ]
 
@@ -182,6 +185,21 @@ class DeadlineExceededError(RouterError):
             f"request deadline of {timeout:g}s exceeded after {len(attempts)} attempts",
         )
         self.timeout = timeout
+        self.attempts = attempts
+
+
+class StreamInterruptedError(RouterError):
+    """A stream broke after its first chunk had reached the caller, so it could not
+    fail over: the answer is incomplete. `.partial_text` is the text received so far,
+    `.cause` the failure (its kind is this error's kind)."""
+
+    def __init__(self, cause: RouterError, partial_text: str, attempts: list[Attempt]) -> None:
+        super().__init__(
+            cause.kind,
+            f"stream interrupted after {len(partial_text)} characters: {cause.message}",
+        )
+        self.cause = cause
+        self.partial_text = partial_text
         self.attempts = attempts
 
 

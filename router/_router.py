@@ -38,6 +38,7 @@ from ._errors import (
 from ._health import ModelHealth
 from ._provider import Provider
 from ._simulated import SimulatedProvider
+from ._stream import ChatStream, StreamStart
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message
 
 __all__ = ["KeySnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
@@ -195,6 +196,32 @@ class Router:
     async def submit(self, request: ChatRequest) -> ChatResponse:
         """Serve `request` along its model chain; returns the response or raises one
         `RouterError` (see `router._errors` for the tree)."""
+        result = await self._route(request, False)
+        assert type(result) is ChatResponse
+        return result
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatStream]:
+        """Serve `request` as a stream::
+
+            async with router.stream(request) as stream:
+                async for chunk in stream:
+                    print(chunk.text, end="")
+
+        Failover (next key, next model) happens until the first content chunk; the
+        first-token timeout bounds that wait per attempt, and the request's deadline
+        bounds the whole of it. After the first chunk, a pause longer than
+        `idle_timeout` or any upstream failure raises `StreamInterruptedError` with
+        the text received so far. Leaving the block closes the upstream stream.
+        """
+        start = await self._route(request, True)
+        assert isinstance(start, ChatStream)
+        try:
+            yield start
+        finally:
+            await start.aclose()
+
+    async def _route(self, request: ChatRequest, stream: bool) -> ChatResponse | ChatStream:
         if not self._open:
             raise RouterClosedError()
         _check_request(request)
@@ -219,7 +246,9 @@ class Router:
                     raise DeadlineExceededError(timeout, attempts)
                 if not actor.is_available(now, tenant):
                     continue
-                result = await actor.call(Job(upstream_request, route.name, deadline, attempts))
+                result = await actor.call(
+                    Job(upstream_request, route.name, deadline, attempts, stream)
+                )
                 if type(result) is ChatResponse:
                     health.on_success()
                     result.model = route.name
@@ -229,6 +258,15 @@ class Router:
                     result.key_id = actor.key_id
                     result.attempts = attempts
                     return result
+                if type(result) is StreamStart:
+                    health.on_success()
+                    return ChatStream(
+                        result,
+                        model=route.name,
+                        provider=actor.provider_name,
+                        key_id=actor.key_id,
+                        upstream_model=route.upstream,
+                    )
                 if result is SKIPPED:
                     continue
                 if result is DEADLINE:
@@ -410,7 +448,10 @@ def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provi
         )
     if pc.kind == "simulated":
         return SimulatedProvider(pc)
-    raise ConfigError(f"{field}.kind", f"provider kind {pc.kind!r} is not available in this build")
+    from ._http import HttpProvider, protocol_for
+
+    limits = {k.id: k.max_concurrency or pc.max_concurrency for k in pc.keys}
+    return HttpProvider(pc, protocol_for(pc.kind), limits)
 
 
 def _propagated(

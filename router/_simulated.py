@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import AsyncIterator
 
 import trio
 
 from ._config import ProviderConfig, SimulationConfig
 from ._errors import ProviderError
-from ._types import ApiKey, ChatRequest, ChatResponse, Usage
+from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk, Usage
 
 __all__ = ["SimulatedProvider"]
 
@@ -47,6 +48,22 @@ class SimulatedProvider:
     def calls(self, key_id: str) -> int:
         """How many calls this key has received."""
         return self._keys[key_id].calls
+
+    async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
+        """The same answer (or fault) as `complete`, as word chunks `chunk_interval`
+        apart, the finish reason and usage on the last one."""
+        response = await self.complete(request, key)
+        words = response.content.split(" ")
+        interval = self._keys[key.id].cfg.chunk_interval
+        for i, word in enumerate(words):
+            if i:
+                await trio.sleep(interval)
+            last = i == len(words) - 1
+            yield StreamChunk(
+                text=word if last else word + " ",
+                finish_reason=response.finish_reason if last else None,
+                usage=response.usage if last else None,
+            )
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
         sim = self._keys[key.id]

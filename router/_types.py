@@ -6,7 +6,7 @@ lives after config loading, and its repr never shows it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -16,6 +16,10 @@ __all__ = [
     "ChatRequest",
     "ChatResponse",
     "Message",
+    "StreamChunk",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
 ]
 
@@ -26,12 +30,35 @@ Role = Literal["system", "user", "assistant", "tool"]
 AttemptOutcome = str
 
 
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call the model asked for."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+    """The arguments as JSON text, as the model wrote them."""
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True):
+    """A function the model may call: its name, description and JSON-schema parameters."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class Message(msgspec.Struct, frozen=True):
-    """One chat message."""
+    """One chat message.
+
+    An assistant message may carry `tool_calls` (its `content` may then be empty); a
+    ``role="tool"`` message answers the call named by `tool_call_id`.
+    """
 
     role: Role
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
@@ -53,6 +80,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     timeout: float | None = None
     tenant: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    tools: list[Tool] | None = None
+    tool_choice: str | None = None
+    """"auto", "none", "required", or the name of one tool."""
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -86,12 +116,40 @@ class ChatResponse(msgspec.Struct, kw_only=True):
 
     content: str
     finish_reason: str = "stop"
+    """stop, length, tool_calls or content_filter."""
     usage: Usage = msgspec.field(default_factory=Usage)
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     model: str = ""
     upstream_model: str = ""
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of a streamed tool call; pieces with the same `index` concatenate."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class StreamChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One normalised piece of a streamed answer.
+
+    `text` and `tool_calls` are deltas; `finish_reason` comes once, near the end;
+    `usage`, when the provider reports it, comes with the last chunk.
+    """
+
+    text: str = ""
+    tool_calls: list[ToolCallDelta] = msgspec.field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.text or self.tool_calls)
 
 
 class ApiKey:

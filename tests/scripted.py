@@ -5,12 +5,21 @@ config builder. Tests use the real Router, real key actors and the real trio clo
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
 
-from router import ApiKey, ChatRequest, ChatResponse, ErrorKind, ProviderError, RouterConfig
+from router import (
+    ApiKey,
+    ChatRequest,
+    ChatResponse,
+    ErrorKind,
+    ProviderError,
+    RouterConfig,
+    StreamChunk,
+    Usage,
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,51 @@ class ScriptedProvider:
                 status=action.status,
             )
         return ChatResponse(content=f"{action.content} from {key.id}")
+
+
+@dataclass(frozen=True)
+class StreamScript:
+    """Stream `pieces` with `interval` seconds between them (the first after `latency`);
+    then end as `ending` says: "finish" (finish reason, then end), "cut" (raise a
+    transient error), "stall" (hang forever)."""
+
+    pieces: tuple[str, ...] = ("hello ", "world")
+    latency: float = 0.0
+    interval: float = 0.0
+    ending: str = "finish"
+
+
+@dataclass
+class StreamingScriptedProvider(ScriptedProvider):
+    """A ScriptedProvider that also streams: a StreamScript action streams, other
+    actions behave as in `complete` before the first chunk. Records closed streams."""
+
+    closed: list[str] = field(default_factory=list)
+
+    async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
+        self.calls.append(Call(trio.current_time(), key.id, request.model, request.max_tokens))
+        queue = self._scripts[key.id]
+        action = queue.popleft() if queue else self._defaults.get(key.id, self.default)
+        try:
+            if not isinstance(action, StreamScript):
+                self._scripts[key.id].appendleft(action)
+                self.calls.pop()
+                response = await self.complete(request, key)
+                yield StreamChunk(text=response.content, finish_reason="stop")
+                return
+            await trio.sleep(action.latency)
+            for i, piece in enumerate(action.pieces):
+                if i:
+                    await trio.sleep(action.interval)
+                yield StreamChunk(text=piece)
+            if action.ending == "finish":
+                yield StreamChunk(finish_reason="stop", usage=Usage(total_tokens=2))
+            elif action.ending == "cut":
+                raise ProviderError("transient", "stream cut")
+            else:
+                await trio.sleep_forever()
+        finally:
+            self.closed.append(key.id)
 
 
 def make_config(text: str) -> RouterConfig:

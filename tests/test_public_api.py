@@ -16,6 +16,7 @@ from router import (
     ProviderError,
     RouterClosedError,
     RouterError,
+    StreamInterruptedError,
     UnknownModelError,
 )
 
@@ -27,6 +28,7 @@ EXPECTED_ALL = [
     "ChainExhaustedError",
     "ChatRequest",
     "ChatResponse",
+    "ChatStream",
     "CircuitBreaker",
     "ConfigError",
     "Cooldown",
@@ -52,6 +54,11 @@ EXPECTED_ALL = [
     "RouterSnapshot",
     "SimulatedProvider",
     "SimulationConfig",
+    "StreamChunk",
+    "StreamInterruptedError",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "UnknownModelError",
     "Usage",
 ]
@@ -108,6 +115,7 @@ def test_every_error_class_derives_from_router_error() -> None:
         "ChainExhaustedError",
         "DeadlineExceededError",
         "RouterClosedError",
+        "StreamInterruptedError",
     }
     for cls in error_classes:
         assert issubclass(cls, RouterError), cls
@@ -127,6 +135,7 @@ def _instances() -> list[RouterError]:
         ChainExhaustedError(2, [], pe, None),
         ChainExhaustedError(2, [], None, 3.0),
         ChainExhaustedError(2, [], None, None),
+        StreamInterruptedError(pe, "partial", []),
         DeadlineExceededError(5.0, []),
         RouterClosedError(),
     ]
