@@ -373,6 +373,8 @@ class KeyActor:
 
     async def _serve(self, job: Job, scope: trio.CancelScope) -> JobResult:
         """Attempt `job` on this key, with in-place retries, until it has a result."""
+        if job.done:
+            return STREAMED  # a stream handed over and pumped: nothing left to do
         settings = self.settings
         clock = self._clock
         cooldown = self.cooldown
@@ -411,7 +413,7 @@ class KeyActor:
                 if job.stream:
                     scope.deadline = job.deadline  # the first-token timeout is inside
                     try:
-                        error = await self._stream_attempt(job, now, breaker)
+                        error = await self._stream_attempt(job, now, breaker, scope)
                     finally:
                         self.in_flight -= 1
                     job.in_attempt = False
@@ -515,7 +517,7 @@ class KeyActor:
         )
 
     async def _stream_attempt(
-        self, job: Job, now: float, breaker: CircuitBreaker
+        self, job: Job, now: float, breaker: CircuitBreaker, scope: trio.CancelScope
     ) -> ProviderError | None:
         """One streamed attempt. Before the first content chunk a failure is returned
         (and may fail over); after it, the stream belongs to the caller: the chunks are
@@ -546,6 +548,8 @@ class KeyActor:
                 return ProviderError(
                     "transient", f"no first token within {settings.first_token_timeout:g}s"
                 )
+            if ended and not any(c.finish_reason for c in first):
+                return ProviderError("transient", "stream ended before its first token")
             # The upstream answered: from here on the stream is the caller's.
             end = clock.current_time()
             breaker.on_success(job.ticket, end, end - now)
@@ -554,6 +558,7 @@ class KeyActor:
             self._log(job, "ok", end - now)
             send, receive = trio.open_memory_channel[StreamItem](16)
             pump = job.scope = trio.CancelScope()  # what the caller's aclose() cancels
+            scope.deadline = math.inf  # the request deadline bounded the wait for this
             self._finish(job, StreamStart(first, receive, job))
             with send:
                 if ended:
@@ -598,7 +603,15 @@ class KeyActor:
                     if pump.cancel_called:
                         return
             except StopAsyncIteration:
-                pass
+                if not finished:  # ended with neither finish reason nor end marker
+                    error = self._own(
+                        ProviderError("transient", "stream ended before its finish reason"), job
+                    )
+                    self.failures += 1
+                    breaker.on_failure(job.ticket, clock.current_time())
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        send.send_nowait(StreamFailure(error))
+                    return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the caller stopped reading
             except Exception as exc:
