@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
+import socket
 import sys
 import time
 from collections import Counter
@@ -26,9 +28,10 @@ from functools import partial
 from importlib import resources
 from typing import Final, TextIO
 
+import msgspec
 import trio
 
-from ._config import RouterConfig
+from ._config import RouterConfig, SimulationConfig
 from ._errors import (
     ChainExhaustedError,
     ConfigError,
@@ -38,6 +41,7 @@ from ._errors import (
 )
 from ._router import KeySnapshot, Router, RouterSnapshot
 from ._types import Attempt, ChatRequest, ChatResponse, Message
+from .emulator import Fault
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -195,6 +199,97 @@ async def run_demo(
     out.write(_format_summary(summary, final, concurrency, max(latencies), real))
     out.flush()
     return summary
+
+
+async def run_http_demo(
+    config: RouterConfig, *, requests: int, concurrency: int, live: bool, out: TextIO
+) -> DemoSummary:
+    """The demo over real HTTP: the simulated providers of `config` become OpenAI,
+    Anthropic and Gemini providers served by the loopback emulator, with each key's
+    fault mix turned into the emulator's script for that key."""
+    from .emulator import Emulator
+
+    async with Emulator.serve(port=0) as emu:
+        http_config, scripts = over_http(config, emu.url, _closed_port_url(), requests)
+        for secret, faults in scripts.items():
+            emu.script(faults, key=secret)
+        out.write(f"emulator at {emu.url}\n")
+        return await run_demo(
+            http_config, requests=requests, concurrency=concurrency, live=live, out=out
+        )
+
+
+_HTTP_KINDS: Final = ("openai", "anthropic", "gemini")
+
+
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    return f"http://127.0.0.1:{port}"
+
+
+def over_http(
+    config: RouterConfig, emulator_url: str, refused_url: str, requests: int
+) -> tuple[RouterConfig, dict[str, list[Fault]]]:
+    """`config` with its simulated providers turned into HTTP kinds (in turn openai,
+    anthropic, gemini) at `emulator_url`, and for each key secret the emulator faults
+    that reproduce its simulated fault mix (a provider that is `down` points at
+    `refused_url`)."""
+    providers = []
+    scripts: dict[str, list[Fault]] = {}
+    for index, provider in enumerate(config.providers):
+        if provider.kind != "simulated":
+            providers.append(provider)
+            continue
+        kind = _HTTP_KINDS[index % len(_HTTP_KINDS)]
+        default = provider.simulate or SimulationConfig()
+        keys = []
+        for key in provider.keys:
+            secret = f"demo-{provider.name}-{key.id}"
+            sim = key.simulate or default
+            rng = random.Random(f"{provider.seed}:{provider.name}:{key.id}")
+            scripts[secret] = [_fault(sim, rng) for _ in range(requests * 3)]
+            keys.append(msgspec.structs.replace(key, secret=secret, simulate=None))
+        base = refused_url if default.down else emulator_url
+        providers.append(
+            msgspec.structs.replace(
+                provider,
+                kind=kind,
+                base_url=f"{base}/v1" if kind == "openai" else base,
+                simulate=None,
+                keys=keys,
+            )
+        )
+    http_config = msgspec.structs.replace(config, providers=providers)
+    http_config.validate()
+    return http_config, scripts
+
+
+def _fault(sim: SimulationConfig, rng: random.Random) -> Fault:
+    """One call's fault drawn from a simulated key's mix (the same order as the
+    simulated provider's)."""
+    u = rng.random()
+    latency = sim.latency + sim.jitter * rng.random()
+    table: list[tuple[float, Fault]] = [
+        (sim.transient, Fault(status=503, latency=latency)),
+        (
+            sim.rate_limit,
+            Fault(status=429, latency=latency, headers={"retry-after": f"{sim.retry_after:g}"}),
+        ),
+        (sim.auth, Fault(status=401, latency=latency)),
+        (sim.balance, Fault(status=402, latency=latency)),
+        (sim.model_missing, Fault(status=404, latency=latency)),
+        (sim.hang, Fault(hang=True)),
+        (sim.unknown, Fault(status=418, latency=latency)),
+    ]
+    edge = 0.0
+    for p, fault in table:
+        edge += p
+        if u < edge:
+            return fault
+    return Fault(latency=latency)
 
 
 async def _worker(router: Router, indices: Iterator[int], tally: _Tally) -> None:
@@ -417,6 +512,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"requests in flight at most (default {DEFAULT_CONCURRENCY})",
     )
     parser.add_argument(
+        "--http",
+        action="store_true",
+        help="run the providers over real HTTP: OpenAI, Anthropic and Gemini APIs served by "
+        "the loopback emulator, with the same fault mix",
+    )
+    parser.add_argument(
         "--no-live",
         action="store_true",
         help="no live table or progress lines, only the final summary",
@@ -430,7 +531,7 @@ def run_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         config = load_config(args.config)
         trio.run(
             partial(
-                run_demo,
+                run_http_demo if args.http else run_demo,
                 config,
                 requests=args.requests,
                 concurrency=args.concurrency,

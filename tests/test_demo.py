@@ -216,3 +216,21 @@ async def test_demo_counts_errors_once_each(autojump_clock: trio.testing.MockClo
     assert summary.failovers == 0
     assert summary.cooldowns_by_key == {}
     assert "errors      30 (" in out.getvalue()
+
+
+async def test_http_demo_serves_every_request_over_the_emulator() -> None:
+    """`--http`: the same demo with OpenAI, Anthropic and Gemini providers served over
+    real loopback HTTP by the emulator (real time, a small burst)."""
+    from router._demo import load_config, run_http_demo
+
+    out = io.StringIO()
+    summary = await run_http_demo(
+        load_config(None), requests=120, concurrency=30, live=False, out=out
+    )
+    assert summary.successes + sum(summary.errors_by_kind.values()) == 120
+    assert summary.successes >= 110
+    assert summary.failovers > 0
+    # gamma points at a refused port: it never serves and its breaker opened.
+    assert summary.served_by_key.get("gamma/g-main", 0) == 0
+    assert summary.opens_by_key["gamma/g-main"] >= 1
+    assert "emulator at http://127.0.0.1:" in out.getvalue()
