@@ -25,6 +25,8 @@ from ._errors import ConfigError
 __all__ = [
     "BreakerConfig",
     "CooldownConfig",
+    "GatewayConfig",
+    "GatewayKey",
     "HealthConfig",
     "KeyConfig",
     "ModelConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "RouterConfig",
     "RouterSettings",
     "SimulationConfig",
+    "TokensConfig",
     "capped_growth",
     "resolve_secret",
 ]
@@ -109,6 +112,48 @@ class HealthConfig(_Section):
     """How long a model stays disabled after a model-missing answer."""
 
 
+class TokensConfig(_Section):
+    """How prompts are counted (context-window pre-checks and TPM budgets)."""
+
+    exact_provider: str | None = None
+    """An `anthropic` provider whose count-tokens endpoint gives exact counts, behind a
+    breaker, with the offline tiktoken count as fallback. None: offline counts only."""
+    exact_model: str | None = None
+    """The upstream model id to count for (default: the request's model when it is on
+    that provider, else this)."""
+
+
+class GatewayKey(_Section):
+    """A key that callers of the HTTP gateway present; it selects their tenant."""
+
+    id: Name
+    secret: str
+    tenant: str | None = None
+
+    def __repr__(self) -> str:
+        return f"GatewayKey(id={self.id!r}, secret='***', tenant={self.tenant!r})"
+
+
+class GatewayConfig(_Section):
+    """The `[gateway]` table of `llm-router serve`."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    api_keys: list[GatewayKey] = msgspec.field(default_factory=list)
+    """Keys callers must present (Authorization: Bearer). Empty: no auth (loopback use)."""
+    admin_key: str = ""
+    """Secret (or ``env:VAR``) for /v1/router/state and /v1/router/reset; empty disables them."""
+    max_body_bytes: PositiveInt = 1_048_576
+    shutdown_grace: Positive = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+
+    def __repr__(self) -> str:
+        return (
+            f"GatewayConfig(host={self.host!r}, port={self.port!r}, "
+            f"api_keys={self.api_keys!r}, admin_key='***')"
+        )
+
+
 class RouterSettings(_Section):
     """The `[router]` table."""
 
@@ -131,9 +176,13 @@ class RouterSettings(_Section):
     per_tenant_breakers: bool = False
     seed: int | None = None
     """Seeds the router's jitter, for reproducible runs."""
+    context_window_fallbacks: dict[str, str] = msgspec.field(default_factory=dict)
+    """model -> a larger model to route to when a prompt does not fit the model's
+    `context_window` (opt-in; without it such a request fails with context_exceeded)."""
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     cooldown: CooldownConfig = msgspec.field(default_factory=CooldownConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    tokens: TokensConfig = msgspec.field(default_factory=lambda: TokensConfig())
 
 
 class SimulationConfig(_Section):
@@ -163,6 +212,10 @@ class KeyConfig(_Section):
     id: Name
     secret: str = ""
     max_concurrency: PositiveInt | None = None
+    rpm: PositiveInt | None = None
+    """Requests per minute this key may send (default: the provider's `rpm`, else none)."""
+    tpm: PositiveInt | None = None
+    """Tokens per minute (prompt estimate + max_tokens reserved, reconciled with usage)."""
     simulate: SimulationConfig | None = None
 
     def __repr__(self) -> str:
@@ -177,8 +230,18 @@ class ProviderConfig(_Section):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra HTTP headers sent with every request (HTTP kinds)."""
     max_concurrency: PositiveInt = 64
+    rpm: PositiveInt | None = None
+    """Default requests-per-minute budget of each key."""
+    tpm: PositiveInt | None = None
+    """Default tokens-per-minute budget of each key."""
     simulate: SimulationConfig | None = None
     seed: int = 0
+
+    def __repr__(self) -> str:  # header values may be credentials
+        return (
+            f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, base_url={self.base_url!r}, "
+            f"keys={self.keys!r}, headers={ {k: '***' for k in self.headers}!r})"
+        )
 
 
 class ModelConfig(_Section):
@@ -209,6 +272,7 @@ class RouterConfig(_Section):
     providers: list[ProviderConfig]
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
 
     # -- loading --------------------------------------------------------------
 
@@ -316,6 +380,24 @@ class RouterConfig(_Section):
         for j, f in enumerate(self.router.fallbacks):
             check_ref(f"router.fallbacks[{j}]", f)
         r = self.router
+        for name, target in r.context_window_fallbacks.items():
+            check_ref(f"router.context_window_fallbacks.{name}", name)
+            check_ref(f"router.context_window_fallbacks.{name}", target)
+        exact = r.tokens.exact_provider
+        if exact is not None:
+            if exact not in providers:
+                raise ConfigError("router.tokens.exact_provider", f"unknown provider {exact!r}")
+            if providers[exact].kind not in ("anthropic", "custom"):
+                raise ConfigError(
+                    "router.tokens.exact_provider",
+                    f"provider {exact!r} is of kind {providers[exact].kind!r}; exact counts "
+                    "need an anthropic (or custom, with count_tokens) provider",
+                )
+        seen_gateway: set[str] = set()
+        for i, gk in enumerate(self.gateway.api_keys):
+            if gk.id in seen_gateway:
+                raise ConfigError(f"gateway.api_keys[{i}].id", f"duplicate key id {gk.id!r}")
+            seen_gateway.add(gk.id)
         if not r.retry_backoff:
             raise ConfigError("router.retry_backoff", "needs at least one delay")
         if r.breaker.open_for_max < r.breaker.open_for:
