@@ -51,6 +51,7 @@ import outcome
 import trio
 
 from ._breaker import CircuitBreaker
+from ._budget import RateBudget, Reservation
 from ._config import RouterSettings
 from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
@@ -80,7 +81,7 @@ DEADLINE: Final = _Signal("DEADLINE")
 STREAMED: Final = _Signal("STREAMED")
 """A stream job handed its stream to the caller and pumped it to the end."""
 
-JobResult = ChatResponse | ProviderError | RouterClosedError | StreamStart | _Signal
+JobResult = ChatResponse | ProviderError | RouterClosedError | StreamStart | _Signal | int
 
 _AVAILABILITY_COOLING: Final = {"rate_limit": "rate_limit", "auth": "auth", "balance": "balance"}
 WORKER_TASK_NAME: Final = "router.KeyActor.worker"
@@ -112,6 +113,7 @@ class Job:
         "abandoned",
         "attempts",
         "breaker",
+        "count",
         "deadline",
         "done",
         "dropped_max_tokens",
@@ -120,11 +122,13 @@ class Job:
         "queued",
         "raise_cancel",
         "request",
+        "reservation",
         "retries",
         "scope",
         "started",
         "stream",
         "ticket",
+        "tokens",
         "waiter",
     )
 
@@ -135,8 +139,14 @@ class Job:
         deadline: float,
         attempts: list[Attempt],
         stream: bool = False,
+        tokens: int = 0,
+        count: bool = False,
     ) -> None:
         self.stream = stream
+        self.tokens = tokens
+        """Tokens the request may use (prompt estimate + max_tokens), for TPM budgets."""
+        self.count = count
+        """A count-tokens call, not a chat request (see `KeyActor._count`)."""
         self.request = request
         self.model = model
         self.deadline = deadline
@@ -154,6 +164,7 @@ class Job:
         self.in_attempt = False
         self.ticket = 0
         self.started = 0.0
+        self.reservation: Reservation | None = None
 
     def __lt__(self, other: Job) -> bool:  # for the queue-deadline heap's ties
         return id(self) < id(other)
@@ -170,6 +181,8 @@ class KeyActor:
         max_concurrency: int,
         settings: RouterSettings,
         rng: random.Random,
+        rpm: int | None = None,
+        tpm: int | None = None,
     ) -> None:
         self.provider_name = provider_name
         self.key = key
@@ -182,6 +195,8 @@ class KeyActor:
         self.tenant_breakers: dict[str, CircuitBreaker] = {}
         self._per_tenant = settings.per_tenant_breakers
         self.cooldown = Cooldown(settings.cooldown)
+        self.budget = RateBudget(rpm, tpm) if rpm is not None or tpm is not None else None
+        """Requests/tokens per minute; None when the key has no budget."""
         self.in_flight = 0
         """Attempts being sent upstream right now."""
         self.requests = 0
@@ -220,15 +235,21 @@ class KeyActor:
             )
         return breaker
 
-    def is_available(self, now: float, tenant: str | None) -> bool:
-        return now >= self.cooldown.until and self.breaker_for(tenant).can_attempt(now)
+    def is_available(self, now: float, tenant: str | None, tokens: int = 0) -> bool:
+        if now < self.cooldown.until or not self.breaker_for(tenant).can_attempt(now):
+            return False
+        budget = self.budget
+        return budget is None or budget.available_at(now, tokens) <= now
 
     def is_saturated(self) -> bool:
         return self._workers - len(self._idle) + len(self._queue) >= self.max_concurrency
 
-    def wait_time(self, now: float, tenant: str | None) -> float:
+    def wait_time(self, now: float, tenant: str | None, tokens: int = 0) -> float:
         """Seconds until this key may be called again (0 if it may be now)."""
-        return max(self.cooldown.remaining(now), self.breaker_for(tenant).remaining(now))
+        wait = max(self.cooldown.remaining(now), self.breaker_for(tenant).remaining(now))
+        if self.budget is not None:
+            wait = max(wait, self.budget.available_at(now, tokens) - now)
+        return wait
 
     # -- writes (the actor's own operations) ------------------------------------------
 
@@ -402,9 +423,18 @@ class KeyActor:
                     return DEADLINE
                 if now < cooldown.until:
                     return SKIPPED
+                if job.count:
+                    scope.deadline = job.deadline
+                    return await self._count(job, now)
                 ticket = breaker.try_acquire(now)
                 if ticket is None:
                     return SKIPPED
+                if self.budget is not None:
+                    reservation = self.budget.try_reserve(now, job.tokens)
+                    if reservation is None:
+                        breaker.on_abandon(ticket)
+                        return SKIPPED
+                    job.reservation = reservation
                 job.ticket = ticket
                 job.started = now
                 self.requests += 1
@@ -439,6 +469,8 @@ class KeyActor:
             ticket = job.ticket
             if error is None:
                 if type(response) is ChatResponse:
+                    if job.reservation is not None and response.usage.total_tokens:
+                        self._reconcile(job, response.usage.total_tokens, end)
                     breaker.on_success(ticket, end, end - now)
                     cooldown.hits = 0
                     self.successes += 1
@@ -493,6 +525,31 @@ class KeyActor:
                 job.dropped_max_tokens = True
                 continue
             return error
+
+    def _reconcile(self, job: Job, total_tokens: int, now: float) -> None:
+        budget, reservation = self.budget, job.reservation
+        if budget is not None and reservation is not None:
+            budget.reconcile(reservation, total_tokens, now)
+        job.reservation = None
+
+    async def _count(self, job: Job, now: float) -> int | ProviderError:
+        """A count-tokens call (for the exact token counter). It uses the key's worker
+        and skips a cooling key, but its failures feed neither the key's breaker nor its
+        cooldown: the counter has a breaker of its own and falls back offline."""
+        count = getattr(self.provider, "count_tokens", None)
+        if count is None:
+            return ProviderError("bad_request", f"{self.provider_name} cannot count tokens")
+        with trio.CancelScope(deadline=min(now + self.settings.attempt_timeout, job.deadline)):
+            try:
+                tokens: int = await count(job.request, self.key)
+            except ProviderError as exc:
+                return self._own(exc, job)
+            except Exception as exc:
+                return self._own(
+                    ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}"), job
+                )
+            return tokens
+        return ProviderError("transient", "count-tokens call timed out")
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -599,6 +656,8 @@ class KeyActor:
                         raise ProviderError("transient", f"stream idle for {idle:g}s")
                     if chunk.finish_reason:
                         finished = True
+                    if chunk.usage is not None and chunk.usage.total_tokens:
+                        self._reconcile(job, chunk.usage.total_tokens, clock.current_time())
                     await send.send(chunk)
                     if pump.cancel_called:
                         return
@@ -622,8 +681,12 @@ class KeyActor:
                 )
                 error = self._own(error, job)
                 self.failures += 1
-                if error.kind == "transient":
-                    breaker.on_failure(job.ticket, clock.current_time())
+                now = clock.current_time()
+                reason = _AVAILABILITY_COOLING.get(error.kind)
+                if reason is not None:  # an in-stream 429 or auth error says the same
+                    self.cooldown.hit(now, reason, error.retry_after)  # type: ignore[arg-type]
+                if error.kind in ("transient", "rate_limit", "auth"):
+                    breaker.on_failure(job.ticket, now)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     send.send_nowait(StreamFailure(error))
                 return

@@ -1,10 +1,11 @@
 """The Anthropic Messages wire protocol.
 
 `AnthropicProtocol` builds ``POST {base_url}/v1/messages`` (base_url like
-``https://api.anthropic.com``) with ``x-api-key`` and ``anthropic-version: 2023-06-01``,
-parses the answer, classifies errors with the shared table of `_classify`, and decodes
-the SSE stream (message_start, content_block_*, message_delta, message_stop, ping,
-error).
+``https://api.anthropic.com``) with ``x-api-key`` and ``anthropic-version: 2023-06-01``
+(and ``POST {base_url}/v1/messages/count_tokens`` for exact prompt counts: `build_count`,
+`parse_count`), parses the answer, classifies errors with the shared table of
+`_classify`, and decodes the SSE stream (message_start, content_block_*, message_delta,
+message_stop, ping, error).
 
 Translation choices:
 
@@ -34,7 +35,16 @@ import msgspec
 
 from ._classify import classify_failure, describe, error_snippet, retry_after_from_headers
 from ._errors import ProviderError
-from ._types import ChatRequest, ChatResponse, Message, StreamChunk, ToolCall, ToolCallDelta, Usage
+from ._types import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    StreamChunk,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from ._wire import SseEvent, WireRequest
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicProtocol", "AnthropicStreamDecoder"]
@@ -99,7 +109,14 @@ class _Event(msgspec.Struct):
     error: Any = None
 
 
+class _Count(msgspec.Struct):
+    type: str = ""
+    input_tokens: int | None = None
+    error: Any = None
+
+
 _decode_message: Final = msgspec.json.Decoder(_Message)
+_decode_count: Final = msgspec.json.Decoder(_Count)
 _decode_event: Final = msgspec.json.Decoder(_Event)
 
 
@@ -165,6 +182,17 @@ def _messages(messages: list[Message]) -> tuple[str | None, list[dict[str, Any]]
             # left for the API to judge.
             out.append({"role": role, "content": blocks or ""})
     return ("\n\n".join(system) if system else None), out
+
+
+def _tools(tools: list[Tool]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": tool.name,
+            "description": tool.description,
+            "input_schema": tool.parameters or {"type": "object", "properties": {}},
+        }
+        for tool in tools
+    ]
 
 
 def _tool_choice(choice: str) -> dict[str, str]:
@@ -249,14 +277,7 @@ class AnthropicProtocol:
         if system is not None:
             body["system"] = system
         if request.tools:
-            body["tools"] = [
-                {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "input_schema": tool.parameters or {"type": "object", "properties": {}},
-                }
-                for tool in request.tools
-            ]
+            body["tools"] = _tools(request.tools)
         if request.tool_choice:
             body["tool_choice"] = _tool_choice(request.tool_choice)
         if request.stop:
@@ -280,6 +301,57 @@ class AnthropicProtocol:
             headers=wire_headers,
             body=_encode(body),
         )
+
+    def build_count(
+        self,
+        request: ChatRequest,
+        *,
+        base_url: str,
+        secret: str,
+        headers: Mapping[str, str],
+    ) -> WireRequest:
+        """``POST {base_url}/v1/messages/count_tokens``: the body of a messages request
+        (model, system, messages, tools, tool_choice) without max_tokens, stream, stop
+        sequences or sampling parameters."""
+        system, messages = _messages(request.messages)
+        body: dict[str, Any] = {"model": request.model, "messages": messages}
+        if system is not None:
+            body["system"] = system
+        if request.tools:
+            body["tools"] = _tools(request.tools)
+        if request.tool_choice:
+            body["tool_choice"] = _tool_choice(request.tool_choice)
+        wire_headers = {
+            "x-api-key": secret,
+            "anthropic-version": API_VERSION,
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+        wire_headers.update({name.lower(): value for name, value in headers.items()})
+        return WireRequest(
+            method="POST",
+            url=base_url.rstrip("/") + "/v1/messages/count_tokens",
+            headers=wire_headers,
+            body=_encode(body),
+        )
+
+    def parse_count(self, status: int, headers: Mapping[str, str], body: bytes) -> int:
+        """The ``input_tokens`` of a 2xx count-tokens answer."""
+        try:
+            answer = _decode_count.decode(body)
+        except msgspec.DecodeError as exc:
+            raise _malformed(
+                "count_tokens body", exc, body.decode("utf-8", "replace"), status
+            ) from None
+        if answer.type == "error" or answer.error is not None:
+            raise _classified(None, {}, body, 0.0, "error in a 2xx body")
+        if answer.input_tokens is None or answer.input_tokens < 0:
+            raise ProviderError(
+                "transient",
+                "anthropic: malformed count_tokens body (no input_tokens)",
+                status=status,
+            )
+        return answer.input_tokens
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> ChatResponse:
         try:

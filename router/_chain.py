@@ -26,12 +26,15 @@ _CACHE_LIMIT = 4096
 class Route(Generic[P]):
     """One chain entry resolved: its name, its provider's runtime and upstream id."""
 
-    __slots__ = ("name", "provider", "upstream")
+    __slots__ = ("context_window", "name", "provider", "upstream")
 
-    def __init__(self, name: str, provider: P, upstream: str) -> None:
+    def __init__(
+        self, name: str, provider: P, upstream: str, context_window: int | None = None
+    ) -> None:
         self.name = name
         self.provider = provider
         self.upstream = upstream
+        self.context_window = context_window
 
     def __repr__(self) -> str:
         return f"Route({self.name!r} -> {self.upstream!r})"
@@ -51,7 +54,9 @@ class ModelChain(Generic[P]):
             return route
         model = self._models.get(name)
         if model is not None:
-            route = Route(name, self._providers[model.provider], model.upstream)
+            route = Route(
+                name, self._providers[model.provider], model.upstream, model.context_window
+            )
         else:
             prov, sep, upstream = name.partition("/")
             provider = self._providers.get(prov) if sep and upstream else None

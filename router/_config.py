@@ -121,6 +121,9 @@ class TokensConfig(_Section):
     exact_model: str | None = None
     """The upstream model id to count for (default: the request's model when it is on
     that provider, else this)."""
+    completion_estimate: NonNegativeInt = 256
+    """Tokens reserved from a TPM budget for the answer of a request without max_tokens
+    (reconciled with the reported usage afterwards)."""
 
 
 class GatewayKey(_Section):

@@ -6,7 +6,9 @@ that says what went wrong in the terms of DESIGN.md's failure table::
     RouterError                     .kind is one of ERROR_KINDS
     ├── ConfigError                 a bad configuration; .field names the offending field
     ├── InvalidRequestError         a malformed ChatRequest; .field names the field
-    │   └── UnknownModelError       a model name that no config entry or provider resolves
+    │   ├── UnknownModelError       a model name that no config entry or provider resolves
+    │   └── ContextWindowError      the prompt fits no model of the chain (counted before
+    │                               any upstream call); .prompt_tokens, .windows
     ├── ProviderError               one upstream answer, classified; providers raise it
     │                               (.retry_after, .status); propagated to the caller as is
     │                               for bad_request / context_exceeded / content_filter /
@@ -34,6 +36,7 @@ __all__ = [
     "ERROR_KINDS",
     "ChainExhaustedError",
     "ConfigError",
+    "ContextWindowError",
     "DeadlineExceededError",
     "ErrorKind",
     "InvalidRequestError",
@@ -103,6 +106,24 @@ class UnknownModelError(InvalidRequestError):
     def __init__(self, model: str, field: str = "model") -> None:
         super().__init__(field, f"unknown model {model!r}", kind="model_missing")
         self.model = model
+
+
+class ContextWindowError(InvalidRequestError):
+    """The prompt plus `max_tokens` fits the `context_window` of no model in the chain.
+    Raised before any upstream call; `.windows` maps each model to its window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, windows: dict[str, int]) -> None:
+        listed = ", ".join(f"{name} ({window})" for name, window in windows.items())
+        super().__init__(
+            "messages",
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} tokens fit the context window of no model in the "
+            f"chain: {listed}",
+            kind="context_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.windows = windows
 
 
 class ProviderError(RouterError):
