@@ -18,6 +18,10 @@ Layout (every implementation module is private; this file re-exports the public 
 - `_openai.py`, `_anthropic.py`, `_gemini.py`  the wire protocols (sans-IO)
 - `_http.py`      HttpProvider: one httpx.AsyncClient per key, over a WireProtocol
 - `emulator/`     a loopback HTTP server speaking the three protocols, with faults
+- `gateway/`      the OpenAI-compatible HTTP gateway (`llm-router serve`, `check`)
+- `_tokens.py`    token counters: offline (tiktoken), exact (a provider), cascading
+- `_budget.py`    per-key RPM/TPM budget state machine (pure, clock injected)
+- `gateway/`      the OpenAI-compatible HTTP gateway (`llm-router serve`)
 - `_chain.py`     ModelChain: request -> ordered, de-duplicated models to try
 - `_router.py`    Router: the supervisor that walks the chain over the actors
 - `_demo.py`      the `llm-router demo` command
@@ -42,6 +46,7 @@ from ._errors import (
     ERROR_KINDS,
     ChainExhaustedError,
     ConfigError,
+    ContextWindowError,
     DeadlineExceededError,
     ErrorKind,
     InvalidRequestError,
@@ -56,6 +61,7 @@ from ._provider import Provider
 from ._router import KeySnapshot, ModelSnapshot, Router, RouterSnapshot
 from ._simulated import SimulatedProvider
 from ._stream import ChatStream
+from ._tokens import CascadingTokenCounter, ExactTokenCounter, OfflineTokenCounter, TokenCounter
 from ._types import (
     ApiKey,
     Attempt,
@@ -74,16 +80,19 @@ __all__ = [
     "ApiKey",
     "Attempt",
     "BreakerConfig",
+    "CascadingTokenCounter",
     "ChainExhaustedError",
     "ChatRequest",
     "ChatResponse",
     "ChatStream",
     "CircuitBreaker",
     "ConfigError",
+    "ContextWindowError",
     "Cooldown",
     "CooldownConfig",
     "DeadlineExceededError",
     "ErrorKind",
+    "ExactTokenCounter",
     "HealthConfig",
     "InvalidRequestError",
     "KeyConfig",
@@ -92,6 +101,7 @@ __all__ = [
     "ModelConfig",
     "ModelHealth",
     "ModelSnapshot",
+    "OfflineTokenCounter",
     "Provider",
     "ProviderConfig",
     "ProviderError",
@@ -105,6 +115,7 @@ __all__ = [
     "SimulationConfig",
     "StreamChunk",
     "StreamInterruptedError",
+    "TokenCounter",
     "Tool",
     "ToolCall",
     "ToolCallDelta",

@@ -4,6 +4,8 @@ Subcommands:
 
 - ``demo``: a burst of requests through simulated providers, showing retries, failover,
   cooldowns and breakers live (see `router._demo`).
+- ``serve``: the OpenAI-compatible HTTP gateway (see `router.gateway`).
+- ``check``: validate a config and print each model's resolved chain, secrets masked.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Send a burst of requests through simulated providers and show failover.",
     )
     _demo.add_arguments(demo)
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP gateway",
+        description="Serve /v1/chat/completions and friends over the router (Hypercorn, trio).",
+    )
+    check = commands.add_parser(
+        "check",
+        help="validate a config and print each model's chain",
+        description="Validate a config; print providers, keys (secrets masked) and model chains.",
+    )
+    from .gateway import _serve
+
+    _serve.add_serve_arguments(serve)
+    _serve.add_check_arguments(check)
     return parser
 
 
@@ -37,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo.run_command(args)
+    if args.command in ("serve", "check"):
+        from .gateway import _serve
+
+        return _serve.serve_command(args) if args.command == "serve" else _serve.check_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects others
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -29,6 +29,7 @@ from ._config import ProviderConfig, RouterConfig, resolve_secret
 from ._errors import (
     ChainExhaustedError,
     ConfigError,
+    ContextWindowError,
     DeadlineExceededError,
     InvalidRequestError,
     ProviderError,
@@ -39,7 +40,14 @@ from ._health import ModelHealth
 from ._provider import Provider
 from ._simulated import SimulatedProvider
 from ._stream import ChatStream, StreamStart
-from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message
+from ._tokens import (
+    CascadingTokenCounter,
+    ExactTokenCounter,
+    OfflineTokenCounter,
+    TokenCounter,
+    get_encoding,
+)
+from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message, Tool
 
 __all__ = ["KeySnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
@@ -73,6 +81,10 @@ class KeySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Times the key's breaker has opened, ever."""
     tenant_breakers: dict[str, str]
     """Per-tenant breaker states, when per-tenant breakers are on."""
+    rpm_remaining: int | None = None
+    """Requests left in the key's current 60 s window (None: no RPM budget)."""
+    tpm_remaining: int | None = None
+    """Tokens left in the key's current 60 s window (None: no TPM budget)."""
 
 
 class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +137,19 @@ class Router:
         self._strategy = config.router.balancing
         for m in config.models:
             self._health_of(m.name)
+        self._any_windows = any(m.context_window for m in config.models)
+        self._any_tpm = any(
+            a.budget is not None and a.budget.tpm is not None
+            for rt in runtimes.values()
+            for a in rt.actors
+        )
+        self._offline_counter = OfflineTokenCounter()
+        self._exact_counter: TokenCounter | None = None
+        tokens = config.router.tokens
+        if tokens.exact_provider is not None:
+            self._exact_counter = CascadingTokenCounter(
+                ExactTokenCounter(self._count_exactly), self._offline_counter
+            )
 
     def __repr__(self) -> str:
         keys = sum(len(r.actors) for r in self._runtimes.values())
@@ -159,6 +184,8 @@ class Router:
                         kc.max_concurrency or pc.max_concurrency,
                         config.router,
                         rng,
+                        rpm=kc.rpm if kc.rpm is not None else pc.rpm,
+                        tpm=kc.tpm if kc.tpm is not None else pc.tpm,
                     )
                 )
             runtimes[pc.name] = _ProviderRuntime(pc, instance, actors)
@@ -166,6 +193,9 @@ class Router:
             name = next(iter(supplied))
             raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
         router = cls(config, runtimes, rng)
+        if router._any_windows or router._any_tpm:
+            # Load the tiktoken encoding once, off the event loop, before any request.
+            await trio.to_thread.run_sync(get_encoding)
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -232,6 +262,16 @@ class Router:
         deadline = now + timeout
         chain = self._chain.build(request.model, request.fallbacks)
         tenant = request.tenant
+        tokens = 0
+        if self._any_windows or self._any_tpm:
+            prompt = await self._prompt_tokens(chain[0], request)
+            if self._any_windows:
+                chain = self._fit_context(chain, prompt, request.max_tokens or 0)
+            if request.max_tokens is not None:
+                tokens = prompt + request.max_tokens
+            else:
+                tokens = prompt + settings.tokens.completion_estimate
+            now = clock.current_time()
         attempts: list[Attempt] = []
         last_error: RouterError | None = None
         for route in chain:
@@ -244,10 +284,10 @@ class Router:
                 now = clock.current_time()
                 if now >= deadline:
                     raise DeadlineExceededError(timeout, attempts)
-                if not actor.is_available(now, tenant):
+                if not actor.is_available(now, tenant, tokens):
                     continue
                 result = await actor.call(
-                    Job(upstream_request, route.name, deadline, attempts, stream)
+                    Job(upstream_request, route.name, deadline, attempts, stream, tokens)
                 )
                 if type(result) is ChatResponse:
                     health.on_success()
@@ -298,9 +338,82 @@ class Router:
             len({a.model for a in attempts}),
             attempts,
             last_error,
-            self._retry_after(chain, tenant),
+            self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    # -- token counting ---------------------------------------------------------------------
+
+    def token_counter(self, model: str) -> TokenCounter:
+        """The counter used for prompts to `model`: the cascading exact counter when
+        `[router.tokens] exact_provider` can count for it, else the offline one."""
+        exact = self._exact_counter
+        if exact is None:
+            return self._offline_counter
+        tokens = self._settings.tokens
+        route = self._chain.resolve(model)
+        if route.provider.name == tokens.exact_provider or tokens.exact_model is not None:
+            return exact
+        return self._offline_counter
+
+    async def _prompt_tokens(self, route: Route[_ProviderRuntime], request: ChatRequest) -> int:
+        counter = self.token_counter(route.name)
+        return await counter.count_messages(route.name, request.messages, request.tools)
+
+    def _fit_context(
+        self, chain: tuple[Route[_ProviderRuntime], ...], prompt: int, max_tokens: int
+    ) -> tuple[Route[_ProviderRuntime], ...]:
+        """The chain without the models whose context window cannot hold the prompt
+        plus max_tokens, with `context_window_fallbacks` routing to larger models."""
+        need = prompt + max_tokens
+        larger = self._settings.context_window_fallbacks
+        fitted: list[Route[_ProviderRuntime]] = []
+        too_small: dict[str, int] = {}
+        queue = list(chain)
+        seen = {r.name for r in queue}
+        while queue:
+            route = queue.pop(0)
+            window = route.context_window
+            if window is None or need <= window:
+                fitted.append(route)
+                continue
+            too_small[route.name] = window
+            target = larger.get(route.name)
+            if target is not None and target not in seen:
+                seen.add(target)
+                queue.insert(0, self._chain.resolve(target))
+        if not fitted:
+            raise ContextWindowError(prompt, max_tokens, too_small)
+        return tuple(fitted) if too_small else chain
+
+    async def _count_exactly(
+        self, model: str, messages: Sequence[Message], tools: Sequence[Tool] | None
+    ) -> int:
+        """Exact prompt tokens from the exact provider, through its key actors."""
+        tokens = self._settings.tokens
+        assert tokens.exact_provider is not None
+        rt = self._runtimes[tokens.exact_provider]
+        route = self._chain.resolve(model)
+        upstream = route.upstream if route.provider is rt else tokens.exact_model
+        if upstream is None:
+            raise ProviderError("bad_request", f"no exact count for model {model!r}")
+        request = ChatRequest(
+            model=upstream, messages=list(messages), tools=list(tools or []) or None
+        )
+        now = self._clock.current_time()
+        deadline = now + self._settings.attempt_timeout
+        last: RouterError = ProviderError(
+            "rate_limit", "every key of the exact provider is cooling"
+        )
+        for actor in rt.actors:
+            if not actor.is_available(self._clock.current_time(), None):
+                continue
+            result = await actor.call(Job(request, model, deadline, [], count=True))
+            if type(result) is int:
+                return result
+            if isinstance(result, RouterError):
+                last = result
+        raise last
 
     def _key_order(self, rt: _ProviderRuntime, tenant: str | None) -> list[KeyActor]:
         actors = rt.actors
@@ -322,7 +435,7 @@ class Router:
         return free + [a for a in actors if a.is_saturated()] if free else actors
 
     def _retry_after(
-        self, chain: tuple[Route[_ProviderRuntime], ...], tenant: str | None
+        self, chain: tuple[Route[_ProviderRuntime], ...], tenant: str | None, tokens: int = 0
     ) -> float | None:
         """Shortest wait until some model of the chain has a callable key, when none has
         one now; None when something is callable now (or nothing ever will be)."""
@@ -332,7 +445,7 @@ class Router:
             health = self._health_of(route.name)
             if health.state_at(now) == "disabled":
                 continue
-            key_wait = min(a.wait_time(now, tenant) for a in route.provider.actors)
+            key_wait = min(a.wait_time(now, tenant, tokens) for a in route.provider.actors)
             best = min(best, max(health.remaining(now), key_wait))
         if best <= 0 or math.isinf(best):
             return None
@@ -352,6 +465,7 @@ class Router:
         keys = []
         for rt in self._runtimes.values():
             for a in rt.actors:
+                rpm_left, tpm_left = a.budget.remaining(now) if a.budget else (None, None)
                 keys.append(
                     KeySnapshot(
                         provider=a.provider_name,
@@ -370,6 +484,8 @@ class Router:
                         tenant_breakers={
                             t: b.state_at(now) for t, b in sorted(a.tenant_breakers.items())
                         },
+                        rpm_remaining=rpm_left,
+                        tpm_remaining=tpm_left,
                     )
                 )
         models = []
@@ -385,6 +501,14 @@ class Router:
                 )
             )
         return RouterSnapshot(time=now, keys=keys, models=models)
+
+    def callable_keys(self) -> int:
+        """How many keys could take a request right now: not cooling, breaker letting
+        calls through, budget with room (what a readiness probe wants to know)."""
+        now = self._clock.current_time()
+        return sum(
+            1 for rt in self._runtimes.values() for a in rt.actors if a.is_available(now, None)
+        )
 
     def reset(
         self,

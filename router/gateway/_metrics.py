@@ -1,0 +1,172 @@
+"""The gateway's Prometheus metrics, on a registry of its own (never the global one).
+
+Counters and histograms are updated as requests finish; per-key gauges (breaker state,
+in-flight, queued, cooldown) and per-model health are read from `Router.snapshot()` at
+scrape time by a custom collector, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .._router import RouterSnapshot
+from .._types import Attempt
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+_BREAKER: Final = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+_HEALTH: Final = {"healthy": 0.0, "cooling": 1.0, "disabled": 2.0}
+_COOLING_KINDS: Final = frozenset({"rate_limit", "auth", "balance"})
+_LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+_OVERHEAD_BUCKETS: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], RouterSnapshot | None]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        if snap is None:
+            return
+        labels = ["provider", "key_id"]
+        breaker = GaugeMetricFamily(
+            "llm_router_key_breaker_state",
+            "Circuit breaker state per key: 0 closed, 1 half-open, 2 open",
+            labels=labels,
+        )
+        in_flight = GaugeMetricFamily(
+            "llm_router_key_in_flight", "Upstream attempts in flight per key", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "llm_router_key_queued", "Jobs waiting for a concurrency slot per key", labels=labels
+        )
+        cooling = GaugeMetricFamily(
+            "llm_router_key_cooldown_seconds",
+            "Seconds of cooldown left per key (0 when not cooling)",
+            labels=labels,
+        )
+        opens = CounterMetricFamily(
+            "llm_router_key_breaker_opens", "Times the key's breaker opened", labels=labels
+        )
+        upstream = CounterMetricFamily(
+            "llm_router_key_upstream_requests",
+            "Upstream attempts sent per key, by result",
+            labels=[*labels, "result"],
+        )
+        for k in snap.keys:
+            lv = [k.provider, k.key_id]
+            breaker.add_metric(lv, _BREAKER.get(k.breaker, 2.0))
+            in_flight.add_metric(lv, k.in_flight)
+            queued.add_metric(lv, k.queued)
+            cooling.add_metric(lv, k.cooling_for)
+            opens.add_metric(lv, k.opens)
+            upstream.add_metric([*lv, "success"], k.successes)
+            upstream.add_metric([*lv, "failure"], k.failures)
+        health = GaugeMetricFamily(
+            "llm_router_model_health",
+            "Model health: 0 healthy, 1 cooling, 2 disabled",
+            labels=["model", "provider"],
+        )
+        for m in snap.models:
+            health.add_metric([m.name, m.provider], _HEALTH.get(m.health, 2.0))
+        yield from (breaker, in_flight, queued, cooling, opens, upstream, health)
+
+
+class GatewayMetrics:
+    """Every metric of one gateway app, on `self.registry`."""
+
+    def __init__(self, snapshot: Callable[[], RouterSnapshot | None]) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "llm_router_requests",
+            "Chat requests answered, by the model/provider/key that served (or last failed) "
+            "and the outcome (ok or an error kind)",
+            ["model", "provider", "key_id", "outcome"],
+            registry=registry,
+        )
+        self.http_responses = Counter(
+            "llm_router_http_responses",
+            "HTTP responses by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "llm_router_attempts",
+            "Upstream attempts, by model/provider/key and outcome",
+            ["model", "provider", "key_id", "outcome"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "llm_router_retries",
+            "In-place retries on the same key",
+            ["provider", "key_id"],
+            registry=registry,
+        )
+        self.failovers = Counter(
+            "llm_router_failovers",
+            "Moves to another key of the same model (kind=key) or to the next model (kind=model)",
+            ["from_model", "kind"],
+            registry=registry,
+        )
+        self.cooldowns = Counter(
+            "llm_router_cooldowns",
+            "Attempts that put their key into cooldown (rate limit, auth, balance)",
+            ["provider", "key_id", "reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "llm_router_request_duration_seconds",
+            "Time from request received to response complete",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "llm_router_overhead_seconds",
+            "The gateway's and router's own time: total minus time in upstream attempts",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "llm_router_time_to_first_token_seconds",
+            "Streams: time from request received to the first content chunk",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "llm_router_gateway_in_flight",
+            "Chat requests being served by the gateway now",
+            registry=registry,
+        )
+        registry.register(_SnapshotCollector(snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_attempts(self, attempts: Sequence[Attempt]) -> None:
+        prev: Attempt | None = None
+        for a in attempts:
+            self.attempts.labels(a.model, a.provider, a.key_id, a.outcome).inc()
+            if a.outcome in _COOLING_KINDS:
+                self.cooldowns.labels(a.provider, a.key_id, a.outcome).inc()
+            if prev is not None:
+                if prev.model == a.model and prev.key_id == a.key_id:
+                    if prev.provider == a.provider:
+                        self.retries.labels(a.provider, a.key_id).inc()
+                elif prev.model == a.model:
+                    self.failovers.labels(prev.model, "key").inc()
+                else:
+                    self.failovers.labels(prev.model, "model").inc()
+            prev = a
