@@ -686,7 +686,7 @@ async def test_hang_is_cut_by_the_client_timeout(
 
 
 async def test_stall_and_chunk_interval(emu: Emulator, client: httpx.AsyncClient) -> None:
-    emu.script(Fault(stall_after_chunks=1, stall_seconds=0.25))
+    emu.script(Fault(stall_after_chunks=1, stall_seconds=0.4))
     arrivals: list[float] = []
     body = OPENAI.body("a b c", stream=True)
     async with client.stream("POST", OPENAI.path(), headers=OPENAI.headers, json=body) as r:
@@ -695,7 +695,8 @@ async def test_stall_and_chunk_interval(emu: Emulator, client: httpx.AsyncClient
                 arrivals.append(trio.current_time())
     assert len(arrivals) == 4
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert gaps[0] >= 0.25
+    # Measured at the client, so allow for scheduling noise on a shared machine.
+    assert gaps[0] >= 0.3
     assert max(gaps[1:]) < 0.2
 
     emu.script(Fault(chunk_interval=0.05))
