@@ -3,10 +3,13 @@
 `HttpProvider` is the `Provider` behind ``kind = "openai" | "anthropic" | "gemini"``;
 `HttpProvider.count_tokens` asks a protocol with a count-tokens endpoint (Anthropic's)
 for an exact prompt count.
-Each key gets its own client, with a connection pool larger than the key's
-`max_concurrency` (so requests queue in the key actor, never in httpcore, and no key
-waits behind another key's connections: one shared pool measured 2.3x slower at 64
-concurrent requests here). httpx's timeouts are set from the time the attempt has
+Each key gets its own clients: `max_concurrency / SHARD_SIZE` of them, each with a pool
+of `SHARD_SIZE` connections (plus headroom), and a request takes the least busy one.
+So requests queue in the key actor, never in httpcore, no key waits behind another
+key's connections, and no pool grows large: httpcore's pool does work proportional to
+its connections on every request, and one pool measured 2.3x slower than separate
+ones at 64 concurrent requests here (0.29x raw httpx at 64 for a single key before the
+sharding, benchmarks/results/throughput.md). httpx's timeouts are set from the time the attempt has
 left (`trio.current_effective_deadline()`); the key actor's cancel scope stays the
 outer bound.
 
@@ -18,9 +21,11 @@ error message, a log line or a repr (secrets travel only in request headers).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 import httpx
@@ -34,8 +39,10 @@ from ._wire import WireProtocol, WireRequest
 
 __all__ = ["HttpProvider", "protocol_for"]
 
-# Extra connections above max_concurrency: room for connections being torn down.
-_POOL_HEADROOM = 4
+SHARD_SIZE = 8
+"""Connections per httpx client of a key."""
+# Extra connections per pool: room for connections being torn down.
+_POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
 
 
@@ -69,6 +76,17 @@ class _CountingProtocol(Protocol):
     ) -> WireRequest: ...
 
     def parse_count(self, status: int, headers: Mapping[str, str], body: bytes) -> int: ...
+
+
+_SSL: list[ssl.SSLContext] = []
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every client: building one loads the CA bundle (~35 ms
+    here), which a client per shard must not pay again."""
+    if not _SSL:
+        _SSL.append(httpx.create_ssl_context())
+    return _SSL[0]
 
 
 def _remaining() -> float:
@@ -105,37 +123,24 @@ class HttpProvider:
         self._base_url = config.base_url.rstrip("/")
         self._headers = dict(config.headers)
         self._max_concurrency = dict(max_concurrency)
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._shards: dict[str, _Shards] = {}
+        _ssl_context()  # built now, at Router.open, not on the first request
 
     def __repr__(self) -> str:
         return f"HttpProvider(name={self.name!r}, protocol={self._protocol.name!r})"
 
-    def _client(self, key: ApiKey) -> httpx.AsyncClient:
-        client = self._clients.get(key.id)
-        if client is None:
-            size = self._max_concurrency.get(key.id, 64) + _POOL_HEADROOM
-            client = self._clients[key.id] = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-                timeout=_DEFAULT_TIMEOUT,
-                follow_redirects=False,
-            )
-        return client
+    def _shards_for(self, key: ApiKey) -> _Shards:
+        shards = self._shards.get(key.id)
+        if shards is None:
+            count = -(-self._max_concurrency.get(key.id, 64) // SHARD_SIZE)
+            shards = self._shards[key.id] = _Shards(count)
+        return shards
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
         wire = self._protocol.build(
             request, base_url=self._base_url, secret=key.secret, stream=False, headers=self._headers
         )
-        client = self._client(key)
-        try:
-            response = await client.request(
-                wire.method,
-                wire.url,
-                headers=wire.headers,
-                content=wire.body,
-                timeout=httpx.Timeout(_remaining()),
-            )
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.name) from None
+        response = await self._send(key, wire)
         if 200 <= response.status_code < 300:
             return self._protocol.parse(response.status_code, response.headers, response.content)
         raise self._protocol.classify(
@@ -155,17 +160,7 @@ class HttpProvider:
         wire = protocol.build_count(
             request, base_url=self._base_url, secret=key.secret, headers=self._headers
         )
-        client = self._client(key)
-        try:
-            response = await client.request(
-                wire.method,
-                wire.url,
-                headers=wire.headers,
-                content=wire.body,
-                timeout=httpx.Timeout(_remaining()),
-            )
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.name) from None
+        response = await self._send(key, wire)
         if 200 <= response.status_code < 300:
             return protocol.parse_count(response.status_code, response.headers, response.content)
         raise self._protocol.classify(
@@ -178,37 +173,89 @@ class HttpProvider:
         wire = self._protocol.build(
             request, base_url=self._base_url, secret=key.secret, stream=True, headers=self._headers
         )
-        client = self._client(key)
         remaining = _remaining()
-        try:
-            async with client.stream(
-                wire.method,
-                wire.url,
-                headers=wire.headers,
-                content=wire.body,
-                timeout=httpx.Timeout(remaining, read=None),
-            ) as response:
-                if not 200 <= response.status_code < 300:
-                    body = await response.aread()
-                    raise self._protocol.classify(
-                        response.status_code, response.headers, body, time.time()
-                    )
-                parser = SseParser()
-                decoder = self._protocol.stream_decoder()
-                async for data in response.aiter_raw():
-                    for event in parser.feed(data):
-                        for chunk in decoder.feed(event):
-                            yield chunk
-                        if decoder.done:
-                            return
-                if not decoder.finished:
-                    raise ProviderError(
-                        "transient", f"{self.name}: stream ended before its finish reason"
-                    )
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.name) from None
+        with self._shards_for(key).lease() as client:
+            try:
+                async with client.stream(
+                    wire.method,
+                    wire.url,
+                    headers=wire.headers,
+                    content=wire.body,
+                    timeout=httpx.Timeout(remaining, read=None),
+                ) as response:
+                    if not 200 <= response.status_code < 300:
+                        body = await response.aread()
+                        raise self._protocol.classify(
+                            response.status_code, response.headers, body, time.time()
+                        )
+                    parser = SseParser()
+                    decoder = self._protocol.stream_decoder()
+                    async for data in response.aiter_raw():
+                        for event in parser.feed(data):
+                            for chunk in decoder.feed(event):
+                                yield chunk
+                            if decoder.done:
+                                return
+                    if not decoder.finished:
+                        raise ProviderError(
+                            "transient", f"{self.name}: stream ended before its finish reason"
+                        )
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, self.name) from None
+
+    async def _send(self, key: ApiKey, wire: WireRequest) -> httpx.Response:
+        with self._shards_for(key).lease() as client:
+            try:
+                return await client.request(
+                    wire.method,
+                    wire.url,
+                    headers=wire.headers,
+                    content=wire.body,
+                    timeout=httpx.Timeout(_remaining()),
+                )
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, self.name) from None
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
+        shards, self._shards = self._shards, {}
+        for group in shards.values():
+            await group.aclose()
+
+
+class _Shards:
+    """A key's httpx clients (made as load needs them, up to `limit`) and how many
+    requests each is carrying."""
+
+    __slots__ = ("busy", "clients", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.clients: list[httpx.AsyncClient] = []
+        self.busy: list[int] = []
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[httpx.AsyncClient]:
+        """The least busy client, held for one request; a new one when all are full."""
+        busy = self.busy
+        index = busy.index(min(busy)) if busy else -1
+        if index < 0 or (busy[index] >= SHARD_SIZE and len(busy) < self.limit):
+            size = SHARD_SIZE + _POOL_HEADROOM
+            self.clients.append(
+                httpx.AsyncClient(
+                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                    timeout=_DEFAULT_TIMEOUT,
+                    follow_redirects=False,
+                    verify=_ssl_context(),
+                )
+            )
+            busy.append(0)
+            index = len(busy) - 1
+        busy[index] += 1
+        try:
+            yield self.clients[index]
+        finally:
+            busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
             await client.aclose()
