@@ -3,6 +3,11 @@
 A `KeyActor` owns its pair's circuit breaker(s), cooldown, concurrency bound and
 counters, and is the only code that changes them. Others read them (`is_available`,
 `wait_time`, the router's snapshot) to skip a key without a round trip.
+With `[router.shared]`, `router._shared` also merges into them what other router
+instances learned (`Cooldown.merge_until`, `CircuitBreaker.force_open/force_close`,
+`RateBudget.hold_until`: merge-only, never shortening), and the actor tells it of its
+own changes through sync hooks that never wait; the one await on Redis is the shared
+budget reservation (`_reserve_shared`), bounded by `budget_timeout`.
 
 How a job travels, and why this way:
 
@@ -44,7 +49,7 @@ import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import outcome
@@ -58,6 +63,9 @@ from ._errors import ProviderError, RouterClosedError
 from ._provider import Provider
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
+
+if TYPE_CHECKING:
+    from ._shared import SharedState, Source
 
 __all__ = ["DEADLINE", "SKIPPED", "STREAMED", "Job", "JobResult", "KeyActor"]
 
@@ -118,6 +126,7 @@ class Job:
         "done",
         "dropped_max_tokens",
         "in_attempt",
+        "member",
         "model",
         "queued",
         "raise_cancel",
@@ -165,6 +174,8 @@ class Job:
         self.ticket = 0
         self.started = 0.0
         self.reservation: Reservation | None = None
+        self.member: str | None = None
+        """The id of the job's reservation in the shared budget, if it has one."""
 
     def __lt__(self, other: Job) -> bool:  # for the queue-deadline heap's ties
         return id(self) < id(other)
@@ -197,6 +208,12 @@ class KeyActor:
         self.cooldown = Cooldown(settings.cooldown)
         self.budget = RateBudget(rpm, tpm) if rpm is not None or tpm is not None else None
         """Requests/tokens per minute; None when the key has no budget."""
+        self.shared: SharedState | None = None
+        """The link to state shared with other router instances (`[router.shared]`)."""
+        self.cooling_source: Source = "local"
+        """Where the cooldown's current end came from: this instance or another."""
+        self.breaker_source: Source = "local"
+        """Where the breaker's last trip (or recovery) came from."""
         self.in_flight = 0
         """Attempts being sent upstream right now."""
         self.requests = 0
@@ -258,6 +275,7 @@ class KeyActor:
         for b in self.tenant_breakers.values():
             b.reset()
         self.cooldown.reset()
+        self.cooling_source = self.breaker_source = "local"
 
     # -- the actor task -------------------------------------------------------------------
 
@@ -435,6 +453,10 @@ class KeyActor:
                         breaker.on_abandon(ticket)
                         return SKIPPED
                     job.reservation = reservation
+                    if self.shared is not None:
+                        if not await self._reserve_shared(job, ticket, breaker, scope):
+                            return SKIPPED
+                        now = clock.current_time()
                 job.ticket = ticket
                 job.started = now
                 self.requests += 1
@@ -472,6 +494,8 @@ class KeyActor:
                     if job.reservation is not None and response.usage.total_tokens:
                         self._reconcile(job, response.usage.total_tokens, end)
                     breaker.on_success(ticket, end, end - now)
+                    if self.shared is not None and breaker is self.breaker:
+                        self.shared.breaker_changed(self)
                     cooldown.hits = 0
                     self.successes += 1
                     job.attempts.append(
@@ -504,6 +528,8 @@ class KeyActor:
                         continue
                 if kind == "transient":
                     breaker.on_failure(ticket, end)
+                    if self.shared is not None and breaker is self.breaker:
+                        self.shared.breaker_changed(self)
                 else:
                     breaker.on_abandon(ticket)
                 return error
@@ -514,6 +540,10 @@ class KeyActor:
                     breaker.on_abandon(ticket)
                 else:
                     breaker.on_failure(ticket, end)
+                if self.shared is not None:
+                    self.shared.cooled(self)
+                    if breaker is self.breaker:
+                        self.shared.breaker_changed(self)
                 return error
             breaker.on_abandon(ticket)
             if (
@@ -526,10 +556,38 @@ class KeyActor:
                 continue
             return error
 
+    async def _reserve_shared(
+        self, job: Job, ticket: int, breaker: CircuitBreaker, scope: trio.CancelScope
+    ) -> bool:
+        """Reserve the job in the budget shared with other router instances (the one
+        wait on Redis a request makes, bounded by `budget_timeout`). False: the shared
+        budget is full, and the local reservation and the ticket are given back. When
+        Redis does not answer in time, the local reservation alone stands."""
+        assert self.shared is not None and self.budget is not None
+        reservation = job.reservation
+        assert reservation is not None
+        scope.deadline = job.deadline  # not a previous job's attempt deadline
+        try:
+            member = await self.shared.reserve(self, job.tokens)
+        except BaseException:  # cancelled before the attempt began: undo, count nothing
+            self.budget.release(reservation)
+            job.reservation = None
+            breaker.on_abandon(ticket)
+            raise
+        if member is False:
+            self.budget.release(reservation)
+            job.reservation = None
+            breaker.on_abandon(ticket)
+            return False
+        job.member = member if isinstance(member, str) else None
+        return True
+
     def _reconcile(self, job: Job, total_tokens: int, now: float) -> None:
         budget, reservation = self.budget, job.reservation
         if budget is not None and reservation is not None:
             budget.reconcile(reservation, total_tokens, now)
+            if self.shared is not None and job.member is not None:
+                self.shared.reconcile(self, job.member, total_tokens)
         job.reservation = None
 
     async def _count(self, job: Job, now: float) -> int | ProviderError:
@@ -610,6 +668,8 @@ class KeyActor:
             # The upstream answered: from here on the stream is the caller's.
             end = clock.current_time()
             breaker.on_success(job.ticket, end, end - now)
+            if self.shared is not None and breaker is self.breaker:
+                self.shared.breaker_changed(self)
             self.cooldown.hits = 0
             self.successes += 1
             self._log(job, "ok", end - now)
@@ -668,6 +728,8 @@ class KeyActor:
                     )
                     self.failures += 1
                     breaker.on_failure(job.ticket, clock.current_time())
+                    if self.shared is not None and breaker is self.breaker:
+                        self.shared.breaker_changed(self)
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         send.send_nowait(StreamFailure(error))
                     return
@@ -687,6 +749,11 @@ class KeyActor:
                     self.cooldown.hit(now, reason, error.retry_after)  # type: ignore[arg-type]
                 if error.kind in ("transient", "rate_limit", "auth"):
                     breaker.on_failure(job.ticket, now)
+                if self.shared is not None:
+                    if reason is not None:
+                        self.shared.cooled(self)
+                    if breaker is self.breaker:
+                        self.shared.breaker_changed(self)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     send.send_nowait(StreamFailure(error))
                 return

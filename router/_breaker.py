@@ -189,6 +189,31 @@ class CircuitBreaker:
         if self._is_current_probe(ticket):
             self._probes_in_flight -= 1
 
+    @property
+    def probing(self) -> bool:
+        """A half-open probe is in flight."""
+        return self.state == HALF_OPEN and self._probes_in_flight > 0
+
+    def force_open(self, until: float) -> bool:
+        """Treat the circuit as open until `until`: another router instance tripped it,
+        or holds the half-open probe. Never shortens an open period. A new episode
+        begins, so verdicts of calls started before cannot close it. Trips and opens
+        are this breaker's own history and are left alone. Returns whether it changed."""
+        if self.state == OPEN and until <= self.open_until:
+            return False
+        self.state = OPEN
+        self.open_until = until
+        self._new_episode()
+        return True
+
+    def force_close(self) -> bool:
+        """Another router instance's probes found the provider recovered: close (as a
+        full recovery would here). Returns whether it changed."""
+        if self.state == CLOSED:
+            return False
+        self._close()
+        return True
+
     def reset(self) -> None:
         """Back to a fresh closed breaker (an operator's decision)."""
         self._close()

@@ -45,6 +45,7 @@ non-zero tokens (an oversize request admitted on a window without tokens).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Final
 
@@ -74,7 +75,7 @@ class RateBudget:
     """Requests-per-minute and tokens-per-minute budget of one key over a sliding 60 s
     window. See the module docstring for the rules."""
 
-    __slots__ = ("_count", "_held", "_live", "_unlimited", "rpm", "tpm")
+    __slots__ = ("_count", "_held", "_hold", "_live", "_unlimited", "rpm", "tpm")
 
     def __init__(self, rpm: int | None = None, tpm: int | None = None) -> None:
         if rpm is not None and rpm <= 0:
@@ -90,6 +91,8 @@ class RateBudget:
         """Held (unreleased) reservations in `_live`."""
         self._held = 0
         """Tokens held by those reservations."""
+        self._hold = -math.inf
+        """Nothing is admitted before this time (a shared budget said it is full)."""
 
     @property
     def unlimited(self) -> bool:
@@ -121,7 +124,7 @@ class RateBudget:
             held -= r.tokens
             if not tokens_ok:
                 tokens_ok = held + tokens <= limit or held == 0
-        return max(at, now)
+        return max(at, now, self._hold)
 
     def remaining(self, now: float) -> tuple[int | None, int | None]:
         """Requests and tokens left in the window at `now` (None: unlimited). Tokens
@@ -144,6 +147,8 @@ class RateBudget:
             raise ValueError(f"tokens must be >= 0, got {tokens!r}")
         live = self._live
         self._expire(now)
+        if now < self._hold:
+            return None
         if self.rpm is not None and self._count >= self.rpm:
             return None
         tpm = self.tpm
@@ -169,6 +174,12 @@ class RateBudget:
         if reservation._held:
             self._held += actual_tokens - reservation.tokens
         reservation.tokens = actual_tokens
+
+    def hold_until(self, until: float) -> None:
+        """Admit nothing before `until` (merged by maximum): a budget shared with other
+        router instances is full until then. A no-op on an unlimited budget."""
+        if not self._unlimited and until > self._hold:
+            self._hold = until
 
     def release(self, reservation: Reservation) -> None:
         """The attempt was never sent: give back its request and its tokens."""

@@ -33,6 +33,7 @@ __all__ = [
     "ProviderConfig",
     "RouterConfig",
     "RouterSettings",
+    "SharedConfig",
     "SimulationConfig",
     "TokensConfig",
     "capped_growth",
@@ -157,6 +158,46 @@ class GatewayConfig(_Section):
         )
 
 
+class SharedConfig(_Section):
+    """The `[router.shared]` table: state shared with other router instances (gateway
+    workers, or gateways on other hosts) through Redis (see `router._shared`)."""
+
+    redis_url: Name
+    """``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS) or ``unix:///path``;
+    the password may be given as ``env:VAR`` in place of the whole URL."""
+    key_prefix: Name = "llm-router"
+    """Prefix of every Redis key and of the pub/sub channel: routers that share a prefix
+    (and the same providers, keys and models) act as one."""
+    timeout: Positive = 0.5
+    """The longest a Redis operation off the request path (and a health ping) may take
+    before Redis counts as unreachable and the instance goes local-only."""
+    budget_timeout: Positive = 0.1
+    """The longest a request waits for a shared RPM/TPM reservation; past it the key's
+    local budget alone decides."""
+    ping_interval: Positive = 0.25
+    """How often Redis's health is checked (and, while down, its return)."""
+    probe_lease: Positive = 2.0
+    """Seconds an instance holds a half-open key's probe lease after its last probe."""
+
+    def __repr__(self) -> str:
+        url = mask_url(self.redis_url)
+        return f"SharedConfig(redis_url={url!r}, key_prefix={self.key_prefix!r})"
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ``***``."""
+    if url.startswith("env:"):
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = auth.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+
+
 class RouterSettings(_Section):
     """The `[router]` table."""
 
@@ -186,6 +227,8 @@ class RouterSettings(_Section):
     cooldown: CooldownConfig = msgspec.field(default_factory=CooldownConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     tokens: TokensConfig = msgspec.field(default_factory=lambda: TokensConfig())
+    shared: SharedConfig | None = None
+    """Shared state through Redis; None (the default): this process alone."""
 
 
 class SimulationConfig(_Section):
@@ -409,6 +452,13 @@ class RouterConfig(_Section):
             raise ConfigError("router.cooldown.max", "must be >= min")
         if r.health.cooling_max < r.health.cooling_for:
             raise ConfigError("router.health.cooling_max", "must be >= cooling_for")
+        if r.shared is not None:
+            url = r.shared.redis_url
+            if not url.startswith(("redis://", "rediss://", "unix://", "env:")):
+                raise ConfigError(
+                    "router.shared.redis_url",
+                    "must start with redis://, rediss:// or unix:// (or be env:VAR)",
+                )
 
 
 def capped_growth(base: float, factor: float, times: int, cap: float) -> float:

@@ -60,6 +60,16 @@ class Cooldown:
             self.reason = reason
         return delay
 
+    def merge_until(self, until: float, reason: CoolingReason) -> bool:
+        """Take a cooldown learned elsewhere (another router instance): the key cools
+        until the later of the two times, never shorter. Returns whether it grew. The
+        hit count is left alone: it is this instance's own backoff history."""
+        if until > self.until:
+            self.until = until
+            self.reason = reason
+            return True
+        return False
+
     def on_success(self) -> None:
         self.hits = 0
 

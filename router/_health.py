@@ -69,6 +69,21 @@ class ModelHealth:
         self.state = "disabled"
         self.until = max(self.until, now + self.config.disabled_for)
 
+    def merge(self, state: HealthState, until: float, now: float) -> bool:
+        """Take a cooling or disabled state learned elsewhere (another router instance),
+        merged by the later end time: never shortened, and a disabled model is not
+        relabelled cooling. Returns whether anything changed."""
+        if state == "healthy" or until <= now:
+            return False
+        current = self.state_at(now)
+        if current == "disabled" and state == "cooling":
+            return False
+        if current == state and until <= self.until:
+            return False
+        self.state = state
+        self.until = max(self.until, until) if current != "healthy" else until
+        return True
+
     def reset(self) -> None:
         self.state = "healthy"
         self.until = -math.inf

@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._health import ModelHealth
 from ._provider import Provider
+from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
 from ._stream import ChatStream, StreamStart
 from ._tokens import (
@@ -82,9 +83,18 @@ class KeySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     tenant_breakers: dict[str, str]
     """Per-tenant breaker states, when per-tenant breakers are on."""
     rpm_remaining: int | None = None
-    """Requests left in the key's current 60 s window (None: no RPM budget)."""
+    """Requests left in the key's current 60 s window (None: no RPM budget). With shared
+    state, this instance's own view: the shared window is in Redis."""
     tpm_remaining: int | None = None
     """Tokens left in the key's current 60 s window (None: no TPM budget)."""
+    cooling_source: str | None = None
+    """While cooling: ``local`` (learned here) or ``shared`` (from another instance)."""
+    breaker_source: str | None = None
+    """While the breaker is not closed: ``local`` or ``shared`` (tripped elsewhere, or
+    held open while another instance probes)."""
+    budget_source: str | None = None
+    """With a budget: ``shared`` (reserved in Redis as well) or ``local`` (this process
+    alone, or Redis unreachable)."""
 
 
 class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +107,8 @@ class ModelSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """healthy, cooling or disabled."""
     remaining: float
     """Seconds until a cooling or disabled model is callable again."""
+    source: str | None = None
+    """While cooling or disabled: ``local`` or ``shared``."""
 
 
 class RouterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +116,8 @@ class RouterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """The router clock's time when the snapshot was taken."""
     keys: list[KeySnapshot]
     models: list[ModelSnapshot]
+    shared: SharedSnapshot | None = None
+    """Shared state through Redis (None when `[router.shared]` is not configured)."""
 
 
 class _ProviderRuntime:
@@ -143,6 +157,17 @@ class Router:
             for rt in runtimes.values()
             for a in rt.actors
         )
+        self._shared: SharedState | None = None
+        if config.router.shared is not None:
+            self._shared = SharedState(
+                config.router.shared,
+                [a for rt in runtimes.values() for a in rt.actors],
+                self._known_health,
+                lambda: self._health.items(),
+            )
+            for rt in runtimes.values():
+                for a in rt.actors:
+                    a.shared = self._shared
         self._offline_counter = OfflineTokenCounter()
         self._exact_counter: TokenCounter | None = None
         tokens = config.router.tokens
@@ -202,6 +227,8 @@ class Router:
                 for rt in runtimes.values():
                     for actor in rt.actors:
                         await nursery.start(actor.run)
+                if router._shared is not None:
+                    await nursery.start(router._shared.run)
                 router._open = True
                 try:
                     yield router
@@ -324,13 +351,19 @@ class Router:
                     raise _propagated(result, attempts, request)
                 if kind == "model_missing":
                     health.on_model_missing(clock.current_time())
+                    if self._shared is not None:
+                        self._shared.health_changed(route.name, health)
                 elif kind == "transient":
                     health.on_availability_failure(clock.current_time())
+                    if self._shared is not None:
+                        self._shared.health_changed(route.name, health)
                 # unknown: advance for this request only, no mark
                 break
             else:
                 if key_failures:
                     health.on_availability_failure(clock.current_time())
+                    if self._shared is not None:
+                        self._shared.health_changed(route.name, health)
             now = clock.current_time()
         if now >= deadline:
             raise DeadlineExceededError(timeout, attempts)
@@ -451,6 +484,15 @@ class Router:
             return None
         return best
 
+    def _known_health(self, name: str) -> ModelHealth | None:
+        """The health of `name` if it is a model this router can route (for state
+        learned from other instances), else None."""
+        try:
+            self._chain.resolve(name)
+        except RouterError:
+            return None
+        return self._health_of(name)
+
     def _health_of(self, name: str) -> ModelHealth:
         health = self._health.get(name)
         if health is None:
@@ -462,18 +504,21 @@ class Router:
     def snapshot(self) -> RouterSnapshot:
         """Every key's state and every known model's health, right now."""
         now = trio.current_time()
+        shared = self._shared
         keys = []
         for rt in self._runtimes.values():
             for a in rt.actors:
                 rpm_left, tpm_left = a.budget.remaining(now) if a.budget else (None, None)
+                breaker = a.breaker.state_at(now)
+                cooling = a.cooldown.is_cooling(now)
                 keys.append(
                     KeySnapshot(
                         provider=a.provider_name,
                         key_id=a.key_id,
-                        breaker=a.breaker.state_at(now),
+                        breaker=breaker,
                         breaker_open_for=a.breaker.remaining(now),
                         cooling_for=a.cooldown.remaining(now),
-                        cooling_reason=a.cooldown.reason if a.cooldown.is_cooling(now) else None,
+                        cooling_reason=a.cooldown.reason if cooling else None,
                         in_flight=a.in_flight,
                         queued=a.queued,
                         max_concurrency=a.max_concurrency,
@@ -486,21 +531,40 @@ class Router:
                         },
                         rpm_remaining=rpm_left,
                         tpm_remaining=tpm_left,
+                        cooling_source=a.cooling_source if cooling else None,
+                        breaker_source=a.breaker_source if breaker != "closed" else None,
+                        budget_source=(
+                            None
+                            if a.budget is None
+                            else "shared"
+                            if shared is not None and shared.reachable
+                            else "local"
+                        ),
                     )
                 )
         models = []
         for name, health in self._health.items():
             route = self._chain.resolve(name)
+            state = health.state_at(now)
+            source = None
+            if state != "healthy":
+                source = shared.health_sources.get(name, "local") if shared else "local"
             models.append(
                 ModelSnapshot(
                     name=name,
                     provider=route.provider.name,
                     upstream=route.upstream,
-                    health=health.state_at(now),
+                    health=state,
                     remaining=health.remaining(now),
+                    source=source,
                 )
             )
-        return RouterSnapshot(time=now, keys=keys, models=models)
+        return RouterSnapshot(
+            time=now,
+            keys=keys,
+            models=models,
+            shared=shared.snapshot() if shared is not None else None,
+        )
 
     def callable_keys(self) -> int:
         """How many keys could take a request right now: not cooling, breaker letting
@@ -525,6 +589,11 @@ class Router:
         """
         if key_id is not None and provider is None:
             raise InvalidRequestError("provider", "a key_id needs its provider")
+        self._reset_local(provider, key_id, model)
+        if self._shared is not None:
+            self._shared.reset(provider, key_id, model)
+
+    def _reset_local(self, provider: str | None, key_id: str | None, model: str | None) -> None:
         if model is not None:
             try:
                 self._chain.resolve(model)

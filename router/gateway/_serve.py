@@ -1,6 +1,13 @@
 """Running the gateway: one `Router` per process, opened around Hypercorn's trio worker
 in the same trio run, and the `serve` / `check` commands of the CLI.
 
+``serve --workers N`` (N > 1): the parent process binds the listening socket once and
+starts N worker processes that inherit it (each serves it with its own Router, so
+accepted connections spread over the workers); the parent forwards SIGTERM/SIGINT to
+them, restarts a worker that dies, and exits when all have stopped. A worker whose
+parent disappears drains and stops by itself. Workers share breaker, cooldown, health
+and budget state only through `[router.shared]` (Redis); without it each has its own.
+
 Shutdown (SIGTERM or SIGINT, or `shutdown_trigger` returning): Hypercorn stops
 accepting, idle keep-alive connections close, in-flight requests get
 `gateway.shutdown_grace` seconds to finish; then the router closes and `serve` returns.
@@ -10,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -38,19 +47,24 @@ async def serve(
     port: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     providers: Mapping[str, Provider] | None = None,
+    fd: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the gateway until `shutdown_trigger` returns (forever when None).
 
     `task_status.started` gets the bound URLs (``http://127.0.0.1:PORT``), so
     ``await nursery.start(partial(serve, config, port=0))`` tells the free port chosen.
+    `fd`: serve an inherited listening socket instead of binding (a `--workers` worker).
     """
     gw = config.gateway
     app = GatewayApp(config)  # resolves the gateway secrets first: a bad one fails fast
     hc = HypercornConfig()
     bind_host = host if host is not None else gw.host
     bind_port = port if port is not None else gw.port
-    hc.bind = [f"[{bind_host}]:{bind_port}" if ":" in bind_host else f"{bind_host}:{bind_port}"]
+    if fd is not None:
+        hc.bind = [f"fd://{fd}"]
+    else:
+        hc.bind = [_bind_address(bind_host, bind_port)]
     hc.graceful_timeout = gw.shutdown_grace
     hc.accesslog = None
     hc.errorlog = logging.getLogger("router.gateway.hypercorn")
@@ -68,6 +82,10 @@ async def serve(
             app.router = None
 
 
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # ---------------------------------------------------------------------- CLI
 
 
@@ -83,26 +101,114 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes serving one port (share state with [router.shared])",
+    )
+    parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="router config (TOML or JSON)")
 
 
-async def _serve_until_signal(config: RouterConfig, host: str | None, port: int | None) -> None:
+async def _serve_until_signal(
+    config: RouterConfig, host: str | None, port: int | None, fd: int | None = None
+) -> None:
+    parent = os.getppid()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
         async def on_signal() -> None:
-            async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
-                return
+            async with trio.open_nursery() as watch:
+                if fd is not None:
+                    watch.start_soon(_until_orphaned, parent, watch.cancel_scope)
+                async for signum in signals:
+                    log.info("received %s: draining", signal.Signals(signum).name)
+                    break
+                watch.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                partial(serve, config, host=host, port=port, shutdown_trigger=on_signal)
+                partial(serve, config, host=host, port=port, shutdown_trigger=on_signal, fd=fd)
             )
-            for url in binds:
-                print(f"llm-router gateway listening on {url}", flush=True)
+            if fd is None:
+                for url in binds:
+                    print(f"llm-router gateway listening on {url}", flush=True)
+            else:
+                log.info("worker %d serving", os.getpid())
+    log.info("gateway stopped")
+
+
+async def _until_orphaned(parent: int, scope: trio.CancelScope) -> None:
+    """A worker: return (draining it) once the supervising parent is gone."""
+    while True:
+        if os.getppid() != parent:
+            break
+        await trio.sleep(0.5)
+    log.warning("worker %d: supervisor gone: draining", os.getpid())
+    scope.cancel()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _supervise(args: argparse.Namespace, config: RouterConfig, workers: int) -> None:
+    """The parent of `serve --workers N`: bind once, run N workers on the socket."""
+    gw = config.gateway
+    host = args.host if args.host is not None else gw.host
+    port = args.port if args.port is not None else gw.port
+    sock = _listen(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"llm-router gateway ({workers} workers) listening on http://{shown}:{bound}", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "router",
+        "serve",
+        "--config",
+        str(args.config),
+        "--log-level",
+        args.log_level,
+        "--worker-fd",
+        str(sock.fileno()),
+    ]
+    stopping = False
+    procs: dict[int, trio.Process] = {}
+
+    async def worker(n: int) -> None:
+        while not stopping:
+            proc = await trio.lowlevel.open_process(command, pass_fds=(sock.fileno(),))
+            procs[n] = proc
+            code = await proc.wait()
+            if stopping:
+                return
+            log.warning("worker %d (pid %d) exited with %s: restarting", n, proc.pid, code)
+            await trio.sleep(1.0)
+
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                for n in range(workers):
+                    nursery.start_soon(worker, n)
+                async for signum in signals:
+                    log.info("received %s: stopping the workers", signal.Signals(signum).name)
+                    stopping = True
+                    for proc in procs.values():
+                        if proc.returncode is None:
+                            proc.send_signal(signal.SIGTERM)
+                    break
+    finally:
+        sock.close()
     log.info("gateway stopped")
 
 
@@ -116,7 +222,13 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     try:
         config = RouterConfig.load(args.config)
-        trio.run(_serve_until_signal, config, args.host, args.port)
+        if args.workers < 1:
+            raise ConfigError("--workers", "must be at least 1")
+        if args.workers > 1 and args.worker_fd is None:
+            GatewayApp(config)  # a bad gateway secret fails here, not in every worker
+            trio.run(_supervise, args, config, args.workers)
+        else:
+            trio.run(_serve_until_signal, config, args.host, args.port, args.worker_fd)
     except ConfigError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
