@@ -120,6 +120,7 @@ class Job:
     __slots__ = (
         "abandoned",
         "attempts",
+        "backoff",
         "breaker",
         "count",
         "deadline",
@@ -152,6 +153,8 @@ class Job:
         count: bool = False,
     ) -> None:
         self.stream = stream
+        self.backoff = 0.0
+        """Seconds slept before the next attempt (an in-place retry's backoff)."""
         self.tokens = tokens
         """Tokens the request may use (prompt estimate + max_tokens), for TPM budgets."""
         self.count = count
@@ -505,6 +508,7 @@ class KeyActor:
                             key_id=self.key_id,
                             outcome="ok",
                             duration=end - now,
+                            backoff=job.backoff,
                         )
                     )
                     return response
@@ -525,6 +529,7 @@ class KeyActor:
                         breaker.on_abandon(ticket)  # the verdict waits for the last retry
                         scope.deadline = job.deadline
                         await trio.sleep(delay)
+                        job.backoff = clock.current_time() - end
                         continue
                 if kind == "transient":
                     breaker.on_failure(ticket, end)
@@ -769,8 +774,10 @@ class KeyActor:
                 outcome=outcome,
                 duration=duration,
                 status=status,
+                backoff=job.backoff,
             )
         )
+        job.backoff = 0.0
 
     def _own(self, error: ProviderError, job: Job) -> ProviderError:
         """Stamp the error with where it happened, and scrub the secret from it."""

@@ -105,6 +105,8 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     duration: float
     """Seconds from sending to the outcome."""
     status: int | None = None
+    backoff: float = 0.0
+    """Seconds the key actor waited before this attempt (a retry's backoff)."""
 
 
 class ChatResponse(msgspec.Struct, kw_only=True):

@@ -221,6 +221,9 @@ async def test_transient_retried_in_place_with_backoff_then_next_model(autojump_
         assert q.calls[0].time - t0 == pytest.approx(2.5)
         assert [a.outcome for a in resp.attempts] == ["transient"] * 3 + ["ok"]
         assert [a.status for a in resp.attempts[:3]] == [503] * 3
+        # Each attempt records the backoff slept before it (the gateway leaves it out
+        # of the router's overhead).
+        assert [a.backoff for a in resp.attempts] == pytest.approx([0.0, 0.5, 2.0, 0.0])
 
 
 async def test_transient_with_zero_retries_from_config(autojump_clock):

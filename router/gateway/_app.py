@@ -116,7 +116,7 @@ class _Served:
         return cls(model, "", "", attempts)
 
     def headers(self, started: float) -> Headers:
-        upstream = sum(a.duration for a in self.attempts)
+        upstream = sum(a.duration + a.backoff for a in self.attempts)
         overhead = max(0.0, time.perf_counter() - started - upstream)
         if self is not _NOBODY:
             self.overhead = overhead
@@ -469,7 +469,7 @@ class GatewayApp:
         if outcome == "ok":
             overhead = served.overhead
             if overhead is None:
-                overhead = max(0.0, total - sum(a.duration for a in served.attempts))
+                overhead = max(0.0, total - sum(a.duration + a.backoff for a in served.attempts))
             m.overhead.observe(overhead)
 
     async def _fail(
