@@ -1,0 +1,568 @@
+"""How the router's cost grows, and what failover costs.
+
+    .venv/bin/python benchmarks/scaling.py                       # about two minutes
+    .venv/bin/python benchmarks/scaling.py --sections dispatch inflight
+
+Sections:
+
+- ``dispatch``: CPU µs per `router.submit` (trio thread time, best of `--repeat`) with 1,
+  10, 100 and 1,000 key actors behind one model (instant custom provider, in-process,
+  `--callers` concurrent callers), for ``ordered`` and ``round_robin`` balancing.
+- ``inflight``: 100 to 10,000 requests in flight at once against a custom provider that
+  sleeps 1 s on the real clock: throughput, latency, and memory per in-flight request
+  (tracemalloc, taken while every request is parked upstream), minus the same wave of
+  direct `provider.complete` calls for the router's own share.
+- ``stream``: streamed chunks relayed per second through `router.stream` (in-process)
+  and through the gateway (`llm-router serve`, HTTP load generator in its own process),
+  against nginx serving a fixed 100-chunk OpenAI stream.
+- ``failover``: the emulator (`python -m router.emulator`) with 20 ms upstream latency:
+  a healthy baseline, one of two keys failing 30% of the time (503), and a primary
+  provider that is down (connection refused); success rate and the added latency.
+
+Writes benchmarks/results/scaling.{json,md} and scaling_inflight.png, scaling_stream.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import _common as c
+import trio
+
+from router import ApiKey, ChatRequest, ChatResponse, Message, Router, RouterConfig
+
+SECTIONS = ("dispatch", "inflight", "stream", "failover")
+REQUEST = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
+
+
+def custom_config(keys: int, per_key: int, balancing: str) -> RouterConfig:
+    key_list = ", ".join(f'{{ id = "k{i}" }}' for i in range(keys))
+    return RouterConfig.from_toml(f"""
+[router]
+balancing = "{balancing}"
+timeout = 120.0
+attempt_timeout = 60.0
+[[providers]]
+name = "p"
+kind = "custom"
+max_concurrency = {per_key}
+keys = [{key_list}]
+[[models]]
+name = "m"
+provider = "p"
+upstream = "u"
+""")
+
+
+class Instant:
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        return ChatResponse(content="ok")
+
+
+class Sleeper:
+    """An upstream that answers after `delay` seconds of the real clock."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        await trio.sleep(self.delay)
+        return ChatResponse(content="ok")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+async def dispatch_cost(keys: int, balancing: str, callers: int, total: int, repeat: int) -> float:
+    provider = Instant()
+    config = custom_config(keys, 1_000_000, balancing)
+    async with Router.open(config, providers={"p": provider}) as router:
+        per = total // callers
+
+        async def caller() -> None:
+            for _ in range(per):
+                await router.submit(REQUEST)
+
+        best = math.inf
+        for n in range(repeat + 1):
+            t0 = time.thread_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(callers):
+                    nursery.start_soon(caller)
+            if n:  # the first round warms up every actor's workers
+                best = min(best, (time.thread_time() - t0) / (per * callers))
+    return best * 1e6
+
+
+def run_dispatch(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    trio.run(dispatch_cost, 1, "ordered", args.callers, args.dispatch_requests, 1)  # warm-up
+    for balancing in ("ordered", "round_robin"):
+        base = None
+        for keys in (1, 10, 100, 1000):
+            us = trio.run(dispatch_cost, keys, balancing, args.callers, args.dispatch_requests,
+                          args.repeat)  # fmt: skip
+            base = base or us
+            rows.append({"balancing": balancing, "keys": keys, "us": us, "vs_1": us / base})
+            print(f"dispatch {balancing:11s} keys={keys:5d}  {us:6.2f} us/request "
+                  f"({us / base:.2f}x)", flush=True)  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- in flight
+
+
+async def inflight_wave(n: int, routed: bool, measure_memory: bool) -> dict[str, Any]:
+    provider = Sleeper(1.0)
+    config = custom_config(1, n + 10, "ordered")
+    key = ApiKey("p", "k0", "")
+    async with Router.open(config, providers={"p": provider}) as router:
+
+        async def call() -> object:
+            if routed:
+                return await router.submit(REQUEST)
+            return await provider.complete(REQUEST, key)
+
+        latencies: list[float] = []
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+
+        gc.collect()
+        mem = 0.0
+        rss0 = c.rss_bytes()
+        if measure_memory:
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
+        cpu0 = time.process_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+            await trio.sleep(0.6)  # everything is parked upstream now
+            if measure_memory:
+                mem = (tracemalloc.get_traced_memory()[0] - base) / n
+                tracemalloc.stop()
+            rss = (c.rss_bytes() - rss0) / n
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+    res = c.summarize(latencies, elapsed, cpu)
+    res.update({"in_flight": n, "bytes_per_request": mem, "rss_per_request": rss})
+    return res
+
+
+def run_inflight(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.inflight:
+        routed = trio.run(inflight_wave, n, True, False)
+        mem_routed = trio.run(inflight_wave, n, True, True)["bytes_per_request"]
+        mem_direct = trio.run(inflight_wave, n, False, True)["bytes_per_request"]
+        routed.update({
+            "bytes_per_request": mem_routed,
+            "direct_bytes_per_request": mem_direct,
+            "router_bytes_per_request": mem_routed - mem_direct,
+        })  # fmt: skip
+        rows.append(routed)
+        share = (mem_routed - mem_direct) / 1024
+        print(f"inflight {n:6d}  {routed['rps']:8.0f} req/s  p50 {routed['p50_ms']:7.1f} ms  "
+              f"p99 {routed['p99_ms']:7.1f} ms  {mem_routed / 1024:6.1f} KiB/request "
+              f"(router's share {share:5.1f} KiB)", flush=True)  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def stream_config(base: str, keys: int, per_key: int, port: int = 0) -> str:
+    key_list = ", ".join(f'{{ id = "k{i}", secret = "sk-bench-{i}" }}' for i in range(keys))
+    return f"""
+[router]
+balancing = "round_robin"
+timeout = 120.0
+attempt_timeout = 60.0
+[[providers]]
+name = "nginx"
+kind = "openai"
+base_url = "{base}"
+max_concurrency = {per_key}
+keys = [{key_list}]
+[[models]]
+name = "m"
+provider = "nginx"
+upstream = "{c.UPSTREAM_MODEL}"
+[gateway]
+host = "127.0.0.1"
+port = {port}
+shutdown_grace = 5.0
+"""
+
+
+async def stream_inprocess(base: str, conc: int, total: int, shard: int) -> dict[str, Any]:
+    keys = c.shard_count(conc, shard)
+    config = RouterConfig.from_toml(stream_config(base, keys, shard))
+    chunks = 0
+    async with Router.open(config) as router:
+
+        async def call(i: int) -> None:
+            nonlocal chunks
+            async with router.stream(REQUEST) as stream:
+                async for _ in stream:
+                    chunks += 1
+
+        await c.closed_loop(call, conc, max(conc, 20))
+        chunks = 0
+        cpu0 = time.process_time()
+        lat, elapsed, errors = await c.closed_loop(call, conc, total, 30)
+        cpu = time.process_time() - cpu0
+    res = c.summarize(lat, elapsed, cpu, errors)
+    res.update({"chunks": chunks, "chunks_per_s": chunks / elapsed})
+    return res
+
+
+def run_stream(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {"router.stream": [], "gateway": []}
+    with c.nginx_upstream() as base, tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
+        sbase = base.replace("/v1", "/stream/v1")
+        for conc in args.stream_levels:
+            total = max(args.streams, 2 * conc)
+            res = trio.run(stream_inprocess, sbase, conc, total, args.shard_size)
+            res["concurrency"] = conc
+            out["router.stream"].append(res)
+            _print_stream("router.stream", conc, res)
+        for conc in args.stream_levels:
+            total = max(args.streams, 2 * conc)
+            port = c.free_port()
+            cfg = Path(tmp) / f"gw{conc}.toml"
+            keys = c.shard_count(conc, args.shard_size)
+            cfg.write_text(stream_config(sbase, keys, args.shard_size, port))
+            argv = [Path(sys.executable).parent / "llm-router", "serve", "--config", cfg,
+                    "--log-level", "WARNING"]  # fmt: skip
+            with c.spawned(argv, log=Path(tmp) / "gw.log") as proc:
+                c.wait_port(port, proc, 30)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                rep = c.run_loadgen(
+                    url, conc, total, model="m", stream=True, max_seconds=30,
+                    warmup=max(conc, 20), server_pid=proc.pid,
+                )  # fmt: skip
+                cpu = rep["server_cpu"]
+            res = c.summarize(rep["latencies"], rep["elapsed"], cpu, rep["errors"])
+            res.update({
+                "concurrency": conc, "chunks": rep["chunks"],
+                "chunks_per_s": rep["chunks"] / rep["elapsed"],
+            })  # fmt: skip
+            out["gateway"].append(res)
+            _print_stream("gateway", conc, res)
+    return out
+
+
+def _print_stream(label: str, conc: int, res: dict[str, Any]) -> None:
+    print(f"stream {label:14s} {conc:4d}  {res['chunks_per_s']:9.0f} chunks/s  "
+          f"{res['rps']:6.0f} streams/s  p99 {res['p99_ms']:7.1f} ms  "
+          f"errors {res['errors']}", flush=True)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- failover
+
+
+def failover_config(emu: str, down_port: int) -> RouterConfig:
+    return RouterConfig.from_toml(f"""
+[router]
+balancing = "round_robin"
+transient_retries = 0       # a failed attempt moves on at once (no in-place retry)
+timeout = 30.0
+attempt_timeout = 10.0
+[[providers]]
+name = "emu"
+kind = "openai"
+base_url = "{emu}/v1"
+max_concurrency = 64
+keys = [{{ id = "flaky", secret = "sk-flaky" }}, {{ id = "good", secret = "sk-good" }}]
+[[providers]]
+name = "backup"
+kind = "openai"
+base_url = "{emu}/v1"
+max_concurrency = 64
+keys = [{{ id = "b", secret = "sk-backup" }}]
+[[providers]]
+name = "down"
+kind = "openai"
+base_url = "http://127.0.0.1:{down_port}/v1"
+max_concurrency = 64
+keys = [{{ id = "d", secret = "sk-down" }}]
+[[models]]
+name = "m"
+provider = "emu"
+upstream = "gpt-4o-mini"
+fallbacks = ["backup-m"]
+[[models]]
+name = "backup-m"
+provider = "backup"
+upstream = "gpt-4o-mini"
+[[models]]
+name = "down-first"
+provider = "down"
+upstream = "gpt-4o-mini"
+fallbacks = ["m"]
+""")
+
+
+def _admin(emu: str, path: str, body: dict[str, Any]) -> None:
+    req = urllib.request.Request(
+        emu + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:  # loopback only
+        r.read()
+
+
+def script_faults(emu: str, total: int, latency: float, flaky_rate: float) -> None:
+    _admin(emu, "/_emulator/reset", {})
+    rng = random.Random(6)
+    healthy = [{"latency": latency}] * (total * 3)
+    _admin(emu, "/_emulator/script", {"key": None, "model": None, "faults": healthy})
+    if flaky_rate:
+        faults = [
+            {"latency": latency, "status": 503}
+            if rng.random() < flaky_rate
+            else {"latency": latency}
+            for _ in range(total * 2)
+        ]
+        _admin(emu, "/_emulator/script", {"key": "sk-flaky", "faults": faults})
+
+
+async def failover_run(
+    emu: str, down_port: int, model: str, conc: int, total: int
+) -> dict[str, Any]:
+    config = failover_config(emu, down_port)
+    request = ChatRequest(model=model, messages=[Message("user", "Say hello.")])
+    served: dict[str, int] = {}
+    attempts = 0
+    async with Router.open(config) as router:
+
+        async def call(i: int) -> None:
+            nonlocal attempts
+            r = await router.submit(request)
+            where = f"{r.model}/{r.key_id}"
+            served[where] = served.get(where, 0) + 1
+            attempts += len(r.attempts)
+
+        lat, elapsed, errors = await c.closed_loop(call, conc, total, 60)
+        snapshot = router.snapshot()
+    res = c.summarize(lat, elapsed, 0.0, errors)
+    res["success_rate"] = len(lat) / max(1, len(lat) + errors)
+    res["served_by"] = served
+    res["attempts_per_request"] = attempts / max(1, len(lat))
+    res["breakers"] = {f"{k.provider}/{k.key_id}": f"{k.breaker} (opened {k.opens}x)"
+                       for k in snapshot.keys}  # fmt: skip
+    del res["cpu_us"]
+    return res
+
+
+def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    port = c.free_port()
+    down_port = c.free_port()  # nothing listens there: connection refused
+    with tempfile.TemporaryDirectory(prefix="bench-emu-") as tmp:
+        argv = [sys.executable, "-m", "router.emulator", "--port", str(port)]
+        with c.spawned(argv, log=Path(tmp) / "emulator.log") as proc:
+            c.wait_port(port, proc, 30)
+            emu = f"http://127.0.0.1:{port}"
+            scenarios = [
+                ("healthy (baseline)", "m", 0.0),
+                ("one of two keys fails 30% (503)", "m", 0.3),
+                ("primary provider down (refused)", "down-first", 0.0),
+            ]
+            for label, model, rate in scenarios:
+                script_faults(emu, args.failover_requests, args.latency, rate)
+                res = trio.run(failover_run, emu, down_port, model, args.failover_concurrency,
+                               args.failover_requests)  # fmt: skip
+                res["scenario"] = label
+                rows.append(res)
+                print(f"failover {label:34s} success {res['success_rate'] * 100:6.2f}%  "
+                      f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
+                      f"{res['served_by']}", flush=True)  # fmt: skip
+    base = rows[0]
+    for r in rows:
+        r["added_p50_ms"] = r["p50_ms"] - base["p50_ms"]
+        r["added_p99_ms"] = r["p99_ms"] - base["p99_ms"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = ["# Scaling", "", f"Machine: {c.machine_line(p['meta'])}. Rerun: `{p['command']}`.", ""]
+    targets: list[list[str]] = []
+    if "dispatch" in p:
+        lines += [
+            "## Dispatch cost against the number of key actors",
+            "",
+            f"Instant custom provider, {args.callers} concurrent callers, "
+            f"{args.dispatch_requests} requests, trio-thread CPU time, best of {args.repeat}.",
+            "",
+            c.markdown_table(
+                ["balancing", "key actors", "µs / request", "vs 1 key"],
+                [
+                    [r["balancing"], str(r["keys"]), f"{r['us']:.2f}", f"{r['vs_1']:.2f}x"]
+                    for r in p["dispatch"]
+                ],
+                "lrrr",
+            ),
+            "",
+        ]
+        for bal in ("ordered", "round_robin"):
+            worst = max(r["vs_1"] for r in p["dispatch"] if r["balancing"] == bal)
+            targets.append([f"dispatch flat within 20% from 1 to 1,000 keys ({bal})",
+                            f"worst {worst:.2f}x of 1 key",
+                            "met" if worst <= 1.2 else "not met"])  # fmt: skip
+    if "inflight" in p:
+        lines += [
+            "## Requests in flight against a 1 s upstream",
+            "",
+            "One wave of N concurrent `router.submit` calls to a custom provider sleeping 1 s "
+            "(real clock). Memory: tracemalloc's traced bytes while all N are parked upstream, "
+            "per request; the router's share subtracts the same wave of direct "
+            "`provider.complete` calls (caller task + sleeping coroutine).",
+            "",
+            c.markdown_table(
+                ["in flight", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "KiB/request",
+                 "router's KiB/request", "RSS KiB/request"],
+                [[str(r["in_flight"]), c.fmt(r["rps"]), c.fmt(r["p50_ms"], 1),
+                  c.fmt(r["p99_ms"], 1), c.fmt(r["cpu_us"]),
+                  f"{r['bytes_per_request'] / 1024:.1f}",
+                  f"{r['router_bytes_per_request'] / 1024:.1f}",
+                  f"{r['rss_per_request'] / 1024:.1f}"] for r in p["inflight"]],
+            ),
+            "",
+        ]  # fmt: skip
+        worst = max(r["bytes_per_request"] for r in p["inflight"])
+        targets.append(["under 20 KB memory per in-flight request", f"{worst / 1000:.1f} KB "
+                        "(whole request incl. caller task)",
+                        "met" if worst < 20_000 else "not met"])  # fmt: skip
+    if "stream" in p:
+        lines += [
+            "## Streamed chunks relayed per second",
+            "",
+            f"nginx serves a fixed OpenAI stream of {c.STREAM_CHUNKS} content chunks (plus role "
+            "and finish chunks). `router.stream` counts the chunks the caller iterates; the "
+            "gateway row counts the SSE `data:` events the HTTP load generator receives.",
+            "",
+            c.markdown_table(
+                ["path", "concurrent streams", "chunks/s", "streams/s", "p50 ms", "p99 ms",
+                 "CPU µs/stream", "errors"],
+                [[label, str(r["concurrency"]), c.fmt(r["chunks_per_s"]), c.fmt(r["rps"]),
+                  c.fmt(r["p50_ms"], 1), c.fmt(r["p99_ms"], 1), c.fmt(r["cpu_us"]),
+                  str(r["errors"])]
+                 for label, rs in p["stream"].items() for r in rs],
+            ),
+            "",
+        ]  # fmt: skip
+    if "failover" in p:
+        lines += [
+            "## Failover under faults",
+            "",
+            f"Emulator subprocess, {args.latency * 1000:.0f} ms upstream latency, "
+            f"{args.failover_requests} requests at {args.failover_concurrency} concurrent, "
+            "`transient_retries = 0`, round robin over keys `flaky` and `good` of model `m` "
+            "(fallback `backup-m` on another provider); `down-first` is a provider whose port "
+            "refuses connections, falling back to `m`. Router defaults otherwise (breaker: 5 "
+            "consecutive failures or 50% of the last calls opens it for 30 s).",
+            "",
+            c.markdown_table(
+                ["scenario", "success", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms",
+                 "attempts/request", "served by", "breakers at the end"],
+                [[r["scenario"], f"{r['success_rate'] * 100:.2f}%", c.fmt(r["p50_ms"], 1),
+                  c.fmt(r["p99_ms"], 1), c.fmt(r["added_p50_ms"], 1), c.fmt(r["added_p99_ms"], 1),
+                  f"{r['attempts_per_request']:.2f}",
+                  ", ".join(f"{k}: {v}" for k, v in r["served_by"].items()),
+                  ", ".join(f"{k} {v}" for k, v in r["breakers"].items())]
+                 for r in p["failover"]],
+                "lrrrrrrll",
+            ),
+            "",
+        ]  # fmt: skip
+    if targets:
+        table = c.markdown_table(["target", "measured", "status"], targets, "lll")
+        lines += ["## Targets (issue #6)", "", table, ""]
+    p["targets"] = targets
+    for note in p.get("notes", []):
+        lines += [note, ""]
+    if "inflight" in p:
+        lines += ["![in-flight scaling](scaling_inflight.png)", ""]
+    if "stream" in p:
+        lines += ["![streaming](scaling_stream.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--callers", type=int, default=100)
+    parser.add_argument("--dispatch-requests", type=int, default=30_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--inflight", type=int, nargs="+", default=[100, 1000, 10_000])
+    parser.add_argument("--stream-levels", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--streams", type=int, default=300, help="streams per level")
+    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--failover-requests", type=int, default=1000)
+    parser.add_argument("--failover-concurrency", type=int, default=16)
+    parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
+    args = parser.parse_args()
+    payload: dict[str, Any] = {
+        "meta": c.machine(),
+        "command": "python benchmarks/scaling.py",
+    }
+    previous = c.RESULTS / "scaling.json"
+    if previous.exists():  # sections not rerun keep their last results
+        old = json.loads(previous.read_text())
+        payload.update({k: old[k] for k in SECTIONS if k in old and k not in args.sections})
+    if "dispatch" in args.sections:
+        payload["dispatch"] = run_dispatch(args)
+    if "inflight" in args.sections:
+        payload["inflight"] = run_inflight(args)
+    if "stream" in args.sections:
+        payload["stream"] = run_stream(args)
+    if "failover" in args.sections:
+        payload["failover"] = run_failover(args)
+    markdown = build_markdown(payload, args)
+    c.write_results("scaling", payload, markdown)
+    if "inflight" in payload:
+        c.plot_series(
+            "scaling_inflight",
+            "router.submit against a 1 s upstream",
+            {
+                "router.submit": [
+                    (r["in_flight"], r["rps"], r["p99_ms"]) for r in payload["inflight"]
+                ]
+            },
+            xlabel="requests in flight",
+        )
+    if "stream" in payload:
+        c.plot_series(
+            "scaling_stream",
+            f"Streaming relay ({c.STREAM_CHUNKS}-chunk streams from nginx)",
+            {
+                label: [(r["concurrency"], r["chunks_per_s"], r["p99_ms"]) for r in rows]
+                for label, rows in payload["stream"].items()
+            },
+            xlabel="concurrent streams",
+            ylabels=("chunks / s", "p99 stream duration (ms)"),
+        )
+    print(f"wrote {c.RESULTS}/scaling.{{json,md}} and charts")
+
+
+if __name__ == "__main__":
+    main()
