@@ -148,6 +148,8 @@ class GatewayConfig(_Section):
     admin_key: str = ""
     """Secret (or ``env:VAR``) for /v1/router/state and /v1/router/reset; empty disables them."""
     max_body_bytes: PositiveInt = 1_048_576
+    backlog: PositiveInt = 4096
+    """Listen backlog: connections the kernel queues before the gateway accepts them."""
     shutdown_grace: Positive = 30.0
     """Seconds in-flight requests get to finish after SIGTERM."""
 

@@ -14,9 +14,10 @@ in anything but exactly one response or one `RouterError`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -448,24 +449,29 @@ class Router:
                 last = result
         raise last
 
-    def _key_order(self, rt: _ProviderRuntime, tenant: str | None) -> list[KeyActor]:
+    def _key_order(self, rt: _ProviderRuntime, tenant: str | None) -> Iterable[KeyActor]:
+        """The keys of `rt` in the order to try them. O(1) when the first choice has
+        room (no copy of the key list), so dispatch cost does not grow with the keys."""
         actors = rt.actors
         n = len(actors)
         if n == 1:
             return actors
         strategy = self._strategy
         if strategy == "least_busy":
-            return sorted(actors, key=lambda a: (a.in_flight + a.queued) / a.max_concurrency)
+            best = min(actors, key=_load)
+            return itertools.chain((best,), (a for a in actors if a is not best))
+        start = 0
         if strategy == "round_robin":
             start = rt.next_index
             rt.next_index = (start + 1) % n
-            if start:
-                actors = actors[start:] + actors[:start]
-        if not actors[0].is_saturated():
-            return actors
+        if not actors[start].is_saturated():
+            if not start:
+                return actors
+            return itertools.chain(itertools.islice(actors, start, None), actors[:start])
         # Spill over: keys with free capacity first, in order; saturated ones last.
-        free = [a for a in actors if not a.is_saturated()]
-        return free + [a for a in actors if a.is_saturated()] if free else actors
+        rotated = actors[start:] + actors[:start]
+        free = [a for a in rotated if not a.is_saturated()]
+        return free + [a for a in rotated if a.is_saturated()] if free else rotated
 
     def _retry_after(
         self, chain: tuple[Route[_ProviderRuntime], ...], tenant: str | None, tokens: int = 0
@@ -619,6 +625,12 @@ class Router:
     def provider(self, name: str) -> Provider:
         """The provider instance serving `name` (the simulated one, or a custom one)."""
         return self._runtimes[name].provider
+
+
+def _load(actor: KeyActor) -> float:
+    """Jobs held or queued by the key, as a fraction of its concurrency (counted at
+    dispatch, so a burst of submits sees its own earlier picks)."""
+    return (actor.busy + actor.queued) / actor.max_concurrency
 
 
 def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provider]) -> Provider:

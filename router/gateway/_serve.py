@@ -69,6 +69,9 @@ async def serve(
     hc.accesslog = None
     hc.errorlog = logging.getLogger("router.gateway.hypercorn")
     hc.keep_alive_timeout = 30.0
+    # Hypercorn's default listen backlog (100) drops connection bursts (1,024 clients
+    # at once measured 15 errors and a 56 s p99); the kernel caps it at somaxconn.
+    hc.backlog = gw.backlog
     async with Router.open(config, providers) as router:
         app.router = router
         try:
