@@ -1,7 +1,8 @@
 """How the router's cost grows, and what failover costs.
 
-    .venv/bin/python benchmarks/scaling.py                       # about two minutes
+    .venv/bin/python benchmarks/scaling.py                       # about three minutes
     .venv/bin/python benchmarks/scaling.py --sections dispatch inflight
+    .venv/bin/python benchmarks/scaling.py --sections gateway_overhead   # about a minute
 
 Sections:
 
@@ -18,6 +19,11 @@ Sections:
 - ``failover``: the emulator (`python -m router.emulator`) with 20 ms upstream latency:
   a healthy baseline, one of two keys failing 30% of the time (503), and a primary
   provider that is down (connection refused); success rate and the added latency.
+- ``gateway_overhead``: the gateway's own overhead (``x-router-overhead-ms``) when its
+  process is not CPU-saturated: `python -m router serve` in front of the emulator
+  answering every request after 0.5 s, so 64 concurrent requests need only ~128 req/s;
+  the HTTP load generator (own process) drives 1, 64 and 256 concurrent callers for
+  ~15 s each. Reports overhead p50/p90/p99, the gateway's CPU share, req/s.
 
 Writes benchmarks/results/scaling.{json,md} and scaling_inflight.png, scaling_stream.png.
 """
@@ -25,7 +31,9 @@ Writes benchmarks/results/scaling.{json,md} and scaling_inflight.png, scaling_st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
 import math
 import random
@@ -34,6 +42,7 @@ import tempfile
 import time
 import tracemalloc
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +51,7 @@ import trio
 
 from router import ApiKey, ChatRequest, ChatResponse, Message, Router, RouterConfig
 
-SECTIONS = ("dispatch", "inflight", "stream", "failover")
+SECTIONS = ("dispatch", "inflight", "stream", "failover", "gateway_overhead")
 REQUEST = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
 
 
@@ -186,7 +195,9 @@ def run_inflight(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- streaming
 
 
-def stream_config(base: str, keys: int, per_key: int, port: int = 0) -> str:
+def stream_config(
+    base: str, keys: int, per_key: int, port: int = 0, provider: str = "nginx"
+) -> str:
     key_list = ", ".join(f'{{ id = "k{i}", secret = "sk-bench-{i}" }}' for i in range(keys))
     return f"""
 [router]
@@ -194,14 +205,14 @@ balancing = "round_robin"
 timeout = 120.0
 attempt_timeout = 60.0
 [[providers]]
-name = "nginx"
+name = "{provider}"
 kind = "openai"
 base_url = "{base}"
 max_concurrency = {per_key}
 keys = [{key_list}]
 [[models]]
 name = "m"
-provider = "nginx"
+provider = "{provider}"
 upstream = "{c.UPSTREAM_MODEL}"
 [gateway]
 host = "127.0.0.1"
@@ -319,12 +330,12 @@ fallbacks = ["m"]
 """)
 
 
-def _admin(emu: str, path: str, body: dict[str, Any]) -> None:
+def _admin(emu: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(
         emu + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
     with urllib.request.urlopen(req, timeout=30) as r:  # loopback only
-        r.read()
+        return dict(json.loads(r.read()))
 
 
 def script_faults(emu: str, total: int, latency: float, flaky_rate: float) -> None:
@@ -370,29 +381,37 @@ async def failover_run(
     return res
 
 
+@contextlib.contextmanager
+def emulator_process(tmp: str) -> Iterator[tuple[str, int]]:
+    """`python -m router.emulator` on a free loopback port; yields (URL, pid)."""
+    port = c.free_port()
+    argv = [sys.executable, "-m", "router.emulator", "--port", str(port)]
+    with c.spawned(argv, log=Path(tmp) / "emulator.log") as proc:
+        c.wait_port(port, proc, 30)
+        yield f"http://127.0.0.1:{port}", proc.pid
+
+
 def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    port = c.free_port()
     down_port = c.free_port()  # nothing listens there: connection refused
-    with tempfile.TemporaryDirectory(prefix="bench-emu-") as tmp:
-        argv = [sys.executable, "-m", "router.emulator", "--port", str(port)]
-        with c.spawned(argv, log=Path(tmp) / "emulator.log") as proc:
-            c.wait_port(port, proc, 30)
-            emu = f"http://127.0.0.1:{port}"
-            scenarios = [
-                ("healthy (baseline)", "m", 0.0),
-                ("one of two keys fails 30% (503)", "m", 0.3),
-                ("primary provider down (refused)", "down-first", 0.0),
-            ]
-            for label, model, rate in scenarios:
-                script_faults(emu, args.failover_requests, args.latency, rate)
-                res = trio.run(failover_run, emu, down_port, model, args.failover_concurrency,
-                               args.failover_requests)  # fmt: skip
-                res["scenario"] = label
-                rows.append(res)
-                print(f"failover {label:34s} success {res['success_rate'] * 100:6.2f}%  "
-                      f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
-                      f"{res['served_by']}", flush=True)  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-emu-") as tmp,
+        emulator_process(tmp) as (emu, _),
+    ):
+        scenarios = [
+            ("healthy (baseline)", "m", 0.0),
+            ("one of two keys fails 30% (503)", "m", 0.3),
+            ("primary provider down (refused)", "down-first", 0.0),
+        ]
+        for label, model, rate in scenarios:
+            script_faults(emu, args.failover_requests, args.latency, rate)
+            res = trio.run(failover_run, emu, down_port, model, args.failover_concurrency,
+                           args.failover_requests)  # fmt: skip
+            res["scenario"] = label
+            rows.append(res)
+            print(f"failover {label:34s} success {res['success_rate'] * 100:6.2f}%  "
+                  f"p50 {res['p50_ms']:6.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
+                  f"{res['served_by']}", flush=True)  # fmt: skip
     base = rows[0]
     for r in rows:
         r["added_p50_ms"] = r["p50_ms"] - base["p50_ms"]
@@ -400,11 +419,94 @@ def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- gateway overhead
+
+
+def gateway_overhead_level(
+    emu: str, emu_pid: int, tmp: str, conc: int, jitter: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One gateway process in front of the emulator, driven at `conc` concurrent callers
+    for `args.overhead_seconds`. Every upstream answer is scripted to take
+    `args.overhead_latency` seconds (plus up to `jitter` more, uniformly); enough faults
+    are queued that none runs out."""
+    latency, seconds = args.overhead_latency, args.overhead_seconds
+    warmup = max(4, 2 * conc)
+    expected = conc / (latency + jitter / 2)
+    total = math.ceil(conc / latency * seconds * 2) + conc  # max_seconds ends the run first
+    _admin(emu, "/_emulator/reset", {})
+    faults = [{"latency": latency, "jitter": jitter}] * (2 * (warmup + total))
+    _admin(emu, "/_emulator/script", {"key": None, "model": None, "faults": faults})
+    port = c.free_port()
+    cfg = Path(tmp) / f"gw{conc}-{jitter}.toml"
+    keys = c.shard_count(conc, args.shard_size)
+    cfg.write_text(stream_config(f"{emu}/v1", keys, args.shard_size, port, provider="emu"))
+    argv = [sys.executable, "-m", "router", "serve", "--config", cfg, "--log-level", "WARNING"]
+    with c.spawned(argv, log=Path(tmp) / f"gw{conc}-{jitter}.log") as proc:
+        c.wait_port(port, proc, 30)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        emu_cpu0, wall0 = c.tree_cpu_seconds(emu_pid), time.perf_counter()
+        rep = c.run_loadgen(
+            url, conc, total, model="m", max_seconds=seconds, warmup=warmup,
+            server_pid=proc.pid,
+        )  # fmt: skip
+        emu_share = (c.tree_cpu_seconds(emu_pid) - emu_cpu0) / (time.perf_counter() - wall0)
+    left = _admin(emu, "/_emulator/script", {"key": None, "model": None, "faults": []})["queued"]
+    if left == 0:
+        raise RuntimeError("the emulator ran out of scripted latency: raise the fault count")
+    elapsed = max(rep["elapsed"], 1e-9)
+    res = c.summarize(rep["latencies"], rep["elapsed"], rep["server_cpu"], rep["errors"])
+    ov = sorted(rep["overhead_ms"])
+    res.update({
+        "concurrency": conc,
+        "jitter_s": jitter,
+        "expected_rps": expected,
+        "overhead_samples": len(ov),
+        "overhead_p50_ms": c.percentile(ov, 50),
+        "overhead_p90_ms": c.percentile(ov, 90),
+        "overhead_p99_ms": c.percentile(ov, 99),
+        "overhead_max_ms": ov[-1] if ov else math.nan,
+        "gateway_cpu_share": rep["server_cpu"] / elapsed,
+        "emulator_cpu_share": emu_share,
+        "loadgen_cpu_share": rep["loadgen_cpu"] / elapsed,
+    })  # fmt: skip
+    if rep["statuses"]:
+        res["statuses"] = rep["statuses"]
+    return res
+
+
+def run_gateway_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-gwo-") as tmp,
+        emulator_process(tmp) as (emu, emu_pid),
+    ):
+        for jitter, conc in itertools.product(args.overhead_jitter, args.overhead_levels):
+            res = gateway_overhead_level(emu, emu_pid, tmp, conc, jitter, args)
+            rows.append(res)
+            print(f"gateway_overhead {conc:4d} jitter {jitter:g} s  {res['rps']:6.0f} req/s "
+                  f"(~{res['expected_rps']:.0f} if unsaturated)  overhead p50 "
+                  f"{res['overhead_p50_ms']:.3f} p90 {res['overhead_p90_ms']:.3f} p99 "
+                  f"{res['overhead_p99_ms']:.3f} ms  gateway CPU "
+                  f"{res['gateway_cpu_share'] * 100:.0f}%  emulator CPU "
+                  f"{res['emulator_cpu_share'] * 100:.0f}%  errors {res['errors']}",
+                  flush=True)  # fmt: skip
+    return {
+        "latency_s": args.overhead_latency,
+        "seconds": args.overhead_seconds,
+        "shard_size": args.shard_size,
+        "rows": rows,
+    }
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Scaling", "", f"Machine: {c.machine_line(p['meta'])}. Rerun: `{p['command']}`.", ""]
+    measured = p.get("measured", {})
+    if len(set(measured.values())) > 1:  # sections rerun at different times
+        lines += ["Sections measured: " + "; ".join(f"`{k}` {v}" for k, v in measured.items())
+                  + ".", ""]  # fmt: skip
     targets: list[list[str]] = []
     if "dispatch" in p:
         lines += [
@@ -494,6 +596,60 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             ),
             "",
         ]  # fmt: skip
+    if "gateway_overhead" in p:
+        g = p["gateway_overhead"]
+        lines += [
+            "## Gateway overhead when the gateway is not saturated",
+            "",
+            f"`python -m router serve` (one process, `kind = \"openai\"`, one key per "
+            f"{g['shard_size']} callers) in front of the emulator, which answers every request "
+            f"after {g['latency_s'] * 1000:.0f} ms (scripted latency; in the jitter rows plus "
+            "a uniform random extra up to the jitter), so N concurrent requests need only "
+            f"~N / {g['latency_s']:g} req/s. The HTTP load generator "
+            f"(its own process, one keep-alive connection per caller) runs ~{g['seconds']:g} s "
+            "per level after a warm-up. Overhead is the gateway's `x-router-overhead-ms` "
+            "header: time to the response head minus the upstream attempt (and any retry "
+            "backoff). CPU shares are of one core over the measured run (the emulator's "
+            "includes the warm-up); the machine has "
+            f"{p['meta']['cpus']} cores shared by all three processes.",
+            "",
+            c.markdown_table(
+                ["concurrency", "upstream jitter", "req/s", "req/s if unsaturated",
+                 "p50 ms", "p99 ms",
+                 "overhead p50 ms", "overhead p90 ms", "overhead p99 ms", "overhead max ms",
+                 "gateway CPU", "gateway CPU µs/req", "emulator CPU", "load gen CPU",
+                 "requests", "errors"],
+                [[str(r["concurrency"]), f"{r.get('jitter_s', 0) * 1000:.0f} ms",
+                  c.fmt(r["rps"], 1), c.fmt(r["expected_rps"]),
+                  c.fmt(r["p50_ms"], 1), c.fmt(r["p99_ms"], 1), c.fmt(r["overhead_p50_ms"], 3),
+                  c.fmt(r["overhead_p90_ms"], 3), c.fmt(r["overhead_p99_ms"], 3),
+                  c.fmt(r["overhead_max_ms"], 3), f"{r['gateway_cpu_share'] * 100:.0f}%",
+                  c.fmt(r["cpu_us"]), f"{r['emulator_cpu_share'] * 100:.0f}%",
+                  f"{r['loadgen_cpu_share'] * 100:.0f}%", str(r["requests"]), str(r["errors"])]
+                 for r in g["rows"]],
+            ),
+            "",
+            "The overhead includes any wait for the gateway's event loop. With a fixed "
+            "upstream latency the callers come back in waves, so even a gateway that is "
+            "mostly idle works through bursts of arrivals, and a request that waits behind "
+            "its wave counts that wait as overhead. Random jitter spreads the waves (see the "
+            "jitter rows). Rows whose req/s fall well short of the unsaturated rate are "
+            "CPU-bound: the gateway, the emulator and the load generator share the machine's "
+            f"{p['meta']['cpus']} cores.",
+            "",
+        ]  # fmt: skip
+        for r in g["rows"]:
+            if r["concurrency"] == 64:
+                jitter = r.get("jitter_s", 0) * 1000
+                targets.append([
+                    "gateway overhead < 1 ms at p50 at 64, gateway not saturated "
+                    f"(x-router-overhead-ms; {g['latency_s'] * 1000:.0f} ms upstream"
+                    + (f" + up to {jitter:.0f} ms jitter)" if jitter else ")"),
+                    f"{r['overhead_p50_ms']:.3f} ms (p99 {r['overhead_p99_ms']:.3f} ms) at "
+                    f"{r['rps']:.0f} req/s, gateway CPU {r['gateway_cpu_share'] * 100:.0f}% "
+                    "of a core",
+                    "met" if r["overhead_p50_ms"] < 1.0 else "not met",
+                ])  # fmt: skip
     if targets:
         table = c.markdown_table(["target", "measured", "status"], targets, "lll")
         lines += ["## Targets (issue #6)", "", table, ""]
@@ -520,15 +676,29 @@ def main() -> None:
     parser.add_argument("--failover-requests", type=int, default=1000)
     parser.add_argument("--failover-concurrency", type=int, default=16)
     parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
+    parser.add_argument("--overhead-levels", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--overhead-latency", type=float, default=0.5,
+                        help="emulator latency for gateway_overhead (s)")  # fmt: skip
+    parser.add_argument("--overhead-jitter", type=float, nargs="+", default=[0.0, 0.1],
+                        help="extra random upstream latency up to this (s)")  # fmt: skip
+    parser.add_argument("--overhead-seconds", type=float, default=15.0,
+                        help="measured seconds per gateway_overhead level")  # fmt: skip
     args = parser.parse_args()
     payload: dict[str, Any] = {
         "meta": c.machine(),
         "command": "python benchmarks/scaling.py",
     }
+    stamp = f"{payload['meta']['date']}, router at {payload['meta']['commit']}"
+    measured: dict[str, str] = {}
     previous = c.RESULTS / "scaling.json"
-    if previous.exists():  # sections not rerun keep their last results
+    if previous.exists():  # sections not rerun keep their last results (and dates)
         old = json.loads(previous.read_text())
-        payload.update({k: old[k] for k in SECTIONS if k in old and k not in args.sections})
+        kept = [k for k in SECTIONS if k in old and k not in args.sections]
+        payload.update({k: old[k] for k in kept})
+        old_stamp = f"{old['meta']['date']}, router at {old['meta'].get('commit', '?')}"
+        measured.update({k: old.get("measured", {}).get(k, old_stamp) for k in kept})
+    measured.update({k: stamp for k in args.sections})
+    payload["measured"] = {k: measured[k] for k in SECTIONS if k in measured}
     if "dispatch" in args.sections:
         payload["dispatch"] = run_dispatch(args)
     if "inflight" in args.sections:
@@ -537,6 +707,8 @@ def main() -> None:
         payload["stream"] = run_stream(args)
     if "failover" in args.sections:
         payload["failover"] = run_failover(args)
+    if "gateway_overhead" in args.sections:
+        payload["gateway_overhead"] = run_gateway_overhead(args)
     markdown = build_markdown(payload, args)
     c.write_results("scaling", payload, markdown)
     if "inflight" in payload:
