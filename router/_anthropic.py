@@ -33,7 +33,10 @@ from typing import Any, Final
 
 import msgspec
 
-from ._classify import classify_failure, describe, error_snippet, retry_after_from_headers
+from ._classify import (
+    classified_error,
+    error_snippet,
+)
 from ._errors import ProviderError
 from ._types import (
     ChatRequest,
@@ -231,13 +234,15 @@ def _classified(
     where: str | None = None,
 ) -> ProviderError:
     message, code, codes = _error_fields(body)
-    kind = classify_failure(status, message, codes)
-    retry_after = retry_after_from_headers(headers, now, explicit_only=kind != "rate_limit")
-    return ProviderError(
-        kind,
-        describe("anthropic", status, code, message, where),
-        retry_after=retry_after,
-        status=status,
+    return classified_error(
+        "anthropic",
+        status,
+        headers,
+        now,
+        message,
+        code,
+        codes,
+        where,
     )
 
 

@@ -25,9 +25,10 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Final
 
-from ._errors import ErrorKind
+from ._errors import ErrorKind, ProviderError
 
 __all__ = [
+    "classified_error",
     "classify_failure",
     "describe",
     "error_snippet",
@@ -403,3 +404,33 @@ def describe(
         where = f"HTTP {status}" if status is not None else "in-stream error"
     label = f" ({code})" if code else ""
     return f"{protocol} {where}{label}: {error_snippet(detail) or 'no error message'}"
+
+
+def classified_error(
+    protocol: str,
+    status: int | None,
+    headers: Mapping[str, str],
+    now: float,
+    message: str,
+    code: str | None,
+    codes: Collection[str],
+    where: str | None = None,
+    body_retry_after: float | None = None,
+) -> ProviderError:
+    """The one way a protocol turns an error answer into a `ProviderError`.
+
+    The kind comes from `classify_failure`. A rate limit takes its wait from every retry
+    header (then from the body's own hint, `body_retry_after`); any other kind only from
+    an explicit Retry-After, so the reset headers sent with every answer do not cool a
+    key that failed for another reason.
+    """
+    kind = classify_failure(status, message, codes)
+    retry_after = retry_after_from_headers(headers, now, explicit_only=kind != "rate_limit")
+    if retry_after is None and kind == "rate_limit" and body_retry_after is not None:
+        retry_after = max(0.0, body_retry_after)
+    return ProviderError(
+        kind,
+        describe(protocol, status, code, message, where),
+        retry_after=retry_after,
+        status=status,
+    )

@@ -41,11 +41,9 @@ from urllib.parse import quote
 import msgspec
 
 from ._classify import (
-    classify_failure,
-    describe,
+    classified_error,
     error_snippet,
     parse_duration,
-    retry_after_from_headers,
 )
 from ._errors import ProviderError
 from ._types import ChatRequest, ChatResponse, Message, StreamChunk, ToolCall, ToolCallDelta, Usage
@@ -236,15 +234,16 @@ def _classified(
     where: str | None = None,
 ) -> ProviderError:
     message, code, codes, delay = _error_fields(body)
-    kind = classify_failure(status, message, codes)
-    retry_after = retry_after_from_headers(headers, now, explicit_only=kind != "rate_limit")
-    if retry_after is None and kind == "rate_limit" and delay is not None:
-        retry_after = max(0.0, delay)
-    return ProviderError(
-        kind,
-        describe("gemini", status, code, message, where),
-        retry_after=retry_after,
-        status=status,
+    return classified_error(
+        "gemini",
+        status,
+        headers,
+        now,
+        message,
+        code,
+        codes,
+        where,
+        body_retry_after=delay,
     )
 
 

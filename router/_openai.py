@@ -28,11 +28,9 @@ from typing import Any, Final
 import msgspec
 
 from ._classify import (
-    classify_failure,
-    describe,
+    classified_error,
     error_snippet,
     parse_duration,
-    retry_after_from_headers,
 )
 from ._errors import ProviderError
 from ._types import (
@@ -184,18 +182,16 @@ def _classified(
     where: str | None = None,
 ) -> ProviderError:
     message, code, codes = _error_fields(body)
-    kind = classify_failure(status, message, codes)
-    if kind == "rate_limit":
-        retry_after = retry_after_from_headers(headers, now)
-        if retry_after is None:
-            retry_after = _try_again_in(message)
-    else:
-        retry_after = retry_after_from_headers(headers, now, explicit_only=True)
-    return ProviderError(
-        kind,
-        describe("openai", status, code, message, where),
-        retry_after=retry_after,
-        status=status,
+    return classified_error(
+        "openai",
+        status,
+        headers,
+        now,
+        message,
+        code,
+        codes,
+        where,
+        body_retry_after=_try_again_in(message),
     )
 
 
