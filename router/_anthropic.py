@@ -257,6 +257,40 @@ def _malformed(what: str, exc: Exception, data: str, status: int | None = None) 
 # ----------------------------------------------------------------------- protocol
 
 
+def _prompt_body(request: ChatRequest) -> dict[str, Any]:
+    """What a messages request and a count-tokens request share: model, system,
+    messages, tools and tool choice."""
+    system, messages = _messages(request.messages)
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
+    if system is not None:
+        body["system"] = system
+    if request.tools:
+        body["tools"] = _tools(request.tools)
+    if request.tool_choice:
+        body["tool_choice"] = _tool_choice(request.tool_choice)
+    return body
+
+
+def _wire(
+    base_url: str,
+    path: str,
+    body: dict[str, Any],
+    secret: str,
+    headers: Mapping[str, str],
+    accept: str = "application/json",
+) -> WireRequest:
+    wire_headers = {
+        "x-api-key": secret,
+        "anthropic-version": API_VERSION,
+        "content-type": "application/json",
+        "accept": accept,
+    }
+    wire_headers.update({name.lower(): value for name, value in headers.items()})
+    return WireRequest(
+        method="POST", url=base_url.rstrip("/") + path, headers=wire_headers, body=_encode(body)
+    )
+
+
 class AnthropicProtocol:
     """The Anthropic Messages protocol. Stateless; one instance serves every key."""
 
@@ -271,20 +305,10 @@ class AnthropicProtocol:
         stream: bool,
         headers: Mapping[str, str],
     ) -> WireRequest:
-        system, messages = _messages(request.messages)
-        body: dict[str, Any] = {
-            "model": request.model,
-            "max_tokens": (
-                request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS
-            ),
-            "messages": messages,
-        }
-        if system is not None:
-            body["system"] = system
-        if request.tools:
-            body["tools"] = _tools(request.tools)
-        if request.tool_choice:
-            body["tool_choice"] = _tool_choice(request.tool_choice)
+        body = _prompt_body(request)
+        body["max_tokens"] = (
+            request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS
+        )
         if request.stop:
             body["stop_sequences"] = request.stop
         if request.temperature is not None:
@@ -293,19 +317,8 @@ class AnthropicProtocol:
             body["top_p"] = request.top_p
         if stream:
             body["stream"] = True
-        wire_headers = {
-            "x-api-key": secret,
-            "anthropic-version": API_VERSION,
-            "content-type": "application/json",
-            "accept": "text/event-stream" if stream else "application/json",
-        }
-        wire_headers.update({name.lower(): value for name, value in headers.items()})
-        return WireRequest(
-            method="POST",
-            url=base_url.rstrip("/") + "/v1/messages",
-            headers=wire_headers,
-            body=_encode(body),
-        )
+        accept = "text/event-stream" if stream else "application/json"
+        return _wire(base_url, "/v1/messages", body, secret, headers, accept)
 
     def build_count(
         self,
@@ -318,27 +331,8 @@ class AnthropicProtocol:
         """``POST {base_url}/v1/messages/count_tokens``: the body of a messages request
         (model, system, messages, tools, tool_choice) without max_tokens, stream, stop
         sequences or sampling parameters."""
-        system, messages = _messages(request.messages)
-        body: dict[str, Any] = {"model": request.model, "messages": messages}
-        if system is not None:
-            body["system"] = system
-        if request.tools:
-            body["tools"] = _tools(request.tools)
-        if request.tool_choice:
-            body["tool_choice"] = _tool_choice(request.tool_choice)
-        wire_headers = {
-            "x-api-key": secret,
-            "anthropic-version": API_VERSION,
-            "content-type": "application/json",
-            "accept": "application/json",
-        }
-        wire_headers.update({name.lower(): value for name, value in headers.items()})
-        return WireRequest(
-            method="POST",
-            url=base_url.rstrip("/") + "/v1/messages/count_tokens",
-            headers=wire_headers,
-            body=_encode(body),
-        )
+        body = _prompt_body(request)
+        return _wire(base_url, "/v1/messages/count_tokens", body, secret, headers)
 
     def parse_count(self, status: int, headers: Mapping[str, str], body: bytes) -> int:
         """The ``input_tokens`` of a 2xx count-tokens answer."""
