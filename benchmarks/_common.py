@@ -646,3 +646,31 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def router_config(
+    base: str, keys: int, per_key: int, port: int = 0, provider: str = "nginx"
+) -> str:
+    """A router (and gateway) config for the benchmarks: `keys` keys of `per_key`
+    concurrency on one `openai` provider at `base`, balanced round robin."""
+    key_list = ", ".join(f'{{ id = "k{i}", secret = "sk-bench-{i}" }}' for i in range(keys))
+    return f"""
+[router]
+balancing = "round_robin"
+timeout = 120.0
+attempt_timeout = 60.0
+[[providers]]
+name = "{provider}"
+kind = "openai"
+base_url = "{base}"
+max_concurrency = {per_key}
+keys = [{key_list}]
+[[models]]
+name = "m"
+provider = "{provider}"
+upstream = "{UPSTREAM_MODEL}"
+[gateway]
+host = "127.0.0.1"
+port = {port}
+shutdown_grace = 5.0
+"""

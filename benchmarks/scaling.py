@@ -195,35 +195,9 @@ def run_inflight(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- streaming
 
 
-def stream_config(
-    base: str, keys: int, per_key: int, port: int = 0, provider: str = "nginx"
-) -> str:
-    key_list = ", ".join(f'{{ id = "k{i}", secret = "sk-bench-{i}" }}' for i in range(keys))
-    return f"""
-[router]
-balancing = "round_robin"
-timeout = 120.0
-attempt_timeout = 60.0
-[[providers]]
-name = "{provider}"
-kind = "openai"
-base_url = "{base}"
-max_concurrency = {per_key}
-keys = [{key_list}]
-[[models]]
-name = "m"
-provider = "{provider}"
-upstream = "{c.UPSTREAM_MODEL}"
-[gateway]
-host = "127.0.0.1"
-port = {port}
-shutdown_grace = 5.0
-"""
-
-
 async def stream_inprocess(base: str, conc: int, total: int, shard: int) -> dict[str, Any]:
     keys = c.shard_count(conc, shard)
-    config = RouterConfig.from_toml(stream_config(base, keys, shard))
+    config = RouterConfig.from_toml(c.router_config(base, keys, shard))
     chunks = 0
     async with Router.open(config) as router:
 
@@ -258,7 +232,7 @@ def run_stream(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             port = c.free_port()
             cfg = Path(tmp) / f"gw{conc}.toml"
             keys = c.shard_count(conc, args.shard_size)
-            cfg.write_text(stream_config(sbase, keys, args.shard_size, port))
+            cfg.write_text(c.router_config(sbase, keys, args.shard_size, port))
             argv = [Path(sys.executable).parent / "llm-router", "serve", "--config", cfg,
                     "--log-level", "WARNING"]  # fmt: skip
             with c.spawned(argv, log=Path(tmp) / "gw.log") as proc:
@@ -439,7 +413,7 @@ def gateway_overhead_level(
     port = c.free_port()
     cfg = Path(tmp) / f"gw{conc}-{jitter}.toml"
     keys = c.shard_count(conc, args.shard_size)
-    cfg.write_text(stream_config(f"{emu}/v1", keys, args.shard_size, port, provider="emu"))
+    cfg.write_text(c.router_config(f"{emu}/v1", keys, args.shard_size, port, provider="emu"))
     argv = [sys.executable, "-m", "router", "serve", "--config", cfg, "--log-level", "WARNING"]
     with c.spawned(argv, log=Path(tmp) / f"gw{conc}-{jitter}.log") as proc:
         c.wait_port(port, proc, 30)

@@ -71,33 +71,6 @@ LITELLM_ENV = {
 # ----------------------------------------------------------------------------- configs
 
 
-def router_config(base_url: str, keys: int, per_key: int, port: int = 0) -> str:
-    key_list = ", ".join(f'{{ id = "k{i}", secret = "sk-bench-{i}" }}' for i in range(keys))
-    return f"""
-[router]
-balancing = "round_robin"
-timeout = 120.0
-attempt_timeout = 60.0
-
-[[providers]]
-name = "nginx"
-kind = "openai"
-base_url = "{base_url}"
-max_concurrency = {per_key}
-keys = [{key_list}]
-
-[[models]]
-name = "m"
-provider = "nginx"
-upstream = "{c.UPSTREAM_MODEL}"
-
-[gateway]
-host = "127.0.0.1"
-port = {port}
-shutdown_grace = 5.0
-"""
-
-
 def keys_for(row: str, concurrency: int, shard: int) -> tuple[int, int]:
     if row == "router-1key":
         return 1, concurrency
@@ -140,7 +113,7 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
         return result
 
     keys, per_key = keys_for(args.worker, conc, shard)
-    config = RouterConfig.from_toml(router_config(args.url, keys, per_key))
+    config = RouterConfig.from_toml(c.router_config(args.url, keys, per_key))
     request = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
     async with Router.open(config) as router:
 
@@ -256,7 +229,7 @@ def run_gateway(base: str, conc: int, total: int, args: argparse.Namespace) -> d
     port = c.free_port()
     with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:
         cfg = Path(tmp) / "router.toml"
-        cfg.write_text(router_config(base, keys, per_key, port))
+        cfg.write_text(c.router_config(base, keys, per_key, port))
         llm_router = Path(sys.executable).parent / "llm-router"
         argv = [llm_router, "serve", "--config", cfg, "--log-level", "WARNING"]
         with c.spawned(argv, log=Path(tmp) / "gateway.log") as proc:
