@@ -134,6 +134,14 @@ class ProviderError(RouterError):
     is the upstream's own hint in seconds, `status` its HTTP status when there was one.
     `provider`, `key_id` and `model` are filled in by the router, and `attempts` when
     the error is propagated to the caller.
+
+    `key_wide` says the failure belongs to the key (or its host), not to the model it
+    was asked for: a refused connection, a DNS or TLS failure, a reset before any
+    response byte, a 404 from a URL that is not an API route. Such a failure stops the
+    key for every model; any other transient or rate-limit failure stops only the
+    (key, model) lane. `timed_out` says the attempt ended because the upstream said
+    nothing in time (a silent upstream), which is never retried in place while
+    somewhere else remains to try.
     """
 
     def __init__(
@@ -142,10 +150,15 @@ class ProviderError(RouterError):
         message: str,
         retry_after: float | None = None,
         status: int | None = None,
+        *,
+        key_wide: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(kind, message)
         self.retry_after = retry_after
         self.status = status
+        self.key_wide = key_wide
+        self.timed_out = timed_out
         self.provider: str | None = None
         self.key_id: str | None = None
         self.model: str | None = None
