@@ -7,7 +7,7 @@ What lives here:
 - `parse_duration`: Go-style durations ("1s", "6m0s", "20ms", "1h2m3.5s");
 - text predicates over an error message: `mentions_context_overflow`,
   `mentions_max_tokens_ceiling`, `mentions_content_policy`, `mentions_billing`,
-  `mentions_invalid_key`;
+  `mentions_invalid_key`, and `names_missing_model` (over message and codes);
 - `classify_failure`: the one decision table from (status, message, error codes) to
   an `ErrorKind`, which every protocol calls after pulling those three out of its
   own error body; the table is spelled out in its docstring;
@@ -37,6 +37,7 @@ __all__ = [
     "mentions_context_overflow",
     "mentions_invalid_key",
     "mentions_max_tokens_ceiling",
+    "names_missing_model",
     "parse_duration",
     "redact",
     "retry_after_from_headers",
@@ -260,6 +261,21 @@ def mentions_invalid_key(message: str) -> bool:
     return _INVALID_KEY.search(message.lower()) is not None
 
 
+def names_missing_model(message: str, codes: Collection[str]) -> bool:
+    """The error (a 404's) says a *model* is missing, rather than the URL: an explicit
+    ``model_not_found`` code, or a message that names a model (OpenAI "The model `x`
+    does not exist", Anthropic "model: x", Gemini "models/x is not found", Ollama
+    'model "x" not found') together with a not-found code or not-found wording. An
+    HTML page never does (a site's 404 page may say "Page not found" next to a
+    "Models" link)."""
+    if "model_not_found" in codes:
+        return True
+    text = message[:4000].lower()
+    if text.lstrip()[:1] == "<" or _MODEL_WORD.search(text) is None:
+        return False
+    return not _NOT_FOUND_CODES.isdisjoint(codes) or _NOT_FOUND_WORDING.search(text) is not None
+
+
 # --------------------------------------------------------------------------- table
 
 _BALANCE_CODES: Final = frozenset(
@@ -267,6 +283,14 @@ _BALANCE_CODES: Final = frozenset(
 )
 _RATE_CODES: Final = frozenset({"rate_limit_exceeded", "rate_limit_error", "resource_exhausted"})
 _MODEL_CODES: Final = frozenset({"model_not_found", "not_found_error", "not_found"})
+# A 404's codes that say "not found" without saying what (Anthropic not_found_error,
+# Gemini NOT_FOUND, vLLM NotFoundError).
+_NOT_FOUND_CODES: Final = frozenset({"not_found_error", "not_found", "notfounderror", "404"})
+_MODEL_WORD: Final = re.compile(r"\bmodels?\b")
+_NOT_FOUND_WORDING: Final = re.compile(
+    r"not[_ ]found|does not exist|doesn't exist|do not exist|no such model|unknown model"
+    r"|is not supported|not available|invalid model"
+)
 _AUTH_CODES: Final = frozenset(
     {
         "invalid_api_key",
@@ -312,7 +336,13 @@ def classify_failure(status: int | None, message: str, codes: Collection[str]) -
        rate_limit (Gemini's daily free-tier quota included: it resets, and its
        RetryInfo says when)
     3. billing / credit wording in any other 4xx (or in-stream) error -> balance
-    4. 404 or ``model_not_found`` / ``not_found_error`` / ``NOT_FOUND`` -> model_missing
+    4. a 404 whose body names a missing model (`names_missing_model`: OpenAI
+       ``model_not_found``, Anthropic ``not_found_error`` about a model, Gemini
+       ``NOT_FOUND`` "models/... is not found", "model ... does not exist") ->
+       model_missing; any other 404 (an HTML page, plain text, an empty body, an error
+       naming no model) is a route 404, a wrong base_url -> transient (and
+       `classified_error` makes it key-wide). Without a 404 status (an in-stream
+       error), ``model_not_found`` / ``not_found_error`` / ``NOT_FOUND`` -> model_missing
     5. 401 / 403 or an auth code -> auth, except a 403 / permission error whose text
        is a content-policy refusal -> content_filter
     6. invalid-key wording on a 400 (Gemini ``API_KEY_INVALID``) -> auth
@@ -336,7 +366,9 @@ def classify_failure(status: int | None, message: str, codes: Collection[str]) -
     client_error = status is None or 400 <= status <= 499
     if client_error and mentions_billing(text):  # not 5xx: an HTML error page may link "Billing"
         return "balance"
-    if status == 404 or not _MODEL_CODES.isdisjoint(codes):
+    if status == 404:
+        return "model_missing" if names_missing_model(text, codes) else "transient"
+    if not _MODEL_CODES.isdisjoint(codes):
         return "model_missing"
     if status in (401, 403) or not _AUTH_CODES.isdisjoint(codes):
         policy_refusal = status == 403 or not _POLICY_AUTH_CODES.isdisjoint(codes)
@@ -422,15 +454,15 @@ def classified_error(
     The kind comes from `classify_failure`. A rate limit takes its wait from every retry
     header (then from the body's own hint, `body_retry_after`); any other kind only from
     an explicit Retry-After, so the reset headers sent with every answer do not cool a
-    key that failed for another reason.
+    key that failed for another reason. A route 404 (one that names no missing model)
+    is transient and `key_wide`: the URL, hence base_url, is wrong for every model.
     """
     kind = classify_failure(status, message, codes)
     retry_after = retry_after_from_headers(headers, now, explicit_only=kind != "rate_limit")
     if retry_after is None and kind == "rate_limit" and body_retry_after is not None:
         retry_after = max(0.0, body_retry_after)
-    return ProviderError(
-        kind,
-        describe(protocol, status, code, message, where),
-        retry_after=retry_after,
-        status=status,
-    )
+    text = describe(protocol, status, code, message, where)
+    route_404 = status == 404 and kind == "transient"
+    if route_404:
+        text += " (not an API route, no missing model named: base_url is probably wrong)"
+    return ProviderError(kind, text, retry_after=retry_after, status=status, key_wide=route_404)

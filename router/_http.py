@@ -15,13 +15,20 @@ outer bound.
 
 Failures are classified here and in the protocol: an HTTP answer by its status, body
 and retry headers; refused, reset or dropped connections, DNS failures, timeouts and
-malformed bodies are transient. What this module must never do: put a secret into an
-error message, a log line or a repr (secrets travel only in request headers).
+malformed bodies are transient. Failures before any response byte (refused, DNS, TLS,
+a reset before the response head) are `key_wide`: they belong to the key's host, not
+to the model. A timeout other than a connect timeout is `timed_out` (a silent
+upstream) and not key-wide. A 404 whose body names no missing model is a route 404:
+base_url is wrong, so it is key-wide too, and logged once per URL. A stream that sent
+its finish reason ends normally even if the connection then breaks. What this module
+must never do: put a secret into an error message, a log line or a repr (secrets
+travel only in request headers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import ssl
 import time
@@ -31,13 +38,16 @@ from typing import Protocol, runtime_checkable
 import httpx
 import trio
 
+from ._classify import redact
 from ._config import ProviderConfig
 from ._errors import ProviderError
 from ._sse import SseParser
 from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk
-from ._wire import WireProtocol, WireRequest
+from ._wire import StreamDecoder, WireProtocol, WireRequest
 
 __all__ = ["HttpProvider", "protocol_for"]
+
+_log = logging.getLogger("router.http")
 
 SHARD_SIZE = 8
 """Connections per httpx client of a key."""
@@ -96,17 +106,30 @@ def _remaining() -> float:
     return max(0.001, deadline - trio.current_time())
 
 
-def _transport_error(exc: httpx.HTTPError, provider: str) -> ProviderError:
+def _transport_error(exc: httpx.HTTPError, provider: str, *, before_head: bool) -> ProviderError:
+    """A transport failure as a transient `ProviderError`. `before_head`: no response
+    byte had arrived (raised while connecting, sending or awaiting the head)."""
     # httpx messages name the host and the error, never headers; keep them short.
-    if isinstance(exc, httpx.TimeoutException):
+    key_wide = before_head
+    timed_out = False
+    if isinstance(exc, httpx.ConnectTimeout):
+        what = f"connection timed out ({type(exc).__name__})"
+    elif isinstance(exc, httpx.TimeoutException):
+        # A silent upstream (read / write / pool timeout) is the model's problem.
         what = f"upstream timed out ({type(exc).__name__})"
+        key_wide = False
+        timed_out = True
     elif isinstance(exc, httpx.ConnectError):
         what = f"connection failed: {exc}"
+    elif before_head:
+        what = f"connection reset or closed before the response head ({type(exc).__name__}): {exc}"
     elif isinstance(exc, httpx.RemoteProtocolError):
         what = f"upstream closed the connection or broke the protocol: {exc}"
     else:
         what = f"{type(exc).__name__}: {exc}"
-    return ProviderError("transient", f"{provider}: {what}"[:400])
+    return ProviderError(
+        "transient", f"{provider}: {what}"[:400], key_wide=key_wide, timed_out=timed_out
+    )
 
 
 class HttpProvider:
@@ -124,6 +147,7 @@ class HttpProvider:
         self._headers = dict(config.headers)
         self._max_concurrency = dict(max_concurrency)
         self._shards: dict[str, _Shards] = {}
+        self._route_404_logged: set[str] = set()
         _ssl_context()  # built now, at Router.open, not on the first request
 
     def __repr__(self) -> str:
@@ -143,9 +167,7 @@ class HttpProvider:
         response = await self._send(key, wire)
         if 200 <= response.status_code < 300:
             return self._protocol.parse(response.status_code, response.headers, response.content)
-        raise self._protocol.classify(
-            response.status_code, response.headers, response.content, time.time()
-        )
+        raise self._failure(response.status_code, response.headers, response.content, wire, key)
 
     async def count_tokens(self, request: ChatRequest, key: ApiKey) -> int:
         """The upstream's exact prompt-token count for `request` (its model, system,
@@ -163,17 +185,18 @@ class HttpProvider:
         response = await self._send(key, wire)
         if 200 <= response.status_code < 300:
             return protocol.parse_count(response.status_code, response.headers, response.content)
-        raise self._protocol.classify(
-            response.status_code, response.headers, response.content, time.time()
-        )
+        raise self._failure(response.status_code, response.headers, response.content, wire, key)
 
     async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
-        """Yield the answer's chunks. Ends normally only after the upstream's end marker
-        or its finish reason; anything else raises a (transient) `ProviderError`."""
+        """Yield the answer's chunks. Ends normally after the upstream's end marker or
+        its finish reason (even when the connection breaks after the finish reason);
+        anything else raises a (transient) `ProviderError`."""
         wire = self._protocol.build(
             request, base_url=self._base_url, secret=key.secret, stream=True, headers=self._headers
         )
         remaining = _remaining()
+        decoder: StreamDecoder | None = None
+        head = False
         with self._shards_for(key).lease() as client:
             try:
                 async with client.stream(
@@ -183,11 +206,10 @@ class HttpProvider:
                     content=wire.body,
                     timeout=httpx.Timeout(remaining, read=None),
                 ) as response:
+                    head = True
                     if not 200 <= response.status_code < 300:
                         body = await response.aread()
-                        raise self._protocol.classify(
-                            response.status_code, response.headers, body, time.time()
-                        )
+                        raise self._failure(response.status_code, response.headers, body, wire, key)
                     parser = SseParser()
                     decoder = self._protocol.stream_decoder()
                     async for data in response.aiter_raw():
@@ -201,20 +223,69 @@ class HttpProvider:
                             "transient", f"{self.name}: stream ended before its finish reason"
                         )
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, self.name) from None
+                if decoder is not None and decoder.finished:
+                    return  # the answer is whole; only the end marker or last chunk was lost
+                raise _transport_error(exc, self.name, before_head=not head) from None
 
     async def _send(self, key: ApiKey, wire: WireRequest) -> httpx.Response:
+        """The whole response. `client.send(stream=True)` then `aread()` (what
+        `client.request` does inside) tells a failure before the head from one in the
+        body."""
         with self._shards_for(key).lease() as client:
+            request = client.build_request(
+                wire.method,
+                wire.url,
+                headers=wire.headers,
+                content=wire.body,
+                timeout=httpx.Timeout(_remaining()),
+            )
             try:
-                return await client.request(
-                    wire.method,
-                    wire.url,
-                    headers=wire.headers,
-                    content=wire.body,
-                    timeout=httpx.Timeout(_remaining()),
-                )
+                response = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, self.name) from None
+                raise _transport_error(exc, self.name, before_head=True) from None
+            try:
+                try:
+                    await response.aread()
+                except BaseException:
+                    await response.aclose()
+                    raise
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, self.name, before_head=False) from None
+            return response
+
+    def _failure(
+        self, status: int, headers: Mapping[str, str], body: bytes, wire: WireRequest, key: ApiKey
+    ) -> ProviderError:
+        """A non-2xx answer, classified by the protocol; a route 404 (key-wide: the
+        answer names no missing model) is reworded to name the URL, and logged once."""
+        error = self._protocol.classify(status, headers, body, time.time())
+        if status == 404 and error.key_wide:
+            error = self._route_404(error, wire, key.secret)
+        return error
+
+    def _route_404(self, error: ProviderError, wire: WireRequest, secret: str) -> ProviderError:
+        url = redact(wire.url, secret)
+        base_url = redact(self._base_url, secret)
+        if url not in self._route_404_logged:
+            self._route_404_logged.add(url)
+            _log.error(
+                "provider %s: %s %s answered HTTP 404 with no missing model named: "
+                "not an API route, base_url %r of provider %s is probably wrong; "
+                "every key of this provider fails until it is fixed",
+                self.name,
+                wire.method,
+                url,
+                base_url,
+                self.name,
+            )
+        return ProviderError(
+            "transient",
+            f"{self.name}: {wire.method} {url} answered HTTP 404 (not an API route, no missing "
+            f"model named): base_url {base_url!r} is probably wrong; {error.message}"[:800],
+            retry_after=error.retry_after,
+            status=404,
+            key_wide=True,
+        )
 
     async def aclose(self) -> None:
         shards, self._shards = self._shards, {}

@@ -780,6 +780,88 @@ async def test_finish_without_end(emu: Emulator, client: httpx.AsyncClient, prot
     assert (await post(client, proto)).status_code == 200
 
 
+@by_name
+async def test_finish_then_drop(emu: Emulator, client: httpx.AsyncClient, proto: Proto) -> None:
+    """The finish-reason chunk arrives, then the connection drops: no usage chunk, no
+    end marker, no terminating chunk (the client sees an incomplete body)."""
+    emu.script(Fault(finish_then_drop=True))
+    received: list[str] = []
+    body = proto.body(stream=True)
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with client.stream("POST", proto.path(True), headers=proto.headers, json=body) as r:
+            assert r.status_code == 200
+            assert "connection" not in r.headers  # nothing announced the close
+            async for line in r.aiter_lines():
+                received.append(line)
+    out = Streamed()
+    for line in received:
+        if line.startswith("data:"):
+            proto.absorb(out, _event_before(received, line), json.loads(line[5:]))
+    assert out.text == "echo: hello world"
+    assert out.finish in ("stop", "end_turn", "STOP")
+    assert not any(line in ("data: [DONE]", "event: message_stop") for line in received)
+    assert emu.calls[-1].completed
+    assert (await post(client, proto)).status_code == 200
+
+
+def _event_before(lines: list[str], data_line: str) -> str | None:
+    at = lines.index(data_line)
+    previous = lines[at - 1] if at > 0 else ""
+    return previous[6:].strip() if previous.startswith("event:") else None
+
+
+@by_name
+async def test_reset_before_head(emu: Emulator, client: httpx.AsyncClient, proto: Proto) -> None:
+    emu.script(Fault(reset_before_head=True))
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        await post(client, proto)
+    [call] = emu.calls
+    assert call.status == 0 and call.completed
+    assert (await post(client, proto)).status_code == 200
+
+
+# --------------------------------------------------------------------------- route 404s
+
+
+async def test_strict_paths_answer_a_route_404_for_a_prefixed_path() -> None:
+    async with (
+        Emulator.serve(port=0, strict_paths=True) as emu,
+        httpx.AsyncClient(base_url=emu.url, timeout=5.0) as client,
+    ):
+        for proto in PROTOS:  # the providers' own paths are routes
+            assert (await post(client, proto)).status_code == 200
+        assert len(emu.calls) == 3
+        for path in (
+            "/proxy/v1/chat/completions",
+            "/v1/v1/messages",
+            "/x/v1beta/models/gem-x:generateContent",
+            "/chat/completions",
+        ):
+            r = await client.post(path, json={"model": "m"})
+            assert r.status_code == 404, path
+            error = r.json()["error"]
+            assert error["code"] is None and error["message"] == f"Unknown path: {path}"
+        assert len(emu.calls) == 3  # a route 404 is not an API call
+        # A scripted model 404 on a real route still names the model.
+        emu.script(Fault(status=404))
+        r = await post(client, OPENAI)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_html_404_page() -> None:
+    async with (
+        Emulator.serve(port=0, html_404=True) as emu,
+        httpx.AsyncClient(base_url=emu.url, timeout=5.0) as client,
+    ):
+        r = await client.post("/v1/nothing/a&b", json={})
+        assert r.status_code == 404
+        assert r.headers["content-type"].startswith("text/html")
+        assert r.text.startswith("<!DOCTYPE html>")
+        assert "POST /v1/nothing/a&amp;b" in r.text
+        assert (await post(client, OPENAI)).status_code == 200  # still keeps the connection
+        assert emu.errors == []
+
+
 # --------------------------------------------------------------------------- scripts and keys
 
 

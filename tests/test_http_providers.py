@@ -419,6 +419,42 @@ async def test_max_tokens_ceiling_in_a_429_is_retried_once_without_max_tokens(ki
 
 
 @by_kind
+async def test_route_404_does_not_disable_the_model(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong base_url (an HTML 404 page naming no model) is a transient, key-wide
+    failure, not a missing model: the model stays healthy and the fallback serves."""
+    caplog.set_level(logging.ERROR, logger="router.http")
+    async with Emulator.serve(port=0) as emu:
+        emu.strict_paths = emu.html_404 = True
+        wrong = base_url(kind, emu.url) + "/api"
+        config = make_config(kind, emu.url, main_url=wrong)
+        async with Router.open(config) as router:
+            response = await router.submit(req())
+            assert (response.model, response.key_id) == (FALLBACK, "f")
+            first = response.attempts[0]
+            assert (first.model, first.outcome) == ("main", "transient")
+            assert model(router, "main").health != "disabled"
+        assert [c.model for c in emu.calls] == [FB_UP]  # the wrong URL reached no route
+        assert emu.errors == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.http"]
+    assert lines and all(wrong in line for line in lines)
+    assert len(lines) == len(set(lines))  # once per URL
+    assert SECRET_A not in caplog.text and SECRET_B not in caplog.text
+
+
+@by_kind
+async def test_stream_finish_then_drop_completes(kind: str) -> None:
+    async with rig(kind) as (emu, router):
+        emu.script(Fault(reply=LONG, finish_then_drop=True), key=SECRET_A, model=UP)
+        stream, _ = await read_all(router, req())
+        assert stream.text == LONG
+        assert stream.finish_reason == "stop"
+        assert [a.outcome for a in stream.attempts] == ["ok"]
+        assert len(emu.calls) == 1
+
+
+@by_kind
 async def test_hang_is_cut_by_the_attempt_timeout_and_retried(kind: str) -> None:
     async with rig(kind) as (emu, router):
         emu.script(Fault(hang=True), key=SECRET_A, model=UP)

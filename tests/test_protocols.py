@@ -19,6 +19,7 @@ from router._classify import (
     classify_failure,
     mentions_context_overflow,
     mentions_max_tokens_ceiling,
+    names_missing_model,
     parse_duration,
     redact,
     retry_after_from_headers,
@@ -1367,6 +1368,123 @@ def test_classify_failure_in_stream_uses_codes() -> None:
     assert classify_failure(None, "slow down", {"rate_limit_error"}) == "rate_limit"
     assert classify_failure(None, "too long", {"context_length_exceeded"}) == "context_exceeded"
     assert classify_failure(None, "what", set()) == "unknown"
+
+
+# --------------------------------------------------------------------------- 404: model or route
+
+MODEL_404S = [
+    pytest.param(
+        "openai",
+        openai_error(
+            "The model `gpt-9` does not exist or you do not have access to it.",
+            "invalid_request_error",
+            "model_not_found",
+        ),
+        id="openai-model_not_found",
+    ),
+    pytest.param(
+        "openai",
+        js({"object": "error", "message": "The model `m` does not exist.", "code": 404}),
+        id="vllm-model-does-not-exist",
+    ),
+    pytest.param(
+        "openai",
+        js({"error": 'model "llama9" not found, try pulling it first'}),
+        id="ollama-model-not-found",
+    ),
+    pytest.param("openai", b"model 'gpt-9' does not exist", id="plain-text-model"),
+    pytest.param(
+        "anthropic", anthropic_error("not_found_error", "model: claude-9-opus"), id="anthropic"
+    ),
+    pytest.param(
+        "gemini",
+        gemini_error(
+            404,
+            "NOT_FOUND",
+            "models/gemini-9 is not found for API version v1beta, or is not supported for "
+            "generateContent. Call ListModels to see the list of available models.",
+        ),
+        id="gemini",
+    ),
+]
+
+ROUTE_404S = [
+    pytest.param(
+        "gemini",
+        b"<!DOCTYPE html><html><title>Error 404 (Not Found)!!1</title><p>The requested URL "
+        b"<code>/v1beta/v1beta/models/gemini-pro:generateContent</code> was not found on "
+        b"this server.</p></html>",
+        id="html-page-naming-models-path",
+    ),
+    pytest.param("openai", b"<html><body><h1>404 Not Found</h1>nginx</body></html>", id="nginx"),
+    pytest.param("openai", b"404 page not found", id="plain-text"),
+    pytest.param("anthropic", b"", id="empty"),
+    pytest.param(
+        "openai",
+        openai_error("Invalid URL (POST /v1/chat/completion)", "invalid_request_error"),
+        id="openai-invalid-url",
+    ),
+    pytest.param(
+        "anthropic", anthropic_error("not_found_error", "Not Found"), id="anthropic-not-found"
+    ),
+    pytest.param("openai", js({"detail": "Not Found"}), id="json-no-error"),
+    pytest.param("gemini", gemini_error(404, "NOT_FOUND", "Not Found"), id="gemini-not-found"),
+    pytest.param(
+        "openai",
+        openai_error(
+            "Unknown path: /wrong/v1beta/models/x:generateContent", "invalid_request_error"
+        ),
+        id="unknown-path-naming-models",
+    ),
+]
+
+
+@pytest.mark.parametrize(("protocol", "body"), MODEL_404S)
+def test_a_404_naming_a_missing_model_is_model_missing(protocol: str, body: bytes) -> None:
+    error = PROTOCOLS[protocol].classify(404, {}, body, NOW)
+    assert error.kind == "model_missing", error.message
+    assert not error.key_wide and not error.timed_out
+    assert error.status == 404
+
+
+@pytest.mark.parametrize(("protocol", "body"), ROUTE_404S)
+def test_a_route_404_is_transient_and_key_wide(protocol: str, body: bytes) -> None:
+    error = PROTOCOLS[protocol].classify(404, {"retry-after": "3"}, body, NOW)
+    assert error.kind == "transient", error.message
+    assert error.key_wide and not error.timed_out
+    assert error.status == 404
+    assert error.retry_after == 3.0
+    assert error.message.startswith(f"{protocol} HTTP 404")
+    assert "base_url is probably wrong" in error.message
+    assert "<" not in error.message
+
+
+def test_names_missing_model_rules() -> None:
+    assert names_missing_model("anything", {"model_not_found"})
+    assert names_missing_model("model: claude-x", {"not_found_error"})
+    assert names_missing_model("The model `x` does not exist", set())
+    assert names_missing_model("Unknown model gpt-9", set())
+    assert not names_missing_model("model: claude-x", set())  # no not-found word or code
+    assert not names_missing_model("Not Found", {"not_found_error"})  # names no model
+    assert not names_missing_model("<html>Model not found</html>", set())  # a web page
+    assert not names_missing_model("", set())
+
+
+def test_classify_failure_404_and_not_found_codes() -> None:
+    assert classify_failure(404, "model: x", {"not_found_error"}) == "model_missing"
+    assert classify_failure(404, "Not Found", {"not_found_error"}) == "transient"
+    assert classify_failure(404, "", set()) == "transient"
+    # Billing wording still wins on a 4xx; not-found codes still mean a model in-stream.
+    assert classify_failure(404, "please add credits", set()) == "balance"
+    assert classify_failure(None, "gone", {"not_found"}) == "model_missing"
+    assert classify_failure(None, "gone", {"model_not_found"}) == "model_missing"
+
+
+def test_only_a_404_is_a_route_404() -> None:
+    for status, kind in ((500, "transient"), (503, "transient"), (400, "bad_request")):
+        error = OPENAI.classify(status, {}, b"<html>oops</html>", NOW)
+        assert error.kind == kind
+        assert not error.key_wide
 
 
 # =========================================================================== SSE parser

@@ -36,6 +36,9 @@ class Fault(msgspec.Struct, kw_only=True):
     """Up to this many extra random seconds before the response head."""
     hang: bool = False
     """Never answer; hold the connection until the client goes away."""
+    reset_before_head: bool = False
+    """Never answer: reset the connection (TCP RST) once the request is read, before
+    any response byte."""
     close_mid_body: bool = False
     """Send the head and part of the body, then close the connection."""
     cut_after_chunks: int | None = None
@@ -49,7 +52,11 @@ class Fault(msgspec.Struct, kw_only=True):
     malformed_json: bool = False
     """A 2xx with a truncated JSON body; in a stream, one invalid JSON data line."""
     finish_without_end: bool = False
-    """Stream: send the finish reason but not the end marker, then close."""
+    """Stream: send the finish reason but not the end marker, then end the response
+    properly (the terminating chunk) and close."""
+    finish_then_drop: bool = False
+    """Stream: send the finish-reason chunk, then drop the connection: no usage chunk,
+    no end marker, no terminating chunk (the client sees an incomplete body)."""
     reply: str | None = None
     """Answer with this text instead of the echo."""
     tool_calls: list[ToolCall] | None = None

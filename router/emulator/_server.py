@@ -3,13 +3,21 @@
 Each accepted connection runs in its own task and serves requests one after another
 (keep-alive). While a response is being produced, a watcher task reads the socket: when
 the client goes away it cancels the response and marks the call `disconnected`.
+
+A path that is no API route gets a route 404 (a JSON error naming no model, or with
+`html_404` an HTML page, as a web server behind a wrong base_url answers). API paths
+are matched by their ending, so any base-path prefix is accepted, unless
+`strict_paths`: then only the providers' own paths are routes.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import random
 import re
+import socket
+import struct
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -52,6 +60,15 @@ _MAX_BODY = 64 * 1024 * 1024
 _NO_FAULT = Fault()
 _JSON = b"application/json"
 _GEMINI_PATH = re.compile(r"/models/([^:]+):(generateContent|streamGenerateContent)$")
+_STRICT_GEMINI_PATH = re.compile(
+    r"/v1(?:beta)?/models/([^:/]+):(generateContent|streamGenerateContent)"
+)
+_STRICT_ROUTES: dict[str, Protocol] = {
+    "/v1/chat/completions": "openai",
+    "/v1/messages": "anthropic",
+    "/v1/messages/count_tokens": "anthropic_count",
+}
+_HTML = b"text/html; charset=utf-8"
 Headers = list[tuple[bytes, bytes]]
 ScriptKey = tuple[str | None, str | None]
 
@@ -94,8 +111,17 @@ class _Connection:
             await self.stream.send_all(data)
 
 
-def _route(path: str) -> tuple[Protocol, str, bool] | None:
-    """(protocol, model named by the path, gemini stream method) for an API path."""
+def _route(path: str, *, strict: bool = False) -> tuple[Protocol, str, bool] | None:
+    """(protocol, model named by the path, gemini stream method) for an API path. Any
+    prefix is accepted unless `strict` (then only the providers' own paths)."""
+    if strict:
+        protocol = _STRICT_ROUTES.get(path)
+        if protocol is not None:
+            return protocol, "", False
+        match = _STRICT_GEMINI_PATH.fullmatch(path)
+        if match is None:
+            return None
+        return "gemini", match.group(1), match.group(2) == "streamGenerateContent"
     if path.endswith("/chat/completions"):
         return "openai", "", False
     if path.endswith("/v1/messages/count_tokens"):
@@ -106,6 +132,18 @@ def _route(path: str) -> tuple[Protocol, str, bool] | None:
     if match is not None:
         return "gemini", match.group(1), match.group(2) == "streamGenerateContent"
     return None
+
+
+def _not_found_page(method: str, path: str) -> bytes:
+    """A web server's 404 page (Google's front end answers a wrong path like this)."""
+    shown = html.escape(f"{method} {path}")
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        "<title>Error 404 (Not Found)!!1</title></head><body>"
+        f"<p><b>404.</b> <ins>That's an error.</ins></p><p>The requested URL <code>{shown}"
+        "</code> was not found on this server. <ins>That's all we know.</ins></p>"
+        "</body></html>\n"
+    ).encode()
 
 
 def _bearer(headers: dict[str, str]) -> str | None:
@@ -140,6 +178,12 @@ class Emulator:
         self.url = url
         self.calls: list[EmulatorCall] = []
         self.valid_keys: set[str] | None = None
+        self.strict_paths = False
+        """Only the providers' own API paths are routes (/v1/chat/completions,
+        /v1/messages, /v1/messages/count_tokens, /v1beta/models/M:generateContent ...);
+        by default any base-path prefix before them is accepted."""
+        self.html_404 = False
+        """Answer a path that is no route with an HTML page instead of a JSON error."""
         self.errors: list[str] = []
         """Tracebacks of unexpected server errors (a healthy run leaves this empty)."""
         self._scripts: dict[ScriptKey, deque[Fault]] = {}
@@ -148,9 +192,16 @@ class Emulator:
     @classmethod
     @asynccontextmanager
     async def serve(
-        cls, host: str = "127.0.0.1", port: int = 0, *, valid_keys: Iterable[str] | None = None
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        valid_keys: Iterable[str] | None = None,
+        strict_paths: bool = False,
+        html_404: bool = False,
     ) -> AsyncIterator[Emulator]:
-        """Listen on host:port (0 = any free port) and serve until the block exits."""
+        """Listen on host:port (0 = any free port) and serve until the block exits.
+        `strict_paths` and `html_404` set the attributes of the same names."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         for extra in listeners[1:]:
             await extra.aclose()
@@ -160,6 +211,8 @@ class Emulator:
         emulator = cls(f"http://{shown}:{int(bound[1])}")
         if valid_keys is not None:
             emulator.valid_keys = set(valid_keys)
+        emulator.strict_paths = strict_paths
+        emulator.html_404 = html_404
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, emulator._handle, [listener])
             try:
@@ -289,8 +342,11 @@ class Emulator:
         method = request.method.decode("latin-1")
         if path.startswith("/_emulator/"):
             return await self._admin(conn, method, path, raw)
-        route = _route(path)
-        if route is None:
+        route = _route(path, strict=self.strict_paths)
+        if route is None:  # a route 404: its answer names no model
+            if self.html_404:
+                page = _not_found_page(method, path)
+                return await self._send_body(conn, None, 404, page, [], content_type=_HTML)
             body = error_body("openai", 404, "bad_request", "", f"Unknown path: {path}")
             return await self._send_body(conn, None, 404, _encode(body), [])
         protocol, path_model, gemini_stream = route
@@ -392,6 +448,12 @@ class Emulator:
             await trio.sleep(delay)
         if f.hang:
             await trio.sleep_forever()
+        if f.reset_before_head:
+            # Linger 0: closing the socket (when this returns False) sends an RST.
+            linger = struct.pack("ii", 1, 0)
+            conn.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            call.completed = True
+            return False
 
         in_stream_error = parsed.stream and f.status >= 400 and f.cut_after_chunks is not None
         if (f.status >= 400 and not in_stream_error) or f.body is not None:
@@ -529,6 +591,10 @@ class Emulator:
             conn.queue(h11.Data(data=framer.frame(frame)))
             if frame.kind == "content":
                 sent += 1
+            elif frame.kind == "finish" and f.finish_then_drop:
+                await conn.flush()  # then close: no end marker, no terminating chunk
+                call.completed = True
+                return False
         conn.queue(h11.EndOfMessage())
         await conn.flush()
         call.completed = True
