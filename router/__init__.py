@@ -58,7 +58,7 @@ from ._errors import (
 )
 from ._health import ModelHealth
 from ._provider import Provider
-from ._router import KeySnapshot, ModelSnapshot, Router, RouterSnapshot
+from ._router import KeySnapshot, LaneSnapshot, ModelSnapshot, Router, RouterSnapshot
 from ._simulated import SimulatedProvider
 from ._stream import ChatStream
 from ._tokens import CascadingTokenCounter, ExactTokenCounter, OfflineTokenCounter, TokenCounter
@@ -97,6 +97,7 @@ __all__ = [
     "InvalidRequestError",
     "KeyConfig",
     "KeySnapshot",
+    "LaneSnapshot",
     "Message",
     "ModelConfig",
     "ModelHealth",

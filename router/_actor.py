@@ -54,8 +54,8 @@ import contextlib
 import heapq
 import math
 import random
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -67,6 +67,8 @@ from ._budget import RateBudget, Reservation
 from ._config import RouterSettings
 from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
+from ._failover import RETRY, RETRY_WITHOUT_MAX_TOKENS, WAIT_RETRY, Situation, Step, decide, grain
+from ._lane import Lane
 from ._provider import Provider
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
@@ -98,7 +100,11 @@ STREAMED: Final = _Signal("STREAMED")
 
 JobResult = ChatResponse | ProviderError | RouterClosedError | StreamStart | _Signal | int
 
-_AVAILABILITY_COOLING: Final = {"rate_limit": "rate_limit", "auth": "auth", "balance": "balance"}
+
+def _no_alternatives(same_model: bool, later: bool) -> bool:
+    return False
+
+
 WORKER_TASK_NAME: Final = "router.KeyActor.worker"
 _AFTER_FINISH_GRACE: Final = 1.0
 
@@ -138,6 +144,7 @@ class Job:
 
     __slots__ = (
         "abandoned",
+        "alternatives",
         "attempts",
         "backoff",
         "breaker",
@@ -146,6 +153,8 @@ class Job:
         "done",
         "dropped_max_tokens",
         "in_attempt",
+        "key_ticket",
+        "lane",
         "member",
         "model",
         "queued",
@@ -155,9 +164,12 @@ class Job:
         "retries",
         "scope",
         "started",
+        "step",
         "stream",
         "ticket",
         "tokens",
+        "wait_over",
+        "waited",
         "waiter",
     )
 
@@ -170,8 +182,14 @@ class Job:
         stream: bool = False,
         tokens: int = 0,
         count: bool = False,
+        alternatives: Callable[[bool, bool], bool] = _no_alternatives,
     ) -> None:
         self.stream = stream
+        self.alternatives = alternatives
+        """Asked only after a failure (see `router._failover.Situation.alternatives`):
+        could another key of the model, or a later model, take the request now?"""
+        self.step: Step | None = None
+        """The failure table's last step for the job: what the router does next."""
         self.backoff = 0.0
         """Seconds slept before the next attempt (an in-place retry's backoff)."""
         self.tokens = tokens
@@ -190,6 +208,14 @@ class Job:
         self.done = False
         self.queued = False
         self.breaker: CircuitBreaker | None = None
+        """The lane's breaker (or the tenant's breaker of the lane) the job uses."""
+        self.lane: Lane | None = None
+        self.key_ticket = 0
+        """The key breaker's ticket of the attempt in progress (`ticket`: the lane's)."""
+        self.waited = False
+        """The job already waited out one short Retry-After (at most once)."""
+        self.wait_over = False
+        """The short wait just ended: the next attempt may pass the lane's cooldown."""
         self.retries = 0
         self.dropped_max_tokens = False
         self.in_attempt = False
@@ -225,9 +251,13 @@ class KeyActor:
         self.settings = settings
         self._rng = rng
         self.breaker = CircuitBreaker(settings.breaker, rng)
-        self.tenant_breakers: dict[str, CircuitBreaker] = {}
-        self._per_tenant = settings.per_tenant_breakers
+        """The key's own breaker: failures that stop every model of the key (auth, and
+        connections that cannot be made). A model's failures go to its lane."""
         self.cooldown = Cooldown(settings.cooldown)
+        """The key's own cooldown: auth and balance failures (rate limits are a lane's)."""
+        self.lanes: OrderedDict[str, Lane] = OrderedDict()
+        """Upstream model id -> its lane on this key, least recently used first."""
+        self._lanes_cap = settings.lanes_per_key
         self.budget = RateBudget(rpm, tpm) if rpm is not None or tpm is not None else None
         """Requests/tokens per minute; None when the key has no budget."""
         self.shared: SharedState | None = None
@@ -269,18 +299,18 @@ class KeyActor:
         """Workers serving a job (in an attempt, a retry backoff, or about to start)."""
         return self._workers - len(self._idle)
 
-    def breaker_for(self, tenant: str | None) -> CircuitBreaker:
-        if not self._per_tenant or not tenant:
-            return self.breaker
-        breaker = self.tenant_breakers.get(tenant)
-        if breaker is None:
-            breaker = self.tenant_breakers[tenant] = CircuitBreaker(
-                self.settings.breaker, self._rng
-            )
-        return breaker
+    def lane_state(self, model: str) -> Lane | None:
+        """The lane of upstream `model`, if the key has one (reads never create one)."""
+        return self.lanes.get(model)
 
-    def is_available(self, now: float, tenant: str | None, tokens: int = 0) -> bool:
-        if now < self.cooldown.until or not self.breaker_for(tenant).can_attempt(now):
+    def is_available(
+        self, now: float, tenant: str | None, tokens: int = 0, model: str = ""
+    ) -> bool:
+        """Whether the key could take a request for upstream `model` now."""
+        if now < self.cooldown.until or not self.breaker.can_attempt(now):
+            return False
+        lane = self.lanes.get(model)
+        if lane is not None and not lane.is_available(now, tenant):
             return False
         budget = self.budget
         return budget is None or budget.available_at(now, tokens) <= now
@@ -288,20 +318,53 @@ class KeyActor:
     def is_saturated(self) -> bool:
         return self._workers - len(self._idle) + len(self._queue) >= self.max_concurrency
 
-    def wait_time(self, now: float, tenant: str | None, tokens: int = 0) -> float:
-        """Seconds until this key may be called again (0 if it may be now)."""
-        wait = max(self.cooldown.remaining(now), self.breaker_for(tenant).remaining(now))
+    def wait_time(self, now: float, tenant: str | None, tokens: int = 0, model: str = "") -> float:
+        """Seconds until this key may be called again for `model` (0 if it may be now)."""
+        wait = max(self.cooldown.remaining(now), self.breaker.remaining(now))
+        lane = self.lanes.get(model)
+        if lane is not None:
+            wait = max(wait, lane.wait_time(now, tenant))
         if self.budget is not None:
             wait = max(wait, self.budget.available_at(now, tokens) - now)
         return wait
 
+    def failure_wait(self, now: float, tenant: str | None, model: str) -> float:
+        """Seconds until neither the key's nor `model`'s lane's failure state (cooldowns,
+        breakers) stops a call for `model`; budgets are not failures."""
+        wait = max(self.cooldown.remaining(now), self.breaker.remaining(now))
+        lane = self.lanes.get(model)
+        if lane is not None:
+            wait = max(wait, lane.wait_time(now, tenant))
+        return wait
+
     # -- writes (the actor's own operations) ------------------------------------------
 
-    def reset(self) -> None:
+    def lane(self, model: str) -> Lane:
+        """The lane of upstream `model`, made on first use; past `lanes_per_key` the
+        least recently used lane holding no state is dropped (else the oldest)."""
+        lanes = self.lanes
+        lane = lanes.get(model)
+        if lane is not None:
+            lanes.move_to_end(model)
+            return lane
+        if len(lanes) >= self._lanes_cap:
+            now = self._clock.current_time()
+            victim = next((m for m, x in lanes.items() if x.is_idle_and_healthy(now)), None)
+            del lanes[victim if victim is not None else next(iter(lanes))]
+        lane = lanes[model] = Lane(model, self.settings, self._rng)
+        return lane
+
+    def reset(self, model: str | None = None) -> None:
+        """Clear the key's state and every lane's, or only the lane of `model`."""
+        if model is not None:
+            lane = self.lanes.get(model)
+            if lane is not None:
+                lane.reset()
+            return
         self.breaker.reset()
-        for b in self.tenant_breakers.values():
-            b.reset()
         self.cooldown.reset()
+        for lane in self.lanes.values():
+            lane.reset()
         self.cooling_source = self.breaker_source = "local"
 
     # -- the actor task -------------------------------------------------------------------
@@ -475,10 +538,21 @@ class KeyActor:
             return STREAMED  # a stream handed over and pumped: nothing left to do
         settings = self.settings
         clock = self._clock
-        cooldown = self.cooldown
+        if job.count:
+            now = clock.current_time()
+            if job.abandoned or now >= job.deadline:
+                return DEADLINE
+            if now < self.cooldown.until:
+                return SKIPPED
+            scope.deadline = job.deadline
+            return await self._count(job, now)
+        lane = job.lane
+        if lane is None:
+            lane = job.lane = self.lane(job.request.model)
+            job.breaker = lane.breaker_for(job.request.tenant)
         breaker = job.breaker
-        if breaker is None:
-            breaker = job.breaker = self.breaker_for(job.request.tenant)
+        assert breaker is not None
+        key_breaker = self.breaker
         while True:
             response: ChatResponse | None = None
             error: ProviderError | None = None
@@ -488,43 +562,51 @@ class KeyActor:
                 now = job.started
                 end = clock.current_time()
                 if job.abandoned or end >= job.deadline:
-                    breaker.on_abandon(job.ticket)  # the caller's doing: no verdict
+                    self._no_verdict(job)  # the caller's doing: no verdict
                     self._log(job, "cancelled" if job.abandoned else "deadline", end - now)
                     return DEADLINE
                 error = ProviderError(
-                    "transient", f"attempt timed out after {settings.attempt_timeout:g}s"
+                    "transient",
+                    f"attempt timed out after {settings.attempt_timeout:g}s",
+                    timed_out=True,
                 )
             else:
                 now = clock.current_time()
                 if job.abandoned or now >= job.deadline:
                     return DEADLINE
-                if now < cooldown.until:
+                if now < self.cooldown.until:
                     return SKIPPED
-                if job.count:
-                    scope.deadline = job.deadline
-                    return await self._count(job, now)
+                if now < lane.cooldown.until and not job.wait_over:
+                    return SKIPPED
+                job.wait_over = False
+                key_ticket = key_breaker.try_acquire(now)
+                if key_ticket is None:
+                    return SKIPPED
                 ticket = breaker.try_acquire(now)
                 if ticket is None:
+                    key_breaker.on_abandon(key_ticket)
                     return SKIPPED
+                job.key_ticket = key_ticket
+                job.ticket = ticket
                 if self.budget is not None:
                     reservation = self.budget.try_reserve(now, job.tokens)
                     if reservation is None:
-                        breaker.on_abandon(ticket)
+                        self._no_verdict(job)
                         return SKIPPED
                     job.reservation = reservation
                     if self.shared is not None:
-                        if not await self._reserve_shared(job, ticket, breaker, scope):
+                        if not await self._reserve_shared(job, scope):
                             return SKIPPED
                         now = clock.current_time()
-                job.ticket = ticket
                 job.started = now
                 self.requests += 1
+                lane.requests += 1
                 job.in_attempt = True
                 self.in_flight += 1
                 if job.stream:
                     scope.deadline = job.deadline  # the first-token timeout is inside
                     try:
-                        error = await self._stream_attempt(job, now, breaker, scope)
+                        error = await self._stream_attempt(job, now, scope)
                     finally:
                         self.in_flight -= 1
                     job.in_attempt = False
@@ -560,16 +642,11 @@ class KeyActor:
                                 timers.popleft()
                     job.in_attempt = False
                 end = clock.current_time()
-            ticket = job.ticket
             if error is None:
                 if type(response) is ChatResponse:
                     if job.reservation is not None and response.usage.total_tokens:
                         self._reconcile(job, response.usage.total_tokens, end)
-                    breaker.on_success(ticket, end, end - now)
-                    if self.shared is not None and breaker is self.breaker:
-                        self.shared.breaker_changed(self)
-                    cooldown.hits = 0
-                    self.successes += 1
+                    self._succeeded(job, end, end - now)
                     job.attempts.append(
                         Attempt(
                             model=job.model,
@@ -584,55 +661,127 @@ class KeyActor:
                 error = ProviderError(
                     "unknown", f"provider returned {type(response).__name__}, not ChatResponse"
                 )
-            self.failures += 1
             error = self._own(error, job)
-            kind = error.kind
-            self._log(job, kind, end - now, error.status)
-            if kind == "transient" or kind == "unknown":
-                if job.retries < settings.transient_retries:
-                    backoff = settings.retry_backoff
-                    delay = backoff[min(job.retries, len(backoff) - 1)]
-                    delay *= 1.0 + settings.retry_jitter * self._rng.random()
+            self._log(job, error.kind, end - now, error.status)
+            self.failures += 1
+            lane.failures += 1
+            step = self._next_step(job, error, end)
+            if step.name == RETRY or step.name == WAIT_RETRY:
+                self._no_verdict(job)  # the verdict waits for the last retry
+                if step.name == RETRY:
                     job.retries += 1
-                    if end + delay < job.deadline:
-                        breaker.on_abandon(ticket)  # the verdict waits for the last retry
-                        scope.deadline = job.deadline
-                        await trio.sleep(delay)
-                        job.backoff = clock.current_time() - end
-                        continue
-                if kind == "transient":
-                    breaker.on_failure(ticket, end)
-                    if self.shared is not None and breaker is self.breaker:
-                        self.shared.breaker_changed(self)
                 else:
-                    breaker.on_abandon(ticket)
-                return error
-            reason = _AVAILABILITY_COOLING.get(kind)
-            if reason is not None:
-                cooldown.hit(end, reason, error.retry_after)  # type: ignore[arg-type]
-                if kind == "balance":
-                    breaker.on_abandon(ticket)
-                else:
-                    breaker.on_failure(ticket, end)
-                if self.shared is not None:
-                    self.shared.cooled(self)
-                    if breaker is self.breaker:
-                        self.shared.breaker_changed(self)
-                return error
-            breaker.on_abandon(ticket)
-            if (
-                kind == "max_tokens"
-                and job.request.max_tokens is not None
-                and not job.dropped_max_tokens
-            ):
+                    job.waited = job.wait_over = True
+                scope.deadline = job.deadline
+                await trio.sleep(step.delay)
+                job.backoff = clock.current_time() - end
+                continue
+            if step is RETRY_WITHOUT_MAX_TOKENS:
+                self._no_verdict(job)
                 job.request = msgspec.structs.replace(job.request, max_tokens=None)
                 job.dropped_max_tokens = True
                 continue
             return error
 
-    async def _reserve_shared(
-        self, job: Job, ticket: int, breaker: CircuitBreaker, scope: trio.CancelScope
-    ) -> bool:
+    def _next_step(self, job: Job, error: ProviderError, now: float) -> Step:
+        """Ask the failure table what follows `error`; record the failure where it
+        belongs (see `router._failover`) unless the answer is to try here again."""
+        settings = self.settings
+        step = decide(
+            Situation(
+                error.kind,
+                key_wide=error.key_wide,
+                timed_out=error.timed_out,
+                retry_after=error.retry_after,
+                probe=CircuitBreaker.is_probe(job.ticket)
+                or CircuitBreaker.is_probe(job.key_ticket),
+                retries=job.retries,
+                transient_retries=settings.transient_retries,
+                backoff=self._backoff(job.retries),
+                time_left=job.deadline - now,
+                attempt_timeout=(
+                    settings.first_token_timeout if job.stream else settings.attempt_timeout
+                ),
+                rate_limit_wait=settings.rate_limit_wait,
+                waited=job.waited,
+                max_tokens_droppable=job.request.max_tokens is not None
+                and not job.dropped_max_tokens,
+                alternatives=job.alternatives,
+            )
+        )
+        job.step = step
+        if step.name != RETRY:
+            self._record_failure(job, error, now)
+        return step
+
+    def _backoff(self, retries: int) -> float:
+        settings = self.settings
+        delays = settings.retry_backoff
+        delay = delays[min(retries, len(delays) - 1)]
+        return delay * (1.0 + settings.retry_jitter * self._rng.random())
+
+    def _succeeded(self, job: Job, now: float, latency: float) -> None:
+        """An attempt was answered: both breakers hear it, the lane's backoff resets."""
+        lane = job.lane
+        breaker = job.breaker
+        assert lane is not None and breaker is not None
+        self.successes += 1
+        lane.successes += 1
+        lane.record_latency(latency)
+        lane.cooldown.hits = 0
+        self.breaker.on_success(job.key_ticket, now, latency)
+        breaker.on_success(job.ticket, now, latency)
+        shared = self.shared
+        if shared is not None:
+            shared.breaker_changed(self)
+            if breaker is lane.breaker:
+                shared.lane_breaker_changed(self, lane)
+
+    def _no_verdict(self, job: Job) -> None:
+        """The attempt says nothing about the key or the model: free the tickets."""
+        self.breaker.on_abandon(job.key_ticket)
+        if job.breaker is not None:
+            job.breaker.on_abandon(job.ticket)
+
+    def _record_failure(self, job: Job, error: ProviderError, now: float) -> None:
+        """Record a failure at its grain: the lane (a model's rate limit or outage), the
+        key (auth, balance, a connection that cannot be made) or nowhere. A lane
+        failure still tells the key's breaker that the key itself answered."""
+        lane = job.lane
+        breaker = job.breaker
+        assert lane is not None and breaker is not None
+        kind = error.kind
+        where = grain(kind, error.key_wide)
+        key_breaker = self.breaker
+        shared = self.shared
+        if where == "lane":
+            if kind == "rate_limit":
+                lane.cooldown.hit(now, "rate_limit", error.retry_after)
+                if shared is not None:
+                    shared.lane_cooled(self, lane)
+            breaker.on_failure(job.ticket, now, error.timed_out)
+            if error.timed_out:
+                key_breaker.on_abandon(job.key_ticket)  # nothing was heard from the key
+            else:
+                key_breaker.on_success(job.key_ticket, now, 0.0)
+            if shared is not None and breaker is lane.breaker:
+                shared.lane_breaker_changed(self, lane)
+        elif where == "key":
+            breaker.on_abandon(job.ticket)
+            if kind == "auth" or kind == "balance":
+                self.cooldown.hit(now, kind, error.retry_after)
+                if shared is not None:
+                    shared.cooled(self)
+            if kind == "balance":
+                key_breaker.on_abandon(job.key_ticket)
+            else:
+                key_breaker.on_failure(job.key_ticket, now, error.timed_out)
+        else:
+            self._no_verdict(job)
+        if shared is not None:
+            shared.breaker_changed(self)
+
+    async def _reserve_shared(self, job: Job, scope: trio.CancelScope) -> bool:
         """Reserve the job in the budget shared with other router instances (the one
         wait on Redis a request makes, bounded by `budget_timeout`). False: the shared
         budget is full, and the local reservation and the ticket are given back. When
@@ -646,12 +795,12 @@ class KeyActor:
         except BaseException:  # cancelled before the attempt began: undo, count nothing
             self.budget.release(reservation)
             job.reservation = None
-            breaker.on_abandon(ticket)
+            self._no_verdict(job)
             raise
         if member is False:
             self.budget.release(reservation)
             job.reservation = None
-            breaker.on_abandon(ticket)
+            self._no_verdict(job)
             return False
         job.member = member if isinstance(member, str) else None
         return True
@@ -706,7 +855,7 @@ class KeyActor:
         )
 
     async def _stream_attempt(
-        self, job: Job, now: float, breaker: CircuitBreaker, scope: trio.CancelScope
+        self, job: Job, now: float, scope: trio.CancelScope
     ) -> ProviderError | None:
         """One streamed attempt. Before the first content chunk a failure is returned
         (and may fail over); after it, the stream belongs to the caller: the chunks are
@@ -735,17 +884,15 @@ class KeyActor:
                     return ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
             if ttft.cancelled_caught:
                 return ProviderError(
-                    "transient", f"no first token within {settings.first_token_timeout:g}s"
+                    "transient",
+                    f"no first token within {settings.first_token_timeout:g}s",
+                    timed_out=True,
                 )
             if ended and not any(c.finish_reason for c in first):
                 return ProviderError("transient", "stream ended before its first token")
             # The upstream answered: from here on the stream is the caller's.
             end = clock.current_time()
-            breaker.on_success(job.ticket, end, end - now)
-            if self.shared is not None and breaker is self.breaker:
-                self.shared.breaker_changed(self)
-            self.cooldown.hits = 0
-            self.successes += 1
+            self._succeeded(job, end, end - now)
             self._log(job, "ok", end - now)
             send, receive = trio.open_memory_channel[StreamItem](16)
             pump = job.scope = trio.CancelScope()  # what the caller's aclose() cancels
@@ -756,7 +903,7 @@ class KeyActor:
                     send.send_nowait(STREAM_END)
                 else:
                     finished = any(c.finish_reason for c in first)
-                    await self._pump(job, upstream, send, breaker, pump, finished)
+                    await self._pump(job, upstream, send, pump, finished)
             return None
         finally:
             with trio.CancelScope(shield=True) as closing:
@@ -770,7 +917,6 @@ class KeyActor:
         job: Job,
         upstream: AsyncIterator[StreamChunk],
         send: trio.MemorySendChannel[StreamItem],
-        breaker: CircuitBreaker,
         pump: trio.CancelScope,
         finished: bool,
     ) -> None:
@@ -787,7 +933,9 @@ class KeyActor:
                     if wait.cancelled_caught:
                         if finished:
                             break
-                        raise ProviderError("transient", f"stream idle for {idle:g}s")
+                        raise ProviderError(
+                            "transient", f"stream idle for {idle:g}s", timed_out=True
+                        )
                     if chunk.finish_reason:
                         finished = True
                     if chunk.usage is not None and chunk.usage.total_tokens:
@@ -797,42 +945,47 @@ class KeyActor:
                         return
             except StopAsyncIteration:
                 if not finished:  # ended with neither finish reason nor end marker
-                    error = self._own(
-                        ProviderError("transient", "stream ended before its finish reason"), job
+                    self._stream_failed(
+                        job,
+                        send,
+                        ProviderError("transient", "stream ended before its finish reason"),
                     )
-                    self.failures += 1
-                    breaker.on_failure(job.ticket, clock.current_time())
-                    if self.shared is not None and breaker is self.breaker:
-                        self.shared.breaker_changed(self)
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        send.send_nowait(StreamFailure(error))
                     return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the caller stopped reading
             except Exception as exc:
-                error = (
-                    exc
-                    if isinstance(exc, ProviderError)
-                    else ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
-                )
-                error = self._own(error, job)
-                self.failures += 1
-                now = clock.current_time()
-                reason = _AVAILABILITY_COOLING.get(error.kind)
-                if reason is not None:  # an in-stream 429 or auth error says the same
-                    self.cooldown.hit(now, reason, error.retry_after)  # type: ignore[arg-type]
-                if error.kind in ("transient", "rate_limit", "auth"):
-                    breaker.on_failure(job.ticket, now)
-                if self.shared is not None:
-                    if reason is not None:
-                        self.shared.cooled(self)
-                    if breaker is self.breaker:
-                        self.shared.breaker_changed(self)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    send.send_nowait(StreamFailure(error))
-                return
+                if not finished:
+                    self._stream_failed(
+                        job,
+                        send,
+                        exc
+                        if isinstance(exc, ProviderError)
+                        else ProviderError(
+                            "unknown", f"provider raised {type(exc).__name__}: {exc}"
+                        ),
+                    )
+                    return
+                # The finish reason arrived, then the connection was lost before the end
+                # marker: the answer is whole.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send.send(STREAM_END)
+
+    def _stream_failed(
+        self, job: Job, send: trio.MemorySendChannel[StreamItem], error: ProviderError
+    ) -> None:
+        """A stream failed after it was handed to the caller: record it at its grain
+        (its first chunk already counted as the attempt's success) and tell the caller."""
+        error = self._own(error, job)
+        # The first chunk settled the attempt's tickets; these verdicts count only
+        # where the breaker is closed (a probe's slot was already given back).
+        job.ticket &= ~1
+        job.key_ticket &= ~1
+        self.failures += 1
+        if job.lane is not None:
+            job.lane.failures += 1
+        self._record_failure(job, error, self._clock.current_time())
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            send.send_nowait(StreamFailure(error))
 
     def _log(self, job: Job, outcome: str, duration: float, status: int | None = None) -> None:
         job.attempts.append(

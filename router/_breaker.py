@@ -30,9 +30,14 @@ Transitions::
                probes, success rate >= half_open_success_rate)
     any        reset()                                       closed
 
-Each trip opens for ``open_for * open_growth ** (trips - 1)``, capped at
-`open_for_max`, stretched by up to `jitter`; a full recovery (closing) resets the
-trip count.
+Each trip opens for ``open_for * open_growth ** growths``, capped at `open_for_max`
+and shortened by up to `jitter` (so `open_for` and `open_for_max` stay upper bounds:
+an upstream that recovered is probed again within `open_for`). The growth rule:
+the open time grows only on trips whose failure was a timeout (``grow=True``: a silent
+upstream costs a whole attempt timeout per probe, so it is probed less and less
+often); a trip by fast failures (a 5xx, a refused connection) keeps the current open
+time, so a fast-failing upstream is probed once per `open_for` and traffic returns
+within one open period of its recovery. A full recovery (closing) resets the growth.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class CircuitBreaker:
         self.open_until = -math.inf
         self.consecutive_failures = 0
         self.trips = 0
-        """Trips since the last full recovery; grows the open duration."""
+        """Growing trips (by timeouts) since the last full recovery; grows the open time."""
         self.opens = 0
         """Times this breaker has opened, ever (a statistic)."""
         self._episode = 0
@@ -163,7 +168,9 @@ class CircuitBreaker:
         elif self._probe_successes >= self.config.success_threshold:
             self._close()
 
-    def on_failure(self, ticket: int, now: float) -> None:
+    def on_failure(self, ticket: int, now: float, grow: bool = True) -> None:
+        """A failed call. `grow`: a trip caused by this failure grows the open time
+        (pass ``error.timed_out``: only timeouts grow it, see the module docstring)."""
         if self.state == CLOSED:
             if ticket >> 1 != self._episode:
                 return
@@ -171,7 +178,7 @@ class CircuitBreaker:
             self._anomalies = 0
             self._record_window(True)
             if self.consecutive_failures >= self.config.failure_threshold or self._rate_trips():
-                self._trip(now)
+                self._trip(now, grow)
             return
         if not self._is_current_probe(ticket):
             return
@@ -179,9 +186,14 @@ class CircuitBreaker:
         self._probes_done += 1
         self._probe_failures += 1
         if self.config.adaptive:
-            self._judge_sample(now)
+            self._judge_sample(now, grow)
         else:
-            self._trip(now)
+            self._trip(now, grow)
+
+    @staticmethod
+    def is_probe(ticket: int) -> bool:
+        """Whether `ticket` was issued for a half-open probe."""
+        return ticket & _PROBE == _PROBE
 
     def on_abandon(self, ticket: int) -> None:
         """The call ended with no verdict (cancelled, or a caller's error): free its
@@ -288,20 +300,21 @@ class CircuitBreaker:
                 tripped = True
         return tripped
 
-    def _judge_sample(self, now: float) -> None:
+    def _judge_sample(self, now: float, grow: bool = True) -> None:
         cfg = self.config
         needed = math.ceil(cfg.half_open_success_rate * cfg.half_open_sample - _EPSILON)
         if self._probe_successes >= needed and self._probes_done >= cfg.half_open_sample:
             self._close()
         elif self._probe_failures > cfg.half_open_sample - needed:
-            self._trip(now)  # the sample can no longer reach the success rate
+            self._trip(now, grow)  # the sample can no longer reach the success rate
 
-    def _trip(self, now: float) -> None:
+    def _trip(self, now: float, grow: bool = True) -> None:
         cfg = self.config
         base = capped_growth(cfg.open_for, cfg.open_growth, self.trips, cfg.open_for_max)
         if cfg.jitter:
-            base *= 1.0 + cfg.jitter * self._rng.random()
-        self.trips += 1
+            base *= 1.0 - cfg.jitter * self._rng.random()
+        if grow:
+            self.trips += 1
         self.opens += 1
         self.state = OPEN
         self.open_until = now + base

@@ -103,12 +103,10 @@ class CooldownConfig(_Section):
 
 
 class HealthConfig(_Section):
-    """Per-model health settings (see `router._health`)."""
+    """Per-model health settings (see `router._health`). A model cools only while none
+    of its keys can serve it (their lanes' and keys' own cooldowns and breakers say for
+    how long), so cooling has no settings of its own."""
 
-    failures_to_cool: PositiveInt = 3
-    """Consecutive availability failures of a model before it cools."""
-    cooling_for: Positive = 30.0
-    cooling_max: Positive = 300.0
     disabled_for: Positive = 3600.0
     """How long a model stays disabled after a model-missing answer."""
 
@@ -203,8 +201,11 @@ def mask_url(url: str) -> str:
 class RouterSettings(_Section):
     """The `[router]` table."""
 
-    timeout: Positive = 60.0
-    """End-to-end deadline of a request across retries and fallbacks."""
+    timeout: Positive = 90.0
+    """End-to-end deadline of a request across retries and fallbacks. The default holds
+    a fast-failing attempt's in-place retries plus one attempt timeout elsewhere (an
+    in-place retry needs its backoff plus two attempt timeouts left while a fallback
+    is callable), and a silent primary's attempt timeout plus its fallback's."""
     attempt_timeout: Positive = 30.0
     """Deadline of one upstream attempt."""
     first_token_timeout: Positive = 30.0
@@ -216,6 +217,12 @@ class RouterSettings(_Section):
     retry_backoff: list[NonNegative] = msgspec.field(default_factory=lambda: [0.5, 2.0])
     """Sleep before the n-th in-place retry; the last value repeats."""
     retry_jitter: Fraction = 0.1
+    rate_limit_wait: NonNegative = 3.0
+    """A 429 whose Retry-After is at most this many seconds, with no other key of the
+    model callable, is waited out and retried once on the same key instead of falling
+    to another model (0 disables)."""
+    lanes_per_key: PositiveInt = 256
+    """Upstream models whose failure state a key keeps (least recently used dropped)."""
     fallbacks: list[str] = msgspec.field(default_factory=list)
     """Global fallbacks, appended to every chain."""
     balancing: Balancing = "ordered"
@@ -452,8 +459,6 @@ class RouterConfig(_Section):
             raise ConfigError("router.breaker.open_for_max", "must be >= open_for")
         if r.cooldown.max < r.cooldown.min:
             raise ConfigError("router.cooldown.max", "must be >= min")
-        if r.health.cooling_max < r.health.cooling_for:
-            raise ConfigError("router.health.cooling_max", "must be >= cooling_for")
         if r.shared is not None:
             url = r.shared.redis_url
             if not url.startswith(("redis://", "rediss://", "unix://", "env:")):

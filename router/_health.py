@@ -4,12 +4,15 @@ The supervisor owns it and is its only writer. Rules every change here must keep
 
 1. Disabled on model-missing (the provider says the model does not exist) for
    `disabled_for` seconds, or until a reset.
-2. Cooling after `failures_to_cool` consecutive availability failures of the model
-   (transient failures that outlived their in-place retries, or every key rate-limited
-   or refused), for `cooling_for` growing by 2x per repeat up to `cooling_max`.
+2. Cooling is not stored here. A model is cooling exactly while none of its keys can
+   serve it (every key's own cooldown or breaker, or its lane for the model, stops
+   it); the router derives that from the keys whenever it is asked, so a model's
+   cooling never outlives its keys' and lanes' own state, follows their resets and
+   recoveries, and needs no settings of its own. (`merge` still takes a cooling state
+   learned from another instance.)
 3. Untouched by unknown failures: an ambiguous error may be the request's own, and
    parking a usable primary would push all later traffic onto the fallback.
-4. A success makes it healthy and clears the failure count.
+4. A success makes it healthy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ._config import HealthConfig, capped_growth
+from ._config import HealthConfig
 
 __all__ = ["ModelHealth"]
 
@@ -25,14 +28,12 @@ HealthState = Literal["healthy", "cooling", "disabled"]
 
 
 class ModelHealth:
-    __slots__ = ("config", "failures", "state", "trips", "until")
+    __slots__ = ("config", "state", "until")
 
     def __init__(self, config: HealthConfig) -> None:
         self.config = config
         self.state: HealthState = "healthy"
         self.until = -math.inf
-        self.failures = 0
-        self.trips = 0
 
     def state_at(self, now: float) -> HealthState:
         if self.state != "healthy" and now >= self.until:
@@ -48,22 +49,8 @@ class ModelHealth:
         return max(0.0, self.until - now)
 
     def on_success(self) -> None:
-        self.failures = 0
-        self.trips = 0
         self.state = "healthy"
         self.until = -math.inf
-
-    def on_availability_failure(self, now: float) -> None:
-        if self.state_at(now) == "disabled":
-            return  # already out for longer; cooling would relabel it
-        self.failures += 1
-        if self.failures >= self.config.failures_to_cool:
-            cfg = self.config
-            delay = capped_growth(cfg.cooling_for, 2.0, self.trips, cfg.cooling_max)
-            self.trips += 1
-            self.failures = 0
-            self.state = "cooling"
-            self.until = max(self.until, now + delay)
 
     def on_model_missing(self, now: float) -> None:
         self.state = "disabled"
@@ -87,5 +74,3 @@ class ModelHealth:
     def reset(self) -> None:
         self.state = "healthy"
         self.until = -math.inf
-        self.failures = 0
-        self.trips = 0

@@ -19,7 +19,6 @@ import math
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Final
 
 import msgspec
 import trio
@@ -37,7 +36,9 @@ from ._errors import (
     RouterClosedError,
     RouterError,
 )
+from ._failover import CONTEXT_FALLBACK, NEXT_KEY, PROPAGATE
 from ._health import ModelHealth
+from ._lane import Lane
 from ._provider import Provider
 from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
@@ -51,25 +52,52 @@ from ._tokens import (
 )
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message, Tool
 
-__all__ = ["KeySnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
+__all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
-_NEXT_KEY: Final = frozenset({"rate_limit", "auth", "balance"})
-_PROPAGATE: Final = frozenset({"bad_request", "context_exceeded", "content_filter", "max_tokens"})
+
+class LaneSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of one upstream model on one key (a lane) at the snapshot's time."""
+
+    model: str
+    """The upstream model id."""
+    breaker: str
+    """closed, open or half_open (the lane's own breaker, not a tenant's)."""
+    breaker_open_for: float
+    """Seconds until an open breaker lets a probe through (0 otherwise)."""
+    cooling_for: float
+    """Seconds of rate-limit cooldown left (0 when the lane is not cooling)."""
+    rate_limit_hits: int
+    """Rate-limit hits since the lane's last success (the backoff's exponent)."""
+    requests: int
+    successes: int
+    failures: int
+    opens: int
+    """Times the lane's breakers have opened, ever."""
+    latency: float
+    """Moving average of successful attempts' durations, seconds (0: none yet)."""
+    tenant_breakers: dict[str, str]
+    """Per-tenant breaker states, when per-tenant breakers are on."""
+    cooling_source: str | None = None
+    """While cooling: ``local`` or ``shared``."""
+    breaker_source: str | None = None
+    """While the breaker is not closed: ``local`` or ``shared``."""
 
 
 class KeySnapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """The state of one (provider, key) pair at the snapshot's time."""
+    """The state of one (provider, key) pair at the snapshot's time: the key's own
+    state (what stops every model of the key) and one `LaneSnapshot` per upstream
+    model the key has served (what stops one model)."""
 
     provider: str
     key_id: str
     breaker: str
-    """closed, open or half_open (the key's own breaker, not a tenant's)."""
+    """closed, open or half_open: the key's own breaker (auth and connection failures)."""
     breaker_open_for: float
     """Seconds until an open breaker lets a probe through (0 otherwise)."""
     cooling_for: float
-    """Seconds of cooldown left (0 when the key is not cooling)."""
+    """Seconds of the key's own cooldown left (0 when the key is not cooling)."""
     cooling_reason: str | None
-    """rate_limit, auth or balance while cooling."""
+    """auth or balance while the key cools (a rate limit cools a lane)."""
     in_flight: int
     """Attempts being sent upstream now."""
     queued: int
@@ -80,9 +108,9 @@ class KeySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     successes: int
     failures: int
     opens: int
-    """Times the key's breaker has opened, ever."""
-    tenant_breakers: dict[str, str]
-    """Per-tenant breaker states, when per-tenant breakers are on."""
+    """Times the key's own breaker has opened, ever."""
+    lanes: list[LaneSnapshot]
+    """One per upstream model the key has served (at most `lanes_per_key`)."""
     rpm_remaining: int | None = None
     """Requests left in the key's current 60 s window (None: no RPM budget). With shared
     state, this instance's own view: the shared window is in Redis."""
@@ -302,26 +330,60 @@ class Router:
             now = clock.current_time()
         attempts: list[Attempt] = []
         last_error: RouterError | None = None
-        for route in chain:
+        routes = list(chain)
+        # Where the walk stands, for `alternatives` (asked by the actor after a failure).
+        position = [0]
+        current: list[KeyActor | None] = [None]
+
+        def alternatives(same_model: bool, later: bool) -> bool:
+            at = clock.current_time()
+            here = routes[position[0]]
+            if same_model:
+                for a in here.provider.actors:
+                    if a is not current[0] and a.is_available(at, tenant, tokens, here.upstream):
+                        return True
+            if later:
+                for r in routes[position[0] + 1 :]:
+                    h = self._health.get(r.name)
+                    if h is not None and not h.is_callable(at):
+                        continue
+                    for a in r.provider.actors:
+                        if a.is_available(at, tenant, tokens, r.upstream):
+                            return True
+            return False
+
+        index = 0
+        while index < len(routes):
+            route = routes[index]
+            position[0] = index
+            index += 1
             health = self._health.get(route.name) or self._health_of(route.name)
             if not health.is_callable(now):
                 continue
-            upstream_request = msgspec.structs.replace(request, model=route.upstream)
-            key_failures = 0
+            upstream = route.upstream
+            upstream_request = msgspec.structs.replace(request, model=upstream)
             for actor in self._key_order(route.provider, tenant):
                 now = clock.current_time()
                 if now >= deadline:
                     raise DeadlineExceededError(timeout, attempts)
-                if not actor.is_available(now, tenant, tokens):
+                if not actor.is_available(now, tenant, tokens, upstream):
                     continue
-                result = await actor.call(
-                    Job(upstream_request, route.name, deadline, attempts, stream, tokens)
+                current[0] = actor
+                job = Job(
+                    upstream_request,
+                    route.name,
+                    deadline,
+                    attempts,
+                    stream,
+                    tokens,
+                    alternatives=alternatives,
                 )
+                result = await actor.call(job)
                 if type(result) is ChatResponse:
                     health.on_success()
                     result.model = route.name
                     if not result.upstream_model:
-                        result.upstream_model = route.upstream
+                        result.upstream_model = upstream
                     result.provider = actor.provider_name
                     result.key_id = actor.key_id
                     result.attempts = attempts
@@ -333,7 +395,7 @@ class Router:
                         model=route.name,
                         provider=actor.provider_name,
                         key_id=actor.key_id,
-                        upstream_model=route.upstream,
+                        upstream_model=upstream,
                     )
                 if result is SKIPPED:
                     continue
@@ -343,28 +405,23 @@ class Router:
                     raise result
                 assert isinstance(result, ProviderError)
                 last_error = result
-                kind = result.kind
-                if kind in _NEXT_KEY:
-                    if kind != "balance":
-                        key_failures += 1
+                step = job.step
+                if step is NEXT_KEY:
                     continue
-                if kind in _PROPAGATE:
+                if step is PROPAGATE:
                     raise _propagated(result, attempts, request)
-                if kind == "model_missing":
+                if step is CONTEXT_FALLBACK:
+                    target = self._context_fallback(route, routes, index)
+                    if target is None:
+                        raise _propagated(result, attempts, request)
+                    routes.insert(index, target)
+                    break
+                # NEXT_MODEL
+                if result.kind == "model_missing":
                     health.on_model_missing(clock.current_time())
                     if self._shared is not None:
                         self._shared.health_changed(route.name, health)
-                elif kind == "transient":
-                    health.on_availability_failure(clock.current_time())
-                    if self._shared is not None:
-                        self._shared.health_changed(route.name, health)
-                # unknown: advance for this request only, no mark
                 break
-            else:
-                if key_failures:
-                    health.on_availability_failure(clock.current_time())
-                    if self._shared is not None:
-                        self._shared.health_changed(route.name, health)
             now = clock.current_time()
         if now >= deadline:
             raise DeadlineExceededError(timeout, attempts)
@@ -375,6 +432,26 @@ class Router:
             self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    def _context_fallback(
+        self, route: Route[_ProviderRuntime], routes: list[Route[_ProviderRuntime]], index: int
+    ) -> Route[_ProviderRuntime] | None:
+        """The `context_window_fallbacks` target of `route` when the upstream said the
+        prompt does not fit it, unless that target was already tried for this request
+        (never the same prompt to the same model twice); it is moved up to go next."""
+        name = self._settings.context_window_fallbacks.get(route.name)
+        if name is None:
+            return None
+        target = self._chain.resolve(name)
+        tried = routes[:index]
+        if any(
+            r.name == target.name
+            or (r.provider is target.provider and r.upstream == target.upstream)
+            for r in tried
+        ):
+            return None
+        routes[index:] = [r for r in routes[index:] if r.name != target.name]
+        return target
 
     # -- token counting ---------------------------------------------------------------------
 
@@ -484,7 +561,9 @@ class Router:
             health = self._health_of(route.name)
             if health.state_at(now) == "disabled":
                 continue
-            key_wait = min(a.wait_time(now, tenant, tokens) for a in route.provider.actors)
+            key_wait = min(
+                a.wait_time(now, tenant, tokens, route.upstream) for a in route.provider.actors
+            )
             best = min(best, max(health.remaining(now), key_wait))
         if best <= 0 or math.isinf(best):
             return None
@@ -531,10 +610,8 @@ class Router:
                         requests=a.requests,
                         successes=a.successes,
                         failures=a.failures,
-                        opens=a.breaker.opens + sum(b.opens for b in a.tenant_breakers.values()),
-                        tenant_breakers={
-                            t: b.state_at(now) for t, b in sorted(a.tenant_breakers.items())
-                        },
+                        opens=a.breaker.opens,
+                        lanes=[_lane_snapshot(lane, now) for lane in a.lanes.values()],
                         rpm_remaining=rpm_left,
                         tpm_remaining=tpm_left,
                         cooling_source=a.cooling_source if cooling else None,
@@ -552,16 +629,24 @@ class Router:
         for name, health in self._health.items():
             route = self._chain.resolve(name)
             state = health.state_at(now)
+            remaining = health.remaining(now)
             source = None
             if state != "healthy":
                 source = shared.health_sources.get(name, "local") if shared else "local"
+            else:
+                # Cooling is derived: no key can serve the model before `wait`.
+                wait = min(
+                    a.failure_wait(now, None, route.upstream) for a in route.provider.actors
+                )
+                if wait > 0:
+                    state, remaining, source = "cooling", wait, "local"
             models.append(
                 ModelSnapshot(
                     name=name,
                     provider=route.provider.name,
                     upstream=route.upstream,
                     health=state,
-                    remaining=health.remaining(now),
+                    remaining=remaining,
                     source=source,
                 )
             )
@@ -586,20 +671,31 @@ class Router:
         provider: str | None = None,
         key_id: str | None = None,
         model: str | None = None,
+        upstream: str | None = None,
     ) -> None:
         """Clear state an operator knows to be stale.
 
-        ``reset(provider="p", key_id="k")`` clears that key's breakers and cooldown;
-        ``reset(provider="p")`` every key of the provider; ``reset(model="m")`` the
-        model's health; ``reset()`` everything.
+        ``reset(provider="p", key_id="k")`` clears that key's breakers and cooldowns,
+        its lanes' included; ``reset(provider="p")`` every key of the provider;
+        ``reset(provider="p", key_id="k", upstream="gpt-4o")`` only that lane (without
+        `key_id`: that model's lane on every key of the provider); ``reset(model="m")``
+        the model's health; ``reset()`` everything.
         """
         if key_id is not None and provider is None:
             raise InvalidRequestError("provider", "a key_id needs its provider")
-        self._reset_local(provider, key_id, model)
+        if upstream is not None and provider is None:
+            raise InvalidRequestError("provider", "an upstream lane needs its provider")
+        self._reset_local(provider, key_id, model, upstream)
         if self._shared is not None:
-            self._shared.reset(provider, key_id, model)
+            self._shared.reset(provider, key_id, model, upstream)
 
-    def _reset_local(self, provider: str | None, key_id: str | None, model: str | None) -> None:
+    def _reset_local(
+        self,
+        provider: str | None,
+        key_id: str | None,
+        model: str | None,
+        upstream: str | None = None,
+    ) -> None:
         if model is not None:
             try:
                 self._chain.resolve(model)
@@ -614,7 +710,7 @@ class Router:
             if not actors:
                 raise InvalidRequestError("key_id", f"provider {provider!r} has no key {key_id!r}")
             for a in actors:
-                a.reset()
+                a.reset(upstream)
         if provider is None and model is None:
             for rt in self._runtimes.values():
                 for a in rt.actors:
@@ -625,6 +721,26 @@ class Router:
     def provider(self, name: str) -> Provider:
         """The provider instance serving `name` (the simulated one, or a custom one)."""
         return self._runtimes[name].provider
+
+
+def _lane_snapshot(lane: Lane, now: float) -> LaneSnapshot:
+    breaker = lane.breaker.state_at(now)
+    cooling = lane.cooldown.is_cooling(now)
+    return LaneSnapshot(
+        model=lane.model,
+        breaker=breaker,
+        breaker_open_for=lane.breaker.remaining(now),
+        cooling_for=lane.cooldown.remaining(now),
+        rate_limit_hits=lane.cooldown.hits,
+        requests=lane.requests,
+        successes=lane.successes,
+        failures=lane.failures,
+        opens=lane.breaker.opens + sum(b.opens for b in lane.tenant_breakers.values()),
+        latency=lane.latency,
+        tenant_breakers={t: b.state_at(now) for t, b in sorted(lane.tenant_breakers.items())},
+        cooling_source=lane.cooling_source if cooling else None,
+        breaker_source=lane.breaker_source if breaker != "closed" else None,
+    )
 
 
 def _load(actor: KeyActor) -> float:

@@ -39,6 +39,8 @@ class Fail:
     status: int | None = None
     latency: float = 0.0
     message: str = ""
+    key_wide: bool = False
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ class ScriptedProvider:
     """A custom provider whose every call follows a per-key script.
 
     `script(key_id, actions)` queues actions for that key; a key with an empty queue
-    uses `default` (a plain reply). `calls` records every call, in order.
+    uses `default` (a plain reply). `script("key/model", ...)` scripts only the calls
+    for that upstream model on that key (taken before the key's own script).
+    `calls` records every call, in order.
     `on_call(key_id)` runs at the start of each call, before any sleeping.
     """
 
@@ -78,15 +82,23 @@ class ScriptedProvider:
     def set_default(self, key_id: str, action: Action) -> None:
         self._defaults[key_id] = action
 
-    def calls_to(self, key_id: str) -> int:
-        return sum(1 for c in self.calls if c.key_id == key_id)
+    def calls_to(self, key_id: str, model: str | None = None) -> int:
+        return sum(
+            1 for c in self.calls if c.key_id == key_id and (model is None or c.model == model)
+        )
+
+    def _next(self, key_id: str, model: str) -> Action:
+        lane = self._scripts.get(f"{key_id}/{model}")
+        if lane:
+            return lane.popleft()
+        queue = self._scripts[key_id]
+        return queue.popleft() if queue else self._defaults.get(key_id, self.default)
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
         self.calls.append(Call(trio.current_time(), key.id, request.model, request.max_tokens))
         if self.on_call is not None:
             self.on_call(key.id)
-        queue = self._scripts[key.id]
-        action = queue.popleft() if queue else self._defaults.get(key.id, self.default)
+        action = self._next(key.id, request.model)
         if isinstance(action, Hang):
             await trio.sleep_forever()
         assert isinstance(action, Reply | Fail)
@@ -98,6 +110,8 @@ class ScriptedProvider:
                 action.message or f"scripted {action.kind}",
                 retry_after=action.retry_after,
                 status=action.status,
+                key_wide=action.key_wide,
+                timed_out=action.timed_out,
             )
         return ChatResponse(content=f"{action.content} from {key.id}")
 

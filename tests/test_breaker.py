@@ -329,14 +329,34 @@ def test_reset_closes_a_half_open_breaker() -> None:
     assert cb.can_attempt(30.0)
 
 
-def test_jitter_stretches_open_duration_by_at_most_jitter() -> None:
+def test_jitter_shortens_open_duration_by_at_most_jitter() -> None:
+    # Jitter only ever shortens: open_for stays an upper bound, so a recovered upstream
+    # is probed again within open_for.
+    ends = set()
     for seed in range(20):
         cb = CircuitBreaker(
             BreakerConfig(failure_threshold=1, open_for=30.0, jitter=0.1),
             rng=random.Random(seed),
         )
         trip_closed(cb, 0.0)
-        assert 30.0 <= cb.open_until <= 33.0
+        assert 27.0 <= cb.open_until <= 30.0
+        ends.add(cb.open_until)
+    assert len(ends) > 1
+
+
+def test_fast_failures_do_not_grow_the_open_time_and_timeouts_do() -> None:
+    cb = CircuitBreaker(cfg(failure_threshold=1, open_for=30.0, open_growth=2.0))
+    now = 0.0
+    durations = []
+    for grow in (False, False, True, True, False, True):
+        ticket = cb.try_acquire(now)
+        assert ticket is not None
+        cb.on_failure(ticket, now, grow=grow)
+        durations.append(cb.open_until - now)
+        now = cb.open_until
+        assert cb.state_at(now) == "half_open"
+    # A trip opens for the current time; only a timed-out failure grows the next one.
+    assert durations == pytest.approx([30.0, 30.0, 30.0, 60.0, 120.0, 120.0])
 
 
 # ---------------------------------------------------------------------------------------

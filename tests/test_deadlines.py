@@ -14,11 +14,13 @@ from router import (
     ChatRequest,
     DeadlineExceededError,
     KeySnapshot,
+    LaneSnapshot,
     Message,
     ModelSnapshot,
     Router,
     RouterClosedError,
 )
+from router._config import RouterSettings
 
 THREE_MODELS = """
 [router]
@@ -57,8 +59,6 @@ ONE_KEY = """
 attempt_timeout = 30
 [router.breaker]
 failure_threshold = 1
-[router.health]
-failures_to_cool = 1
 [[providers]]
 name = "p"
 kind = "custom"
@@ -77,6 +77,11 @@ def req(model: str = "m1", **kw: object) -> ChatRequest:
 
 def key(router: Router, provider: str, key_id: str) -> KeySnapshot:
     (snap,) = [k for k in router.snapshot().keys if k.provider == provider and k.key_id == key_id]
+    return snap
+
+
+def lane(router: Router, provider: str, key_id: str, upstream: str) -> LaneSnapshot:
+    (snap,) = [x for x in key(router, provider, key_id).lanes if x.model == upstream]
     return snap
 
 
@@ -154,17 +159,36 @@ async def test_one_deadline_across_attempt_timeouts_and_fallbacks(autojump_clock
 
 
 async def test_deadline_holds_across_in_place_retries_of_slow_failures(autojump_clock):
+    # m3 has no fallback: nothing else could take the request, so it retries in place.
     sp = ScriptedProvider(default=Fail("transient", latency=1.0))
     async with three(sp, retries=2) as router:
         router_timeout = 5.0
         t0 = trio.current_time()
         with pytest.raises(DeadlineExceededError) as info:
-            await router.submit(req(timeout=router_timeout))
+            await router.submit(req("m3", timeout=router_timeout))
         assert trio.current_time() - t0 == pytest.approx(5.0)
-        # k1 at 0 (fails at 1), +0.5 -> 1.5 (fails at 2.5), +2 -> 4.5, cut at 5.
+        # k3 at 0 (fails at 1), +0.5 -> 1.5 (fails at 2.5), +2 -> 4.5, cut at 5.
         assert [c.time - t0 for c in sp.calls] == pytest.approx([0.0, 1.5, 4.5])
         assert [a.outcome for a in info.value.attempts] == ["transient", "transient", "deadline"]
-        assert {c.key_id for c in sp.calls} == {"k1"}
+        assert {c.key_id for c in sp.calls} == {"k3"}
+
+
+async def test_no_in_place_retry_that_the_deadline_cannot_hold_with_a_fallback(autojump_clock):
+    # With fallbacks callable, a retry needs its backoff plus two attempt timeouts
+    # (its own and one elsewhere) left: 0.5 + 2 * 30 > 5, so the request moves on.
+    sp = ScriptedProvider(default=Fail("transient", latency=1.0))
+    sp.set_default("k3", Reply())
+    async with three(sp, retries=2) as router:
+        t0 = trio.current_time()
+        resp = await router.submit(req(timeout=5.0))
+        assert (resp.model, resp.key_id) == ("m3", "k3")
+        assert [c.key_id for c in sp.calls] == ["k1", "k2", "k3"]
+        assert trio.current_time() - t0 == pytest.approx(2.0)
+    # With room for one (attempt_timeout 1.5: 0.5 + 3 <= 4 left after the first
+    # failure, but not 2 + 3 <= 2.5 after the second), it retries in place once.
+    async with three(sp, retries=2, attempt_timeout=1.5) as router:
+        resp = await router.submit(req(timeout=5.0))
+        assert [c.key_id for c in sp.calls[3:]] == ["k1", "k1", "k2", "k3"]
 
 
 async def test_deadline_across_three_models_failing_slowly(autojump_clock):
@@ -197,18 +221,39 @@ async def test_router_timeout_setting_is_the_default_deadline(autojump_clock):
 
 
 async def test_hang_is_cut_at_attempt_timeout_counted_transient_and_retried(autojump_clock):
+    # Retried in place only because nothing else could take the request (m3 alone).
     sp = ScriptedProvider()
-    sp.script("k1", [Hang(), Reply("late")])
+    sp.script("k3", [Hang(), Reply("late")])
     async with three(sp, attempt_timeout=2, retries=1) as router:
         t0 = trio.current_time()
-        resp = await router.submit(req())
+        resp = await router.submit(req("m3"))
         assert trio.current_time() - t0 == pytest.approx(2.5)
-        assert (resp.model, resp.key_id, resp.content) == ("m1", "k1", "late from k1")
+        assert (resp.model, resp.key_id, resp.content) == ("m3", "k3", "late from k3")
         assert [a.outcome for a in resp.attempts] == ["transient", "ok"]
         assert resp.attempts[0].duration == pytest.approx(2.0)
         assert [c.time - t0 for c in sp.calls] == pytest.approx([0.0, 2.5])
-        k1 = key(router, "p1", "k1")
-        assert (k1.requests, k1.failures, k1.successes, k1.in_flight) == (2, 1, 1, 0)
+        k3 = key(router, "p3", "k3")
+        assert (k3.requests, k3.failures, k3.successes, k3.in_flight) == (2, 1, 1, 0)
+
+
+async def test_silent_primary_with_default_timeouts_moves_to_its_fallback(autojump_clock):
+    # The documented defaults: a silent primary costs one attempt timeout, then its
+    # healthy fallback answers, well before the request's deadline.
+    cfg = make_config(THREE_MODELS.format(attempt_timeout=30, retries=2))
+    defaults = RouterSettings()
+    cfg.router.timeout = defaults.timeout
+    cfg.router.attempt_timeout = defaults.attempt_timeout
+    cfg.router.transient_retries = defaults.transient_retries
+    sp = ScriptedProvider()
+    sp.set_default("k1", Hang())
+    async with Router.open(cfg, providers={"p1": sp, "p2": sp, "p3": sp}) as router:
+        t0 = trio.current_time()
+        resp = await router.submit(req())
+        elapsed = trio.current_time() - t0
+        assert (resp.model, resp.key_id) == ("m2", "k2")
+        assert sp.calls_to("k1") == 1
+        assert elapsed == pytest.approx(defaults.attempt_timeout)
+        assert elapsed < defaults.timeout
 
 
 async def test_hang_cut_at_attempt_timeout_then_next_model_when_retries_exhausted(
@@ -297,13 +342,12 @@ async def test_cancelled_half_open_probe_frees_the_probe_slot(autojump_clock):
     cfg = make_config(ONE_KEY.format(conc=4))
     cfg.router.transient_retries = 0
     cfg.router.breaker.open_for = 10.0
-    cfg.router.health.failures_to_cool = 100
     sp = ScriptedProvider()
     sp.script("k", [Fail("transient"), Hang()])
     async with Router.open(cfg, providers={"p": sp}) as router:
         with pytest.raises(ChainExhaustedError):
             await router.submit(req("m"))
-        assert key(router, "p", "k").breaker == "open"
+        assert lane(router, "p", "k", "u").breaker == "open"
         await trio.sleep(10.0)
         # The probe hangs; its caller gives up.
         with trio.move_on_after(1.0) as scope:
@@ -311,7 +355,11 @@ async def test_cancelled_half_open_probe_frees_the_probe_slot(autojump_clock):
         assert scope.cancelled_caught
         assert len(sp.calls) == 2
         k = key(router, "p", "k")
-        assert (k.breaker, k.failures, k.in_flight) == ("half_open", 1, 0)
+        assert (lane(router, "p", "k", "u").breaker, k.failures, k.in_flight) == (
+            "half_open",
+            1,
+            0,
+        )
         # The probe slot was freed, so a new probe goes through and is not refused.
         resp = await router.submit(req("m"))
         assert resp.key_id == "k"

@@ -15,6 +15,7 @@ from router import (
     ChatResponse,
     InvalidRequestError,
     KeySnapshot,
+    LaneSnapshot,
     Message,
     ModelSnapshot,
     ProviderError,
@@ -55,6 +56,11 @@ def key(router: Router, provider: str, key_id: str) -> KeySnapshot:
     return snap
 
 
+def lane(router: Router, provider: str, key_id: str, upstream: str = "up-m") -> LaneSnapshot:
+    (snap,) = [x for x in key(router, provider, key_id).lanes if x.model == upstream]
+    return snap
+
+
 def model(router: Router, name: str) -> ModelSnapshot:
     (snap,) = [m for m in router.snapshot().models if m.name == name]
     return snap
@@ -76,11 +82,12 @@ async def test_rate_limit_cools_key_for_retry_after_and_next_key_serves(autojump
         assert (resp.provider, resp.key_id, resp.model) == ("p", "b", "m")
         assert [c.key_id for c in p.calls] == ["a", "b"]
         assert q.calls == []
-        a = key(router, "p", "a")
-        # max(retry_after 7, first backoff 5) = 7.
+        a = lane(router, "p", "a")
+        # max(retry_after 7, first backoff 5) = 7, on the model's lane, not the key.
         assert a.cooling_for == pytest.approx(7.0)
-        assert a.cooling_reason == "rate_limit"
-        assert key(router, "p", "b").cooling_for == 0
+        assert a.rate_limit_hits == 1
+        assert key(router, "p", "a").cooling_for == 0
+        assert lane(router, "p", "b").cooling_for == 0
 
         await trio.sleep_until(t0 + 6.9)
         resp = await router.submit(req())
@@ -88,7 +95,7 @@ async def test_rate_limit_cools_key_for_retry_after_and_next_key_serves(autojump
         assert p.calls_to("a") == 1
 
         await trio.sleep_until(t0 + 7.1)
-        assert key(router, "p", "a").cooling_for == 0
+        assert lane(router, "p", "a").cooling_for == 0
         resp = await router.submit(req())
         assert resp.key_id == "a"
         assert p.calls_to("a") == 2
@@ -102,12 +109,12 @@ async def test_rate_limit_cooldown_is_at_least_the_exponential_backoff(autojump_
     async with two_key_router(p, q) as router:
         t0 = trio.current_time()
         await router.submit(req())
-        assert key(router, "p", "a").cooling_for == pytest.approx(5.0)
+        assert lane(router, "p", "a").cooling_for == pytest.approx(5.0)
         await trio.sleep_until(t0 + 5.0)
         p.script("a", [Fail("rate_limit")])
         resp = await router.submit(req())
         assert resp.key_id == "b"
-        assert key(router, "p", "a").cooling_for == pytest.approx(10.0)
+        assert lane(router, "p", "a").cooling_for == pytest.approx(10.0)
 
 
 async def test_rate_limit_on_one_provider_never_cools_a_sibling_key_with_same_id(
@@ -137,7 +144,7 @@ upstream = "up2"
     async with Router.open(make_config(cfg), providers={"p": p, "q": q}) as router:
         resp = await router.submit(req("m1"))
         assert (resp.provider, resp.key_id, resp.model) == ("q", "default", "m2")
-        assert key(router, "p", "default").cooling_for == pytest.approx(7.0)
+        assert lane(router, "p", "default", "up1").cooling_for == pytest.approx(7.0)
         qk = key(router, "q", "default")
         assert qk.cooling_for == 0
         assert qk.cooling_reason is None
@@ -239,7 +246,7 @@ async def test_transient_with_zero_retries_from_config(autojump_clock):
 async def test_unknown_retried_like_transient_advances_and_does_not_mark_model(
     autojump_clock,
 ):
-    cfg = TWO_KEYS + "[router.health]\nfailures_to_cool = 1\n"
+    cfg = TWO_KEYS + "[router.breaker]\nfailure_threshold = 1\n"
     cfg = cfg.replace("[router]\ntransient_retries = 2", "[router]\ntransient_retries = 1")
     p, q = ScriptedProvider(), ScriptedProvider()
     p.script("a", [Fail("unknown"), Fail("unknown")])
@@ -251,16 +258,26 @@ async def test_unknown_retried_like_transient_advances_and_does_not_mark_model(
         assert resp.model == "m2"
         assert model(router, "m").health == "healthy"
         assert key(router, "p", "a").breaker == "closed"
+        assert lane(router, "p", "a").breaker == "closed"
 
         # The model was not marked: the next request goes to it again.
         resp = await router.submit(req())
         assert (resp.model, resp.key_id) == ("m", "a")
 
-        # Whereas a transient failure with failures_to_cool=1 cools it.
+        # Whereas a transient failure opens the lane (failure_threshold = 1); with key
+        # b untouched the model is still callable on b.
         p.script("a", [Fail("transient"), Fail("transient")])
         resp = await router.submit(req())
         assert resp.model == "m2"
+        assert lane(router, "p", "a").breaker == "open"
+        assert model(router, "m").health == "healthy"
+        p.script("b", [Fail("transient"), Fail("transient")])
+        resp = await router.submit(req())
+        assert [c.key_id for c in p.calls[-2:]] == ["b", "b"]
+        assert resp.model == "m2"
+        # Now no key can serve m: it is cooling until the first lane half-opens.
         assert model(router, "m").health == "cooling"
+        assert model(router, "m").remaining == pytest.approx(30.0, abs=1.0)
         n = len(p.calls)
         resp = await router.submit(req())
         assert resp.model == "m2"

@@ -26,6 +26,7 @@ from router import (
     ChatRequest,
     ChatResponse,
     KeySnapshot,
+    LaneSnapshot,
     Message,
     ModelSnapshot,
     ProviderError,
@@ -122,6 +123,13 @@ def key(router: Router, provider: str, key_id: str) -> KeySnapshot:
     raise AssertionError(f"no key {provider}/{key_id}")
 
 
+def lane(router: Router, provider: str, key_id: str, upstream: str = UP) -> LaneSnapshot:
+    for x in key(router, provider, key_id).lanes:
+        if x.model == upstream:
+            return x
+    raise AssertionError(f"no lane {provider}/{key_id}/{upstream}")
+
+
 def model(router: Router, name: str) -> ModelSnapshot:
     for m in router.snapshot().models:
         if m.name == name:
@@ -195,13 +203,14 @@ async def test_429_cools_the_key_and_the_next_key_serves(kind: str) -> None:
         assert response.content == "echo: hello world"
         assert outcomes(response) == [("main", "a", "rate_limit"), ("main", "b", "ok")]
         assert response.attempts[0].status == 429
-        a = key(router, "p", "a")
-        assert a.cooling_reason == "rate_limit"
+        a = lane(router, "p", "a")
+        assert a.rate_limit_hits == 1
         # No usable hint in the default bodies (OpenAI's "try again in 120ms" is below
-        # the 5 s backoff): the cooldown is the 5 s minimum.
+        # the 5 s backoff): the lane's cooldown is the 5 s minimum; the key is not cooling.
         assert 4.0 < a.cooling_for <= 5.0
         assert a.failures == 1
-        assert key(router, "p", "b").cooling_for == 0
+        assert key(router, "p", "a").cooling_for == 0
+        assert lane(router, "p", "b").cooling_for == 0
         assert [c.key for c in emu.calls] == [SECRET_A, SECRET_B]
         # While a cools, the next request goes straight to b.
         again = await router.submit(req())
@@ -264,8 +273,8 @@ async def test_retry_headers_set_the_cooldown(
         emu.script(Fault(status=429, headers=headers()), key=SECRET_A, model=UP)
         response = await router.submit(req())
         assert response.key_id == "b"
-        a = key(router, "p", "a")
-        assert a.cooling_reason == "rate_limit"
+        a = lane(router, "p", "a")
+        assert a.rate_limit_hits == 1
         assert low <= a.cooling_for <= high + 0.05, (form, a.cooling_for)
 
 
@@ -455,17 +464,28 @@ async def test_stream_finish_then_drop_completes(kind: str) -> None:
 
 
 @by_kind
-async def test_hang_is_cut_by_the_attempt_timeout_and_retried(kind: str) -> None:
+async def test_hang_is_cut_by_the_attempt_timeout_and_the_fallback_serves(kind: str) -> None:
+    # A silent upstream is not retried in place while the fallback can take the request.
     async with rig(kind) as (emu, router):
         emu.script(Fault(hang=True), key=SECRET_A, model=UP)
         response = await router.submit(req())
-        assert response.key_id == "a"
+        assert (response.model, response.key_id) == (FALLBACK, "f")
         assert [a.outcome for a in response.attempts] == ["transient", "ok"]
         assert 0.45 <= response.attempts[0].duration < 1.0
         hung = emu.calls[0]
         await wait_for(lambda: hung.disconnected)
         assert not hung.completed
         assert key(router, "p", "a").in_flight == 0
+
+
+@by_kind
+async def test_hang_is_retried_in_place_when_nothing_else_can_serve(kind: str) -> None:
+    async with rig(kind) as (emu, router):
+        emu.script(Fault(hang=True), key=SECRET_A, model=UP)
+        only = ChatRequest(model="p/" + UP, messages=[Message("user", "hello world")])
+        response = await router.submit(only)
+        assert response.key_id in ("a", "b")
+        assert [a.outcome for a in response.attempts] == ["transient", "ok"]
 
 
 @by_kind
@@ -497,9 +517,15 @@ async def test_connection_refused_is_transient_and_the_fallback_serves(kind: str
     async with rig(kind, main_url=dead) as (emu, router):
         response = await router.submit(req())
         assert (response.model, response.key_id) == (FALLBACK, "f")
-        assert outcomes(response) == [("main", "a", "transient")] * 3 + [(FALLBACK, "f", "ok")]
+        # Connection-level: the key's failure, so the next key of the model is tried
+        # (each retried in place: a refusal is fast), then the fallback.
+        assert outcomes(response) == [("main", "a", "transient")] * 3 + [
+            ("main", "b", "transient")
+        ] * 3 + [(FALLBACK, "f", "ok")]
         assert [c.key for c in emu.calls] == [SECRET_F]
-        assert model(router, "main").health == "healthy"  # one failure, below failures_to_cool
+        assert key(router, "p", "a").failures == 3
+        assert lane(router, "p", "a").failures == 3
+        assert lane(router, "p", "a").breaker == "closed"  # not the model's failure
 
 
 # --------------------------------------------------------------------------- streaming

@@ -142,12 +142,10 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
             "success_threshold": draw(st.integers(1, 2)),
         },
         "cooldown": {"min": 1.0, "max": 8.0, "auth": 6.0, "balance": 15.0},
-        "health": {
-            "failures_to_cool": draw(st.integers(1, 3)),
-            "cooling_for": 2.0,
-            "cooling_max": 6.0,
-            "disabled_for": 10.0,
-        },
+        "health": {"disabled_for": 10.0},
+        # A short Retry-After waited out in place passes the lane's cooldown on purpose
+        # (tests/test_lanes.py); here every call to a cooling lane is a violation.
+        "rate_limit_wait": 0.0,
     }
     config = {"router": router, "providers": providers, "models": models}
 
@@ -177,11 +175,13 @@ class CheckedProvider(ScriptedProvider):
     the `on_call` hook can check that tenant's breaker."""
 
     current_tenant: str | None = None
+    current_model: str = ""
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
-        # ScriptedProvider.complete runs on_call before its first checkpoint, so this
-        # attribute is still this request's tenant when the hook reads it.
+        # ScriptedProvider.complete runs on_call before its first checkpoint, so these
+        # attributes are still this request's when the hook reads them.
         self.current_tenant = request.tenant
+        self.current_model = request.model
         return await super().complete(request, key)
 
 
@@ -207,16 +207,31 @@ async def run_scenario(scenario: dict[str, Any]) -> None:
                     f"t={now}: call to {pname}/{key_id} while cooling until "
                     f"{actor.cooldown.until} ({actor.cooldown.reason})"
                 )
+            if actor.breaker.state_at(now) == "open":
+                violations.append(
+                    f"t={now}: call to {pname}/{key_id} while its key breaker is open "
+                    f"until {actor.breaker.open_until}"
+                )
             tenant = prov.current_tenant
+            model = prov.current_model
+            lane = actor.lane_state(model)
+            if lane is None:
+                violations.append(f"t={now}: call to {pname}/{key_id} for {model} with no lane")
+                return
+            if lane.cooldown.is_cooling(now):
+                violations.append(
+                    f"t={now}: call to {pname}/{key_id} for {model} while its lane cools "
+                    f"until {lane.cooldown.until}"
+                )
             breaker = (
-                actor.tenant_breakers.get(tenant, actor.breaker)
+                lane.tenant_breakers.get(tenant, lane.breaker)
                 if actor.settings.per_tenant_breakers and tenant
-                else actor.breaker
+                else lane.breaker
             )
             if breaker.state_at(now) == "open":
                 violations.append(
-                    f"t={now}: call to {pname}/{key_id} (tenant {tenant}) while its "
-                    f"breaker is open until {breaker.open_until}"
+                    f"t={now}: call to {pname}/{key_id} for {model} (tenant {tenant}) "
+                    f"while its lane breaker is open until {breaker.open_until}"
                 )
 
         return on_call
@@ -327,6 +342,7 @@ def _scenario(
         "timeout": 8.0,
         "attempt_timeout": 1.5,
         "transient_retries": 1,
+        "rate_limit_wait": 0.0,
         "retry_backoff": [0.5, 2.0],
         "retry_jitter": 0.0,
         "seed": 0,
@@ -460,9 +476,11 @@ async def test_half_open_admits_one_probe_after_unknown_near_deadline(
             await router.submit(req())
         except RouterError as exc:
             with_errors.append(exc)
-        assert actor.breaker.state_at(trio.current_time()) == "open"
+        lane = actor.lane_state("x")
+        assert lane is not None
+        assert lane.breaker.state_at(trio.current_time()) == "open"
         await trio.sleep_until(2.0)
-        assert actor.breaker.state_at(trio.current_time()) == "half_open"
+        assert lane.breaker.state_at(trio.current_time()) == "half_open"
         # Deadline at t=2.7: the unknown failure ends at t=2.3 and a 0.5 s backoff would
         # pass the deadline, so no retry is made.
         try:
@@ -471,7 +489,7 @@ async def test_half_open_admits_one_probe_after_unknown_near_deadline(
             with_errors.append(exc)
         assert len(with_errors) == 2
         assert len(prov.calls) == 3
-        assert actor.breaker.state_at(trio.current_time()) == "half_open"
+        assert lane.breaker.state_at(trio.current_time()) == "half_open"
 
         await trio.sleep_until(3.0)
         results: list[object] = []

@@ -42,6 +42,7 @@ EXPECTED_ALL = [
     "InvalidRequestError",
     "KeyConfig",
     "KeySnapshot",
+    "LaneSnapshot",
     "Message",
     "ModelConfig",
     "ModelHealth",

@@ -39,9 +39,6 @@ max = 2.0
 auth = 3.0
 balance = 4.0
 
-[router.health]
-failures_to_cool = 1000
-
 [[models]]
 name = "m"
 provider = "sim"

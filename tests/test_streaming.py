@@ -144,12 +144,13 @@ def all_idle(router: Router) -> bool:
             ["transient"] * 3,
             id="transient-after-retries-next-model",
         ),
-        pytest.param([Hang()] * 3, "c", "m2", ["transient"] * 3, id="hang-ttft-next-model"),
+        # A silent upstream is not retried in place while a fallback is callable.
+        pytest.param([Hang()], "c", "m2", ["transient"], id="hang-ttft-next-model"),
         pytest.param(
-            [StreamScript(latency=FTT + 1)] * 3,
+            [StreamScript(latency=FTT + 1)],
             "c",
             "m2",
-            ["transient"] * 3,
+            ["transient"],
             id="slow-first-chunk-next-model",
         ),
         pytest.param(
@@ -210,28 +211,39 @@ async def test_failover_before_first_chunk_with_complete_only_provider(autojump_
     ids=["slow", "hang", "keepalives"],
 )
 async def test_ttft_timeout_fails_at_exactly_ttft_and_retries_in_place(autojump_clock, slow):
+    # m3 has no fallback: a silent first token is retried in place, each attempt cut at
+    # exactly the first-token timeout.
+    r = StreamingScriptedProvider()
+    r.script("d", [slow, slow, GOOD])
+    async with Router.open(config(), providers=providers(r=r)) as router:
+        t0 = trio.current_time()
+        async with router.stream(req("m3")) as stream:
+            t_first = trio.current_time() - t0
+            chunks = [(c.text, c.finish_reason) async for c in stream]
+        assert chunks == GOOD_CHUNKS
+        # Three attempts on d (the first and two in-place retries after 0.5 s and 2 s).
+        assert [c.time - t0 for c in r.calls] == [0.0, FTT + 0.5, 2 * FTT + 2.5]
+        assert t_first == 2 * FTT + 2.5
+        d_attempts = stream.attempts[:2]
+        assert [(a.outcome, a.duration) for a in d_attempts] == [("transient", FTT)] * 2
+        assert r.closed == ["d"] * 3
+        snap = key(router, "d")
+        assert (snap.failures, snap.in_flight) == (2, 0)
+
+
+async def test_ttft_timeout_with_a_fallback_moves_on_after_one_attempt(autojump_clock):
     p, q = StreamingScriptedProvider(), StreamingScriptedProvider()
-    p.set_default("a", slow)
+    p.set_default("a", Hang())
     q.set_default("c", GOOD)
     async with Router.open(config(), providers=providers(p, q)) as router:
         t0 = trio.current_time()
         async with router.stream(req()) as stream:
-            t_first = trio.current_time() - t0
-            chunks = [(c.text, c.finish_reason) async for c in stream]
-        assert chunks == GOOD_CHUNKS
-        # Three attempts on a (the first and two in-place retries after 0.5 s and 2 s),
-        # each cut at exactly the first-token timeout; then the next model.
-        assert [c.time - t0 for c in p.calls] == [0.0, FTT + 0.5, 2 * FTT + 2.5]
-        assert [c.key_id for c in p.calls] == ["a"] * 3
-        assert [c.time - t0 for c in q.calls] == [3 * FTT + 2.5]
-        assert t_first == 3 * FTT + 2.5
-        a_attempts = [a for a in stream.attempts if a.key_id == "a"]
-        assert [(a.outcome, a.duration) for a in a_attempts] == [("transient", FTT)] * 3
-        assert p.closed == ["a"] * 3
-        snap = key(router, "a")
-        assert (snap.failures, snap.in_flight) == (3, 0)
-        # b was not tried: a transient failure advances the model.
+            assert trio.current_time() - t0 == FTT
+            assert [(c.text, c.finish_reason) async for c in stream] == GOOD_CHUNKS
+        assert [c.key_id for c in p.calls] == ["a"]
+        # b was not tried: a model's failure advances the model.
         assert p.calls_to("b") == 0
+        assert stream.model == "m2"
 
 
 async def test_first_chunk_just_inside_ttft_is_not_cut(autojump_clock):
@@ -634,7 +646,6 @@ async def test_exactly_one_outcome_under_mixed_faults(autojump_clock):
     cfg.router.cooldown.min = cfg.router.cooldown.auth = 0.2
     cfg.router.breaker.failure_threshold = 50
     cfg.router.breaker.failure_rate = 0.0
-    cfg.router.health.failures_to_cool = 50
     results: dict[int, tuple[str, object]] = {}
     count = 300
 
