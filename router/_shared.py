@@ -12,18 +12,25 @@ be code to maintain for nothing coredis lacks.
 
 What is shared, and how:
 
-- Key cooldowns: an absolute wall-clock "until" per key, kept as a key that expires
-  then and written by a Lua script only if it is later than the stored one (merged by
-  maximum: nobody shortens another's cooldown), and published. Receivers merge it with
-  `Cooldown.merge_until`.
-- Breaker trips and recoveries of each key's own breaker (per-tenant breakers stay
-  local): a trip publishes the open time's end (kept as a key until then); receivers
-  `CircuitBreaker.force_open(until)`. A recovery (close) deletes the key and publishes;
-  receivers `force_close()`. Half-open probing is coordinated by a lease per key (SET NX
-  PX with this instance's id): shortly before a key's open time ends, each instance
-  asks for the lease; the winner goes half-open and probes (renewing the lease while a
-  probe is in flight), the others stay open until the lease runs out or the winner's
-  verdict (close, or a re-trip) arrives.
+- Targets: a key (its own cooldown and breaker: auth, balance, connections) and each
+  of its lanes (key id + upstream model: that model's rate-limit cooldown and its
+  breaker) are shared alike; an event's `model` names the lane's upstream model, and
+  is empty for the key itself. Per-tenant breakers stay local.
+- Cooldowns: an absolute wall-clock "until" per target, kept as a Redis key that
+  expires then and written by a Lua script only if it is later than the stored one
+  (merged by maximum: nobody shortens another's cooldown), and published. Receivers
+  merge it with `Cooldown.merge_until`.
+- Breaker trips and recoveries: a trip publishes the open time's end (kept as a Redis
+  key until then); receivers `CircuitBreaker.force_open(until)`. A recovery (close)
+  deletes the Redis key and publishes; receivers `force_close()`. Half-open probing is
+  coordinated by a lease per target (SET NX PX with this instance's id): shortly before
+  a target's open time ends, each instance asks for the lease; the winner goes
+  half-open and probes (renewing the lease while a probe is in flight), the others
+  stay open until the lease runs out or the winner's verdict (close, or a re-trip)
+  arrives.
+- A lane event for a model the key has no lane for here makes the lane (through the
+  actor, which bounds its lanes) only when it is a cooldown or a trip still running;
+  anything else about an absent lane is ignored.
 - Model health (cooling, disabled): like cooldowns, merged by the later end.
 - RPM/TPM budgets: a Lua script per reservation over a sorted set of reservation times
   (Redis's own clock, so hosts need no synchronised clocks) plus a token hash and a held
@@ -32,6 +39,17 @@ What is shared, and how:
   `budget_timeout`; on timeout or error the key's local budget alone decides. A refusal
   for a full request window tells the local budget to admit nothing until the oldest
   shared reservation leaves the window (`RateBudget.hold_until`).
+
+Redis keys (``P`` is `key_prefix`; ``p/k`` a provider and key id as configured; in
+lane keys ``%``, ``/`` and ``#`` of ``p`` and ``k`` are %-escaped, so a key's lanes
+match ``p/k#*`` and nothing else)::
+
+    P:cool:p/k           P:lane-cool:p/k#model       cooldown event, expires at its end
+    P:breaker:p/k        P:lane-breaker:p/k#model    trip event, expires at its end
+    P:lease:p/k          P:lane-lease:p/k#model      half-open probe lease (instance id)
+    P:health:model                                   model health event
+    P:budget:p/k:{times,tokens,held}                 RPM/TPM budget
+    P:events                                         the pub/sub channel
 
 Everything else here runs in background tasks: the request path only appends to an
 outbox (no await) and never waits on Redis except for the budget reservation.
@@ -53,11 +71,12 @@ import itertools
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import msgspec
 import trio
@@ -69,6 +88,9 @@ from ._health import ModelHealth
 
 if TYPE_CHECKING:
     from ._actor import KeyActor
+    from ._breaker import CircuitBreaker
+    from ._cooldown import Cooldown
+    from ._lane import Lane
 
 __all__ = ["SharedSnapshot", "SharedState", "Source"]
 
@@ -81,6 +103,12 @@ _PROBE_TICK: Final = 0.05
 """How often open and half-open breakers are checked for the probe lease."""
 _LEASE_LEAD: Final = 0.15
 """Seconds before an open time ends that the probe lease is asked for."""
+_STATE_KINDS: Final = ("cool", "breaker", "lease")
+"""The Redis keys of one target's state (a key's, or with the `lane-` prefix a lane's)."""
+_LOADED_KINDS: Final = ("cool", "breaker", "health", "lane-cool", "lane-breaker")
+"""The stored state an instance loads on (re)connecting."""
+_ALL_KINDS: Final = (*_LOADED_KINDS, "lease", "lane-lease")
+"""Everything a reset of all state deletes (budgets are not state to reset)."""
 
 # KEYS[1]: the state key. ARGV: until (wall seconds), the event (JSON), the channel.
 # Stores and publishes the event only if its "until" is later than the stored one.
@@ -181,6 +209,10 @@ class Event(msgspec.Struct, omit_defaults=True, kw_only=True):
     provider: str = ""
     key: str = ""
     model: str = ""
+    """cool/open/close: the upstream model of the key's lane (empty: the key itself);
+    health and reset: the router's model."""
+    upstream: str = ""
+    """reset: only this upstream model's lane of the key(s)."""
     until: float = 0.0
     """Wall-clock time (`time.time()`) the state lasts until."""
     reason: str = ""
@@ -191,6 +223,43 @@ class Event(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Event).decode
+
+
+def _escape(name: str) -> str:
+    """A provider or key id as a lane key holds it: no `/` or `#` of its own."""
+    return name.replace("%", "%25").replace("/", "%2F").replace("#", "%23")
+
+
+def _glob(literal: str) -> str:
+    """`literal` as a Redis SCAN MATCH pattern that matches only itself."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", literal)
+
+
+class _Holder(Protocol):
+    """What holds shareable failure state: a key actor, or one of its lanes."""
+
+    cooldown: Cooldown
+    breaker: CircuitBreaker
+    cooling_source: Source
+    breaker_source: Source
+
+
+class _Target:
+    """This instance's record of one shared target (a key, or a lane of a key): what it
+    last knew of the target's state, to tell its own changes (published) from merged
+    ones (not republished), and whether it holds the target's probe lease. The record
+    belongs to one `holder`: a lane the actor dropped and made again gets a new one."""
+
+    __slots__ = ("breaker", "cool", "holder", "lease")
+
+    def __init__(self, holder: _Holder) -> None:
+        self.holder = holder
+        self.cool = -math.inf
+        """The latest cooldown end known (trio clock)."""
+        self.breaker: tuple[str, float] | None = None
+        """The last breaker verdict known: (state, open_until)."""
+        self.lease = False
+        """This instance holds the half-open probe lease."""
 
 
 class SharedSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -246,12 +315,12 @@ class SharedState:
         self.received = 0
         self.budget_fallbacks = 0
         # What this instance last knew of each piece of state, to tell its own changes
-        # (published) from merged ones (not republished).
-        self._cool_known: dict[KeyActor, float] = {}
-        self._breaker_known: dict[KeyActor, tuple[str, float]] = {}
+        # (published) from merged ones (not republished). Targets are (actor, upstream
+        # model; "" for the key itself); records of lanes the actor dropped, and of
+        # targets back to a closed breaker and no cooldown, are pruned by `_prober`.
+        self._targets: dict[tuple[KeyActor, str], _Target] = {}
         self._health_known: dict[str, tuple[str, float]] = {}
         self.health_sources: dict[str, Source] = {}
-        self._leases: set[KeyActor] = set()
 
     # -- clocks ----------------------------------------------------------------------
 
@@ -269,52 +338,100 @@ class SharedState:
     def _actor_key(self, kind: str, actor: KeyActor) -> str:
         return self._key(kind, f"{actor.provider_name}/{actor.key_id}")
 
-    # -- hooks of the request path (sync, never wait) ----------------------------------
+    def _state_key(self, kind: str, actor: KeyActor, model: str) -> str:
+        """The Redis key of a target's cool, breaker or lease state."""
+        if not model:
+            return self._actor_key(kind, actor)
+        owner = self._lane_owner(actor.provider_name, actor.key_id)
+        return self._key(f"lane-{kind}", f"{owner}#{model}")
 
-    def cooled(self, actor: KeyActor) -> None:
-        """The actor's cooldown took a hit: publish it if it grew here."""
-        cooldown = actor.cooldown
-        if cooldown.until <= self._cool_known.get(actor, -math.inf):
-            return
-        self._cool_known[actor] = cooldown.until
-        actor.cooling_source = "local"
-        event = Event(
-            kind="cool",
+    @staticmethod
+    def _lane_owner(provider: str, key_id: str) -> str:
+        return f"{_escape(provider)}/{_escape(key_id)}"
+
+    def _pattern(self, kind: str, literal: str = "") -> str:
+        """A SCAN pattern: the keys of `kind` whose name starts with `literal`."""
+        return _glob(self._key(kind, literal)) + "*"
+
+    def _target(self, actor: KeyActor, model: str, holder: _Holder) -> _Target:
+        """The record of (actor, model), made (or made anew for a new lane) if need be."""
+        target = self._targets.get((actor, model))
+        if target is None or target.holder is not holder:
+            target = self._targets[actor, model] = _Target(holder)
+        return target
+
+    def _event(
+        self,
+        kind: Literal["cool", "open", "close"],
+        actor: KeyActor,
+        model: str,
+        until: float | None = None,
+        reason: str = "",
+    ) -> Event:
+        return Event(
+            kind=kind,
             src=self.instance,
             provider=actor.provider_name,
             key=actor.key_id,
-            until=self.to_wall(cooldown.until),
-            reason=cooldown.reason or "rate_limit",
+            model=model,
+            until=0.0 if until is None else self.to_wall(until),
+            reason=reason,
         )
-        self._send(self._store_max, self._actor_key("cool", actor), event)
+
+    def _cool_event(self, actor: KeyActor, model: str, cooldown: Cooldown) -> Event:
+        return self._event("cool", actor, model, cooldown.until, cooldown.reason or "rate_limit")
+
+    # -- hooks of the request path (sync, never wait) ----------------------------------
+
+    def cooled(self, actor: KeyActor) -> None:
+        """The actor's own cooldown took a hit: publish it if it grew here."""
+        self._cooled(actor, "", actor)
+
+    def lane_cooled(self, actor: KeyActor, lane: Lane) -> None:
+        """A lane of the actor took a rate-limit hit: publish it if it grew here."""
+        self._cooled(actor, lane.model, lane)
 
     def breaker_changed(self, actor: KeyActor) -> None:
         """A verdict was fed to the actor's own breaker: publish a trip or recovery."""
-        breaker = actor.breaker
-        state, until = breaker.state, breaker.open_until
-        known = self._breaker_known.get(actor)
-        if known is not None and known == (state, until):
+        self._breaker_changed(actor, "", actor)
+
+    def lane_breaker_changed(self, actor: KeyActor, lane: Lane) -> None:
+        """A verdict was fed to a lane's own breaker: publish a trip or recovery."""
+        self._breaker_changed(actor, lane.model, lane)
+
+    def _cooled(self, actor: KeyActor, model: str, holder: _Holder) -> None:
+        cooldown = holder.cooldown
+        target = self._target(actor, model, holder)
+        if cooldown.until <= target.cool:
             return
-        if state == HALF_OPEN:
+        target.cool = cooldown.until
+        holder.cooling_source = "local"
+        event = self._cool_event(actor, model, cooldown)
+        self._send(self._store_max, self._state_key("cool", actor, model), event)
+
+    def _breaker_changed(self, actor: KeyActor, model: str, holder: _Holder) -> None:
+        breaker = holder.breaker
+        state = breaker.state
+        target = self._targets.get((actor, model))
+        if target is not None and target.holder is not holder:
+            target = None  # a lane made anew: nothing is known of it yet
+        known = target.breaker if target is not None else None
+        if state == HALF_OPEN or (known is None and state == CLOSED):
             return  # not a verdict anyone else needs
-        self._breaker_known[actor] = (state, until)
+        until = breaker.open_until
+        if known == (state, until):
+            return
+        if target is None:
+            target = self._target(actor, model, holder)
+        target.breaker = (state, until)
         if state == OPEN:
-            actor.breaker_source = "local"
-            event = Event(
-                kind="open",
-                src=self.instance,
-                provider=actor.provider_name,
-                key=actor.key_id,
-                until=self.to_wall(until),
-            )
-            self._send(self._store_max, self._actor_key("breaker", actor), event)
+            holder.breaker_source = "local"
+            event = self._event("open", actor, model, until)
+            self._send(self._store_max, self._state_key("breaker", actor, model), event)
         elif known is not None and known[0] != CLOSED:
-            actor.breaker_source = "local"
-            event = Event(
-                kind="close", src=self.instance, provider=actor.provider_name, key=actor.key_id
-            )
-            keys = [self._actor_key("breaker", actor), self._actor_key("lease", actor)]
-            self._send(self._delete_publish, keys, event)
+            holder.breaker_source = "local"
+            keys = [self._state_key(kind, actor, model) for kind in ("breaker", "lease")]
+            self._send(self._delete_publish, keys, self._event("close", actor, model))
 
     def health_changed(self, name: str, health: ModelHealth) -> None:
         """The router fed a failure to a model's health: publish it if it went down."""
@@ -336,14 +453,22 @@ class SharedState:
         )
         self._send(self._store_max, self._key("health", name), event)
 
-    def reset(self, provider: str | None, key_id: str | None, model: str | None) -> None:
-        """An operator reset here: reset the other instances and the stored state too."""
+    def reset(
+        self,
+        provider: str | None,
+        key_id: str | None,
+        model: str | None,
+        upstream: str | None = None,
+    ) -> None:
+        """An operator reset here: reset the other instances and the stored state too.
+        With `upstream`, only that lane of the key (or of every key of the provider)."""
         event = Event(
             kind="reset",
             src=self.instance,
             provider=provider or "",
             key=key_id or "",
             model=model or "",
+            upstream=(upstream or "") if provider else "",
             all=provider is None and model is None,
         )
         self._forget(event)
@@ -411,15 +536,36 @@ class SharedState:
         client = self._client
         keys: list[str] = []
         if event.all:
-            for kind in ("cool", "breaker", "lease", "health"):
-                keys += [k async for k in client.scan_iter(match=self._key(kind, "*"))]
+            for kind in _ALL_KINDS:
+                keys += [k async for k in client.scan_iter(match=self._pattern(kind))]
         if event.provider:
-            for (p, k), actor in self._actors.items():
-                if p == event.provider and (not event.key or k == event.key):
-                    keys += [self._actor_key(kind, actor) for kind in ("cool", "breaker", "lease")]
+            actors = self._matching(event)
+            if event.upstream:
+                for actor in actors:
+                    keys += [self._state_key(k, actor, event.upstream) for k in _STATE_KINDS]
+            else:
+                for actor in actors:
+                    keys += [self._state_key(kind, actor, "") for kind in _STATE_KINDS]
+                # Every lane of the key(s), including lanes this instance never made.
+                owner = (
+                    f"{self._lane_owner(event.provider, event.key)}#"
+                    if event.key
+                    else f"{_escape(event.provider)}/"
+                )
+                for kind in _STATE_KINDS:
+                    pattern = self._pattern(f"lane-{kind}", owner)
+                    keys += [k async for k in client.scan_iter(match=pattern)]
         if event.model:
             keys.append(self._key("health", event.model))
         await self._delete_publish(keys, event)
+
+    def _matching(self, event: Event) -> list[KeyActor]:
+        """The actors a reset event is about."""
+        return [
+            actor
+            for (p, k), actor in self._actors.items()
+            if event.all or (p == event.provider and (not event.key or k == event.key))
+        ]
 
     # -- applying what others publish -------------------------------------------------
 
@@ -436,23 +582,33 @@ class SharedState:
         actor = self._actors.get((event.provider, event.key))
         if actor is None:
             return  # a key this instance does not have
+        model = event.model
+        holder: _Holder | None = actor.lane_state(model) if model else actor
+        if holder is None:
+            # A lane this key has not made here (or dropped): take what still holds
+            # (a cooldown or a trip not yet over), through the actor, which bounds its
+            # lanes; a recovery or an expired state says nothing to keep.
+            if event.kind == "close" or self.to_local(event.until) <= trio.current_time():
+                return
+            holder = actor.lane(model)
+        target = self._target(actor, model, holder)
         if event.kind == "cool":
             until = self.to_local(event.until)
             reason: Any = event.reason if event.reason in ("auth", "balance") else "rate_limit"
-            if actor.cooldown.merge_until(until, reason):
-                actor.cooling_source = "shared"
-            self._cool_known[actor] = max(self._cool_known.get(actor, -math.inf), until)
+            if holder.cooldown.merge_until(until, reason):
+                holder.cooling_source = "shared"
+            target.cool = max(target.cool, until)
         elif event.kind == "open":
-            breaker = actor.breaker
+            breaker = holder.breaker
             if breaker.force_open(self.to_local(event.until)):
-                actor.breaker_source = "shared"
-            self._breaker_known[actor] = (breaker.state, breaker.open_until)
+                holder.breaker_source = "shared"
+            target.breaker = (breaker.state, breaker.open_until)
         elif event.kind == "close":
-            breaker = actor.breaker
+            breaker = holder.breaker
             if breaker.force_close():
-                actor.breaker_source = "shared"
-            self._breaker_known[actor] = (breaker.state, breaker.open_until)
-            self._leases.discard(actor)
+                holder.breaker_source = "shared"
+            target.breaker = (breaker.state, breaker.open_until)
+            target.lease = False
 
     def _merge_health(self, event: Event) -> None:
         health = self._health_of(event.model)
@@ -466,13 +622,16 @@ class SharedState:
 
     def _forget(self, event: Event) -> None:
         """Apply a reset (ours or another instance's) to local state."""
-        for (p, k), actor in self._actors.items():
-            if event.all or (p == event.provider and (not event.key or k == event.key)):
-                if event.src != self.instance:
-                    actor.reset()
-                self._cool_known.pop(actor, None)
-                self._breaker_known.pop(actor, None)
-                self._leases.discard(actor)
+        actors = set(self._matching(event))
+        upstream = event.upstream
+        if actors:
+            if event.src != self.instance:
+                for actor in actors:
+                    actor.reset(upstream or None)
+            for target in [
+                t for t in self._targets if t[0] in actors and (not upstream or t[1] == upstream)
+            ]:
+                del self._targets[target]
         for name, health in list(self._models()):
             if event.all or name == event.model:
                 if event.src != self.instance:
@@ -551,8 +710,8 @@ class SharedState:
         """Load every stored piece of shared state, then republish what this instance
         holds that others may have missed, then count Redis as reachable."""
         client = self._client
-        for kind in ("cool", "breaker", "health"):
-            keys = [k async for k in client.scan_iter(match=self._key(kind, "*"))]
+        for kind in _LOADED_KINDS:
+            keys = [k async for k in client.scan_iter(match=self._pattern(kind))]
             if not keys:
                 continue
             for raw in await client.mget(keys):
@@ -568,35 +727,17 @@ class SharedState:
         now = trio.current_time()
         republish: list[tuple[str, Event]] = []
         for actor in self._actors.values():
-            c = actor.cooldown
-            if c.until > now and actor.cooling_source == "local":
-                republish.append(
-                    (
-                        self._actor_key("cool", actor),
-                        Event(
-                            kind="cool",
-                            src=self.instance,
-                            provider=actor.provider_name,
-                            key=actor.key_id,
-                            until=self.to_wall(c.until),
-                            reason=c.reason or "rate_limit",
-                        ),
-                    )
-                )
-            b = actor.breaker
-            if b.state == OPEN and b.open_until > now and actor.breaker_source == "local":
-                republish.append(
-                    (
-                        self._actor_key("breaker", actor),
-                        Event(
-                            kind="open",
-                            src=self.instance,
-                            provider=actor.provider_name,
-                            key=actor.key_id,
-                            until=self.to_wall(b.open_until),
-                        ),
-                    )
-                )
+            holders: list[tuple[str, _Holder]] = [("", actor)]
+            holders += actor.lanes.items()
+            for model, holder in holders:
+                c = holder.cooldown
+                if c.until > now and holder.cooling_source == "local":
+                    key = self._state_key("cool", actor, model)
+                    republish.append((key, self._cool_event(actor, model, c)))
+                b = holder.breaker
+                if b.state == OPEN and b.open_until > now and holder.breaker_source == "local":
+                    key = self._state_key("breaker", actor, model)
+                    republish.append((key, self._event("open", actor, model, b.open_until)))
         for name, health in list(self._models()):
             state = health.state_at(now)
             if state != "healthy" and self.health_sources.get(name, "local") == "local":
@@ -667,47 +808,82 @@ class SharedState:
             await trio.sleep(self.config.ping_interval)
 
     async def _prober(self) -> None:
-        """Coordinate half-open probes: one instance probes a key, the others wait."""
+        """Coordinate half-open probes: one instance probes a target (a key or a lane),
+        the others wait."""
         ttl_ms = int(self.config.probe_lease * 1000)
         while True:
             await trio.sleep(_PROBE_TICK)
             if not self.reachable:
-                self._leases.clear()
+                self._drop_leases()
                 continue
-            for actor in self._actors.values():
-                breaker = actor.breaker
+            due, dropped = self._due(trio.current_time())
+            for actor, model in dropped:  # lanes the actor let go of while we held a lease
+                await self._lease_call("release", actor, model, self.instance)
+            for (actor, model), target in due:
+                if self._targets.get((actor, model)) is not target:
+                    continue  # reset or dropped while we waited on Redis
+                breaker = target.holder.breaker
                 now = trio.current_time()
                 state = breaker.state
                 if state == CLOSED:
-                    if actor in self._leases:
-                        self._leases.discard(actor)
-                        await self._lease_call("release", actor, self.instance)
+                    if target.lease:
+                        target.lease = False
+                        await self._lease_call("release", actor, model, self.instance)
                     continue
                 if state == OPEN:
                     if breaker.open_until - now > _LEASE_LEAD:
-                        if actor in self._leases:  # re-tripped: let the lease go
-                            self._leases.discard(actor)
-                            await self._lease_call("release", actor, self.instance)
+                        if target.lease:  # re-tripped: let the lease go
+                            target.lease = False
+                            await self._lease_call("release", actor, model, self.instance)
                         continue
-                elif actor in self._leases and not breaker.probing:
+                elif target.lease and not breaker.probing:
                     continue  # half-open, ours, idle: the lease runs out by itself
-                left = await self._lease_call("lease", actor, self.instance, ttl_ms)
+                left = await self._lease_call("lease", actor, model, self.instance, ttl_ms)
                 if left is None:
                     continue
                 if left > 0:
-                    self._leases.add(actor)
+                    target.lease = True
                 else:
-                    self._leases.discard(actor)
+                    target.lease = False
                     until = trio.current_time() + (-left) / 1000
                     if breaker.force_open(until):
-                        actor.breaker_source = "shared"
-                    self._breaker_known[actor] = (breaker.state, breaker.open_until)
+                        target.holder.breaker_source = "shared"
+                    target.breaker = (breaker.state, breaker.open_until)
 
-    async def _lease_call(self, name: str, actor: KeyActor, *args: Any) -> int | None:
+    def _due(
+        self, now: float
+    ) -> tuple[list[tuple[tuple[KeyActor, str], _Target]], list[tuple[KeyActor, str]]]:
+        """The targets whose breaker is not closed or whose lease we hold, and the lanes
+        dropped by their actors while we held their lease. Prunes the records of lanes
+        the actors dropped and of targets with nothing left to know (closed breaker, no
+        cooldown, no lease), so the records stay bounded by the actors' lanes."""
+        for actor in self._actors.values():
+            if actor.breaker.state != CLOSED:
+                self._target(actor, "", actor)
+        due: list[tuple[tuple[KeyActor, str], _Target]] = []
+        dropped: list[tuple[KeyActor, str]] = []
+        for name, target in list(self._targets.items()):
+            actor, model = name
+            holder = target.holder
+            if model and actor.lane_state(model) is not holder:
+                del self._targets[name]
+                if target.lease:
+                    dropped.append(name)
+            elif holder.breaker.state != CLOSED or target.lease:
+                due.append((name, target))
+            elif holder.cooldown.until <= now:
+                del self._targets[name]
+        return due, dropped
+
+    def _drop_leases(self) -> None:
+        for target in self._targets.values():
+            target.lease = False
+
+    async def _lease_call(self, name: str, actor: KeyActor, model: str, *args: Any) -> int | None:
         with trio.move_on_after(self.config.timeout):
             try:
                 result = await self._scripts[name](
-                    keys=[self._actor_key("lease", actor)], args=list(args)
+                    keys=[self._state_key("lease", actor, model)], args=list(args)
                 )
                 return int(result)
             except Exception as exc:
@@ -743,7 +919,7 @@ class SharedState:
             )
         else:
             self._outbox.clear()
-            self._leases.clear()
+            self._drop_leases()
 
     def snapshot(self) -> SharedSnapshot:
         return SharedSnapshot(

@@ -100,9 +100,6 @@ window = 1000
 open_for = 30.0
 jitter = 0.0
 
-[router.health]
-failures_to_cool = 1000
-
 [router.shared]
 redis_url = "redis://127.0.0.1:{redis_port}/0"
 key_prefix = "{prefix}"
@@ -221,6 +218,17 @@ def key(st: dict[str, Any], provider: str, key_id: str) -> dict[str, Any]:
     return found
 
 
+def lane(st: dict[str, Any], provider: str, key_id: str, upstream: str) -> dict[str, Any] | None:
+    """The lane of `upstream` on the key, if the instance has one."""
+    lanes: list[dict[str, Any]] = key(st, provider, key_id)["lanes"]
+    return next((x for x in lanes if x["model"] == upstream), None)
+
+
+def lane_cooling(st: dict[str, Any], key_id: str, upstream: str = "gpt-main") -> float:
+    found = lane(st, "emu", key_id, upstream)
+    return 0.0 if found is None else float(found["cooling_for"])
+
+
 def model(st: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((m for m in st["models"] if m["name"] == name), None)
 
@@ -244,9 +252,13 @@ def chat(proc: Proc, model_name: str = "smart", **body: Any) -> httpx.Response:
     )
 
 
-def script(emulator: Proc, faults: list[dict[str, Any]], key: str | None = None) -> None:
+def script(
+    emulator: Proc, faults: list[dict[str, Any]], key: str | None = None, model: str | None = None
+) -> None:
     httpx.post(
-        f"{emulator.url}/_emulator/script", json={"key": key, "faults": faults}, timeout=5
+        f"{emulator.url}/_emulator/script",
+        json={"key": key, "model": model, "faults": faults},
+        timeout=5,
     ).raise_for_status()
 
 
@@ -257,9 +269,10 @@ def calls(emulator: Proc) -> list[dict[str, Any]]:
 
 def _clean(st: dict[str, Any]) -> bool:
     return all(
-        k["breaker"] == "closed" and k["cooling_for"] == 0
+        x["breaker"] == "closed" and x["cooling_for"] == 0
         for k in st["keys"]
         if k["provider"] == "emu"
+        for x in (k, *k["lanes"])
     ) and all(m["health"] == "healthy" for m in st["models"])
 
 
@@ -286,7 +299,9 @@ def routers(trio_of: list[Proc], emulator: Proc) -> Iterator[list[Proc]]:
 # --------------------------------------------------------------------------- the tests
 
 
-def test_rate_limit_on_one_cools_the_key_on_the_others(routers: list[Proc], emulator: Proc) -> None:
+def test_rate_limit_on_one_cools_the_lane_on_the_others(
+    routers: list[Proc], emulator: Proc
+) -> None:
     a, b, c = routers
     assert all(state(p)["shared"]["reachable"] for p in routers)
     ids = {state(p)["shared"]["instance"] for p in routers}
@@ -295,39 +310,50 @@ def test_rate_limit_on_one_cools_the_key_on_the_others(routers: list[Proc], emul
     r = chat(a)
     assert r.status_code == 200, r.text
     assert r.headers["x-router-key-id"] == "k2"
-    took = wait_for(
-        lambda: all(key(state(p), "emu", "k1")["cooling_for"] > 25 for p in (b, c)), 1.0
-    )
+    took = wait_for(lambda: all(lane_cooling(state(p), "k1") > 25 for p in (b, c)), 1.0)
     assert took < 1.0
     for p in (b, c):
-        k1 = key(state(p), "emu", "k1")
-        assert k1["cooling_source"] == "shared"
-        assert k1["cooling_reason"] == "rate_limit"
-    assert key(state(a), "emu", "k1")["cooling_source"] == "local"
-    # The others do not call the cooling key at all.
+        st = state(p)
+        k1 = lane(st, "emu", "k1", "gpt-main")
+        assert k1 is not None and k1["cooling_source"] == "shared"
+        assert key(st, "emu", "k1")["cooling_for"] == 0  # the key itself is not cooling
+    k1 = lane(state(a), "emu", "k1", "gpt-main")
+    assert k1 is not None and k1["cooling_source"] == "local"
+    # The others do not call the key for that model, but still for another one.
     before = len(calls(emulator))
     for p in (b, c):
         r = chat(p)
         assert r.status_code == 200 and r.headers["x-router-key-id"] == "k2"
-    assert [call["key"] for call in calls(emulator)[before:]] == [UP_K2, UP_K2]
+        r = chat(p, "emu/gpt-other")
+        assert r.status_code == 200 and r.headers["x-router-key-id"] == "k1"
+    sent = [(call["key"], call["model"]) for call in calls(emulator)[before:]]
+    assert sent == [(UP_K2, "gpt-main"), (UP_K1, "gpt-other")] * 2
 
 
 def test_breaker_and_model_health_opened_on_one_hold_on_the_others(
     routers: list[Proc], emulator: Proc
 ) -> None:
     a, b, c = routers
-    script(emulator, [{"status": 503}], key=UP_K1)
-    r = chat(b)  # k1 fails (breaker opens at once), the fallback model answers on k2
-    assert r.status_code == 200, r.text
-    assert key(state(b), "emu", "k1")["breaker"] == "open"
-    wait_for(lambda: all(key(state(p), "emu", "k1")["breaker"] == "open" for p in (a, c)), 1.0)
+    script(emulator, [{"status": 503}], key=UP_K1, model="gpt-main")
+    r = chat(b)  # k1's gpt-main fails (its lane's breaker opens at once), the fallback
+    assert r.status_code == 200, r.text  # model answers on k1
+    assert r.headers["x-router-key-id"] == "k1"
+
+    def k1_main(p: Proc) -> dict[str, Any]:
+        found = lane(state(p), "emu", "k1", "gpt-main")
+        assert found is not None
+        return found
+
+    assert k1_main(b)["breaker"] == "open"
+    wait_for(lambda: all(k1_main(p)["breaker"] == "open" for p in (a, c)), 1.0)
     for p in (a, c):
-        k1 = key(state(p), "emu", "k1")
+        k1 = k1_main(p)
         assert k1["breaker_source"] == "shared"
         assert 25 < k1["breaker_open_for"] <= 30
+        assert key(state(p), "emu", "k1")["breaker"] == "closed"  # the key itself is fine
         r = chat(p)
         assert r.status_code == 200 and r.headers["x-router-key-id"] == "k2"
-        assert r.headers["x-router-attempts"] == "1"  # k1 not even tried
+        assert r.headers["x-router-attempts"] == "1"  # k1 not even tried for gpt-main
     # A model the provider says does not exist is disabled everywhere.
     script(emulator, [{"status": 404, "error": "model_not_found"}])
     r = chat(a, "emu/gpt-gone", fallbacks=["smart"])
@@ -401,32 +427,35 @@ def test_redis_outage_under_load_fails_no_request_then_resyncs(
         log = p.stderr()
         assert log.count("unreachable") == 1, log
         assert log.count("reachable: router state is shared") == 2, log
-    # Sharing again: a 429 on one cools the key on the others.
+    # Sharing again: a 429 on one cools the lane on the others.
     a, b, c = routers
     script(emulator, [{"status": 429, "headers": {"retry-after": "30"}}], key=UP_K1)
     assert chat(a).status_code == 200
-    wait_for(lambda: all(key(state(p), "emu", "k1")["cooling_for"] > 25 for p in (b, c)), 1.0)
+    wait_for(lambda: all(lane_cooling(state(p), "k1") > 25 for p in (b, c)), 1.0)
 
 
-def test_late_instance_learns_existing_cooldown(
+def test_late_instance_learns_existing_cooldowns(
     routers: list[Proc], emulator: Proc, config_path: Path
 ) -> None:
     a, b, _ = routers
     script(emulator, [{"status": 429, "headers": {"retry-after": "30"}}], key=UP_K2)
     script(emulator, [{"status": 429, "headers": {"retry-after": "30"}}], key=UP_K1)
-    chat(a)
-    wait_for(lambda: key(state(b), "emu", "k2")["cooling_for"] > 25, 1.0)
+    r = chat(a)  # gpt-main is rate-limited on both keys; gpt-backup answers on k1
+    assert r.status_code == 200 and r.headers["x-router-key-id"] == "k1", r.text
+    wait_for(lambda: lane_cooling(state(b), "k2") > 25, 1.0)
     late = _start(config_path)
     try:
         st = state(late)  # the first look, right after it listens
         assert st["shared"]["reachable"]
         for key_id in ("k1", "k2"):
-            k = key(st, "emu", key_id)
-            assert k["cooling_for"] > 25, k
-            assert k["cooling_source"] == "shared"
-        r = chat(late)
-        assert r.status_code in (429, 503), r.text  # every key cools: nothing is sent
-        assert not [c for c in calls(emulator) if c["key"] in (UP_K1, UP_K2)][2:]
+            found = lane(st, "emu", key_id, "gpt-main")
+            assert found is not None and found["cooling_for"] > 25, found
+            assert found["cooling_source"] == "shared"
+            assert key(st, "emu", key_id)["cooling_for"] == 0
+        before = len(calls(emulator))
+        r = chat(late)  # gpt-main cools on every key: only the fallback is called
+        assert r.status_code == 200 and r.headers["x-router-model"] == "emu/gpt-backup", r.text
+        assert [(c["key"], c["model"]) for c in calls(emulator)[before:]] == [(UP_K1, "gpt-backup")]
     finally:
         _stop(late)
 
@@ -452,8 +481,8 @@ def test_serve_workers_share_one_port_and_state(
 
         def both_cooling() -> bool:
             st = state(parent)
-            k1 = key(st, "emu", "k1")
-            if k1["cooling_for"] > 25:
+            k1 = lane(st, "emu", "k1", "gpt-main")
+            if k1 is not None and k1["cooling_for"] > 25:
                 sources[st["shared"]["instance"]] = k1["cooling_source"]
             return len(sources) == 2
 

@@ -1,6 +1,6 @@
 """The pure-state-machine methods shared state is merged through, the `[router.shared]`
 config, and (in one trio run, two routers on a real loopback redis-server) the
-half-open probe lease: one instance probes a key, not all."""
+half-open probe lease: one instance probes a lane (a key's upstream model), not all."""
 
 from __future__ import annotations
 
@@ -207,7 +207,14 @@ keys = [{{ id = "k1" }}, {{ id = "k2" }}]
 """)
 
 
-async def test_one_instance_probes_a_half_open_key(redis: RedisServer, tmp_path: Path) -> None:
+def _lane_breaker(router: Router, key_id: str = "k1", model: str = "m") -> tuple[str, str | None]:
+    """(breaker state, breaker source) of the key's lane of `model` in the snapshot."""
+    key = next(k for k in router.snapshot().keys if k.key_id == key_id)
+    lane = next((x for x in key.lanes if x.model == model), None)
+    return ("closed", None) if lane is None else (lane.breaker, lane.breaker_source)
+
+
+async def test_one_instance_probes_a_half_open_lane(redis: RedisServer, tmp_path: Path) -> None:
     config = _lease_config(redis.port, f"lease-{tmp_path.name}")
     one, two = ScriptedProvider(), ScriptedProvider()
     one.script("k1", [Fail("transient")])
@@ -218,12 +225,13 @@ async def test_one_instance_probes_a_half_open_key(redis: RedisServer, tmp_path:
     ):
         assert r1.snapshot().shared.reachable and r2.snapshot().shared.reachable  # type: ignore[union-attr]
         with pytest.raises(ChainExhaustedError):
-            await r1.submit(request)  # k1 fails: its breaker opens on r1, then on r2
+            await r1.submit(request)  # k1 fails: its lane of m opens on r1, then on r2
         for _ in range(100):
-            if r2.snapshot().keys[0].breaker == "open":
+            if _lane_breaker(r2)[0] == "open":
                 break
             await trio.sleep(0.01)
-        assert r2.snapshot().keys[0].breaker_source == "shared"
+        assert _lane_breaker(r2) == ("open", "shared")
+        assert r2.snapshot().keys[0].breaker == "closed"  # the key itself is fine
         # Both keep sending; once the open time ends, only one of them probes k1.
         end = trio.current_time() + 1.5
         while trio.current_time() < end:
@@ -238,4 +246,4 @@ async def test_one_instance_probes_a_half_open_key(redis: RedisServer, tmp_path:
         # they come from one instance; the other waited for its verdict.
         assert probes[0][1] == probes[1][1]
         for r in (r1, r2):
-            assert r.snapshot().keys[0].breaker == "closed"
+            assert _lane_breaker(r)[0] == "closed"
