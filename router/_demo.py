@@ -6,8 +6,10 @@ submits `requests` chat requests cycling over the models "fast", "smart" and "ch
 at most `concurrency` at once, and counts each request's one outcome: a response (by
 the model and key that served it) or a `RouterError` (by its kind). While it runs it
 shows the router's key and model state: a table redrawn in place on a terminal, or a
-compact progress line every second on anything else. At the end it prints a summary
-and returns it as a `DemoSummary`.
+compact progress line every second on anything else. Each key shows its own state
+(what stops every model of the key) or, when that is fine, its worst lane (one
+upstream model on the key: a rate-limit cooldown or that model's breaker). At the end
+it prints a summary and returns it as a `DemoSummary`.
 
 `main()` is the command line (`llm-router demo`, `python -m router demo`); `add_arguments()`
 and `run_command()` let `router.__main__` mount it as a subcommand.
@@ -39,7 +41,7 @@ from ._errors import (
     ProviderError,
     RouterError,
 )
-from ._router import KeySnapshot, Router, RouterSnapshot
+from ._router import KeySnapshot, LaneSnapshot, Router, RouterSnapshot
 from ._types import Attempt, ChatRequest, ChatResponse, Message
 from .emulator import Fault
 
@@ -88,9 +90,11 @@ class DemoSummary:
     p99: float
     wall_time: float
     cooldowns_by_key: Mapping[str, int]
-    """Attempts that put ``provider/key`` into cooldown (rate limit, auth, balance)."""
+    """Attempts that put ``provider/key`` (auth, balance) or one of its lanes (rate
+    limit) into cooldown."""
     opens_by_key: Mapping[str, int]
-    """Times each ``provider/key`` breaker opened, from the router's final snapshot."""
+    """Times the breakers of each ``provider/key`` opened, the key's own and its
+    lanes' together, from the router's final snapshot."""
     keys: tuple[KeySnapshot, ...]
     """Every key's state at the end of the run."""
 
@@ -193,7 +197,7 @@ async def run_demo(
         p99=_percentile(latencies, 99),
         wall_time=wall,
         cooldowns_by_key=dict(tally.cooldowns.most_common()),
-        opens_by_key={f"{k.provider}/{k.key_id}": k.opens for k in final.keys},
+        opens_by_key={f"{k.provider}/{k.key_id}": _opens(k) for k in final.keys},
         keys=tuple(final.keys),
     )
     out.write(_format_summary(summary, final, concurrency, max(latencies), real))
@@ -321,34 +325,82 @@ def _paint(text: str, color: str | None) -> str:
     return f"{color}{text}{_RESET}" if color else text
 
 
-def _breaker_cell(k: KeySnapshot) -> tuple[str, str | None]:
-    if k.breaker == "open":
-        return f"open {k.breaker_open_for:.1f}s", _RED
-    if k.breaker == "half_open":
+_BREAKER_RANK: Final = {"open": 2, "half_open": 1}
+
+
+def _opens(k: KeySnapshot) -> int:
+    """Times any breaker of the key opened: its own or one of its lanes'."""
+    return k.opens + sum(lane.opens for lane in k.lanes)
+
+
+def _key_is_fine(k: KeySnapshot) -> bool:
+    """The key's own state stops nothing: breaker closed, not cooling."""
+    return k.breaker == "closed" and k.cooling_for <= 0
+
+
+def _worst_breaker_lane(k: KeySnapshot) -> LaneSnapshot | None:
+    """The lane whose breaker is furthest from closed (open before half-open, then the
+    longest open), or None when every lane's breaker is closed."""
+    tripped = [lane for lane in k.lanes if lane.breaker != "closed"]
+    if not tripped:
+        return None
+    return max(tripped, key=lambda n: (_BREAKER_RANK.get(n.breaker, 2), n.breaker_open_for))
+
+
+def _worst_cooling_lane(k: KeySnapshot) -> LaneSnapshot | None:
+    """The lane that cools longest, or None when no lane cools."""
+    cooling = [lane for lane in k.lanes if lane.cooling_for > 0]
+    return max(cooling, key=lambda n: n.cooling_for) if cooling else None
+
+
+def _breaker_text(state: str, open_for: float) -> tuple[str, str | None]:
+    if state == "open":
+        return f"open {open_for:.1f}s", _RED
+    if state == "half_open":
         return "half-open", _YELLOW
-    return k.breaker, _GREEN
+    return state, _GREEN
+
+
+def _breaker_cell(k: KeySnapshot) -> tuple[str, str | None]:
+    """The key's own breaker or, while the key's own state is fine, its worst lane's
+    (named by the lane's model)."""
+    if not _key_is_fine(k):
+        return _breaker_text(k.breaker, k.breaker_open_for)
+    lane = _worst_breaker_lane(k)
+    if lane is None:
+        return _breaker_text("closed", 0.0)
+    text, color = _breaker_text(lane.breaker, lane.breaker_open_for)
+    return f"{text} ({lane.model})", color
 
 
 def _cooling_cell(k: KeySnapshot) -> tuple[str, str | None]:
-    if k.cooling_for > 0:
-        return f"{k.cooling_for:.1f}s {k.cooling_reason or ''}".rstrip(), _YELLOW
-    return "-", _DIM
+    """The key's own cooldown or, while the key's own state is fine, its longest lane
+    cooldown (a rate limit of one model, named)."""
+    if not _key_is_fine(k):
+        if k.cooling_for > 0:
+            return f"{k.cooling_for:.1f}s {k.cooling_reason or ''}".rstrip(), _YELLOW
+        return "-", _DIM
+    lane = _worst_cooling_lane(k)
+    if lane is None:
+        return "-", _DIM
+    return f"{lane.cooling_for:.1f}s rate_limit ({lane.model})", _YELLOW
 
 
 def _key_rows(snap: RouterSnapshot, color: bool) -> list[str]:
+    cells = [(k, _breaker_cell(k), _cooling_cell(k)) for k in snap.keys]
+    b_width = max([11, *(len(b[0]) for _, b, _ in cells)])
+    c_width = max([16, *(len(c[0]) for _, _, c in cells)])
     head = (
-        f"{'provider':<9} {'key':<10} {'breaker':<11} {'cooling':<16} "
+        f"{'provider':<9} {'key':<10} {'breaker':<{b_width}} {'cooling':<{c_width}} "
         f"{'in_flight':>9} {'queued':>6} {'requests':>8} {'failures':>8} {'opens':>5}"
     )
     rows = [head]
-    for k in snap.keys:
-        b_text, b_color = _breaker_cell(k)
-        c_text, c_color = _cooling_cell(k)
-        breaker = _paint(f"{b_text:<11}", b_color if color else None)
-        cooling = _paint(f"{c_text:<16}", c_color if color else None)
+    for k, (b_text, b_color), (c_text, c_color) in cells:
+        breaker = _paint(f"{b_text:<{b_width}}", b_color if color else None)
+        cooling = _paint(f"{c_text:<{c_width}}", c_color if color else None)
         rows.append(
             f"{k.provider:<9} {k.key_id:<10} {breaker} {cooling} "
-            f"{k.in_flight:>9} {k.queued:>6} {k.requests:>8} {k.failures:>8} {k.opens:>5}"
+            f"{k.in_flight:>9} {k.queued:>6} {k.requests:>8} {k.failures:>8} {_opens(k):>5}"
         )
     return rows
 
@@ -409,16 +461,20 @@ async def _progress(router: Router, tally: _Tally, out: TextIO, start: float) ->
         in_flight = sum(k.in_flight for k in snap.keys)
         queued = sum(k.queued for k in snap.keys)
         parts = [_progress_head(tally, snap.time - start), f"in flight {in_flight}/q {queued}"]
-        tripped = [
-            f"{k.provider}/{k.key_id} {k.breaker}" for k in snap.keys if k.breaker != "closed"
-        ]
+        tripped = []
+        cooling = []
+        for k in snap.keys:
+            name = f"{k.provider}/{k.key_id}"
+            b_text, _ = _breaker_cell(k)
+            if b_text != "closed":
+                tripped.append(f"{name} {b_text}")
+            c_text, _ = _cooling_cell(k)
+            if c_text != "-":
+                cooling.append(f"{name} {c_text}")
         if tripped:
             parts.append("breaker: " + ", ".join(tripped))
-        cooling = [
-            f"{k.provider}/{k.key_id} {k.cooling_for:.1f}s" for k in snap.keys if k.cooling_for > 0
-        ]
         if cooling:
-            parts.append("key cooling: " + ", ".join(cooling))
+            parts.append("cooling: " + ", ".join(cooling))
         unwell = [f"{m.name} {m.health}" for m in snap.models if m.health != "healthy"]
         if unwell:
             parts.append("model " + ", ".join(unwell))
@@ -453,18 +509,27 @@ def _format_summary(
         "",
         "served by model: "
         + (", ".join(f"{m} {n}" for m, n in s.served_by_model.items()) or "none"),
+    ]
+    states = [(k, _breaker_cell(k)[0], _cooling_cell(k)[0]) for k in final.keys]
+    width = max([11, *(len(b) for _, b, _ in states)])
+    lines += [
         "",
         f"{'provider/key':<16} {'served':>6} {'attempts':>8} {'failures':>8} "
-        f"{'cooldowns':>9} {'opens':>5}  breaker now",
+        f"{'cooldowns':>9} {'opens':>5}  {'breaker now':<{width}}  cooling now",
     ]
-    for k in final.keys:
+    for k, breaker, cooling in states:
         name = f"{k.provider}/{k.key_id}"
-        state = k.breaker + (f" ({k.breaker_open_for:.1f}s left)" if k.breaker == "open" else "")
-        lines.append(
+        row = (
             f"{name:<16} {s.served_by_key.get(name, 0):>6} {k.requests:>8} {k.failures:>8} "
-            f"{s.cooldowns_by_key.get(name, 0):>9} {k.opens:>5}  {state}"
+            f"{s.cooldowns_by_key.get(name, 0):>9} {_opens(k):>5}  {breaker:<{width}}  {cooling}"
         )
-    lines.append("")
+        lines.append(row.rstrip())
+    lines += [
+        "",
+        "(model): the worst lane (that model on the key), shown when the key's own state "
+        "is fine; opens: the key's breaker and its lanes'",
+        "",
+    ]
     return "\n".join(lines)
 
 

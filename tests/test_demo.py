@@ -50,8 +50,9 @@ async def test_demo_accounts_for_every_request(autojump_clock: trio.testing.Mock
     assert sum(summary.served_by_key.values()) == summary.successes
     assert summary.successes > 0.9 * requests
 
-    # gamma is down: it serves nothing, its breaker opened, and "fast" was served by its
-    # fallbacks.
+    # gamma is down: it serves nothing, a breaker of its key opened (the key's own or its
+    # lane for gamma-turbo, whichever the outage is charged to), and "fast" was served by
+    # its fallbacks.
     assert "fast" not in summary.served_by_model
     assert summary.served_by_key.get("gamma/g-main", 0) == 0
     assert summary.opens_by_key["gamma/g-main"] >= 1
@@ -65,20 +66,31 @@ async def test_demo_accounts_for_every_request(autojump_clock: trio.testing.Mock
     assert flaky.failures > 0
     assert summary.served_by_key["alpha/a-flaky"] > 0
 
-    # b-limited's 429s cooled it, and the progress lines showed it cooling.
+    # b-limited's 429s cooled its lane for beta-mini (not the key itself), and the
+    # progress lines showed that lane cooling and gamma's breaker open.
     assert summary.cooldowns_by_key["beta/b-limited"] >= 1
     assert "alpha/a-main" not in summary.cooldowns_by_key
+    limited = next(k for k in summary.keys if k.key_id == "b-limited")
+    assert limited.cooling_reason is None
+    assert [lane.model for lane in limited.lanes] == ["beta-mini"]
+    assert summary.opens_by_key["gamma/g-main"] == gamma.opens + sum(
+        lane.opens for lane in gamma.lanes
+    )
     text = out.getvalue()
     progress = [line for line in text.splitlines() if line.startswith("[")]
     assert progress, text
-    assert any(re.search(r"key cooling: [^|]*beta/b-limited", line) for line in progress)
-    assert any(re.search(r"breaker: [^|]*gamma/g-main open", line) for line in progress)
+    assert any(
+        re.search(r"cooling: [^|]*beta/b-limited [\d.]+s rate_limit \(beta-mini\)", line)
+        for line in progress
+    )
+    assert any(re.search(r"breaker: [^|]*gamma/g-main open [\d.]+s", line) for line in progress)
     assert "\x1b[" not in text  # not a terminal: no ANSI redraws
 
     # The summary names every key and the latency percentiles.
     assert 0 < summary.p50 <= summary.p99 <= summary.wall_time
     for key in KEYS:
         assert key in text
+    assert re.search(r"gamma/g-main +0 +\d+ +\d+ +0 +[1-9]\d*  ", text)  # served 0, opened
     assert re.search(r"p50 [\d.]+ m?s, p99 [\d.]+ m?s", text)
     assert f"{requests} requests" in text
     assert f"successes   {summary.successes}" in text
@@ -100,6 +112,7 @@ async def test_demo_redraws_a_table_on_a_terminal(
     for model in MODELS:
         assert model in text
     assert "g-main" in text and "open" in text
+    assert "rate_limit (beta-mini)" in text  # b-limited's key is fine; its lane cools
 
 
 async def test_demo_without_live_prints_only_the_summary(

@@ -51,9 +51,6 @@ failure_threshold = 1000
 minimum_calls = 1000
 window = 1000
 
-[router.health]
-failures_to_cool = 1000
-
 [gateway]
 admin_key = "{ADMIN_KEY}"
 max_body_bytes = {MAX_BODY}
@@ -180,8 +177,14 @@ def emu(emulator: Proc, gateway: Proc) -> Iterator[httpx.Client]:
         httpx.post(f"{gateway.url}/v1/router/reset", headers=admin, timeout=5).raise_for_status()
 
 
-def script(emu: httpx.Client, faults: list[dict[str, Any]], key: str | None = None) -> None:
-    emu.post("/_emulator/script", json={"key": key, "faults": faults}).raise_for_status()
+def script(
+    emu: httpx.Client,
+    faults: list[dict[str, Any]],
+    key: str | None = None,
+    model: str | None = None,
+) -> None:
+    body = {"key": key, "model": model, "faults": faults}
+    emu.post("/_emulator/script", json=body).raise_for_status()
 
 
 def sdk(gateway: Proc, key: str = GW_KEY) -> openai.OpenAI:
@@ -503,13 +506,23 @@ def test_upstream_errors_map_to_statuses(
     assert "context" in r.json()["error"]["message"].lower()
     assert r.headers["x-router-attempts"] == "1"
     assert r.headers["x-router-key-id"] == "k1"
-    # every key rate-limited: 429 with Retry-After
-    script(emu, [{"status": 429, "headers": {"retry-after": "7"}}], key=UP_K1)
-    script(emu, [{"status": 429, "headers": {"retry-after": "9"}}], key=UP_K2)
+    # every key rate-limited for gpt-main: rate limits are per model, so the fallback
+    # (another model on the same keys) serves
+    script(emu, [{"status": 429, "headers": {"retry-after": "7"}}], key=UP_K1, model="gpt-main")
+    script(emu, [{"status": 429, "headers": {"retry-after": "9"}}], key=UP_K2, model="gpt-main")
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-router-model"] == "emu/gpt-backup"
+    assert r.headers["x-router-attempts"] == "3"
+    # every key rate-limited for every model of the chain: 429 with Retry-After (the
+    # shortest wait of any model: gpt-main's lanes still cool for 7 and 9 s)
+    for secret in (UP_K1, UP_K2):
+        script(emu, [{"status": 429, "headers": {"retry-after": "8"}}], secret, "gpt-backup")
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 429, r.text
     assert 6 <= int(r.headers["retry-after"]) <= 9
     assert r.json()["error"]["type"] == "rate_limit_error"
+    assert r.headers["x-router-attempts"] == "2"  # gpt-main's cooling lanes were skipped
     http.post("/v1/router/reset", headers={"authorization": f"Bearer {ADMIN_KEY}"}, json={})
     # the chain exhausted by upstream failures: 502
     script(emu, [{"status": 500}] * 4)
@@ -537,7 +550,9 @@ def metrics(gateway: Proc) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(r.text)}
 
 
-def sample(families: dict[str, Any], name: str, **labels: str) -> float:
+def sample(families: dict[str, Any], name: str, missing_ok: bool = False, **labels: str) -> float:
+    """The sum of `name`'s samples matching `labels`; a metric with no sample at all
+    fails the test unless `missing_ok` (a labelled family has none until first used)."""
     total = 0.0
     found = False
     for family in families.values():
@@ -546,7 +561,7 @@ def sample(families: dict[str, Any], name: str, **labels: str) -> float:
                 found = True
                 if all(s.labels.get(k) == v for k, v in labels.items()):
                     total += s.value
-    assert found, f"no metric {name}"
+    assert found or missing_ok, f"no metric {name}"
     return total
 
 
@@ -555,6 +570,7 @@ def test_metrics_parse_and_move(gateway: Proc, emu: httpx.Client, http: httpx.Cl
     ok_before = sample(
         before,
         "llm_router_requests_total",
+        missing_ok=True,  # on a fresh gateway: no request yet
         model="smart",
         provider="emu",
         key_id="k1",
@@ -584,10 +600,12 @@ def test_metrics_parse_and_move(gateway: Proc, emu: httpx.Client, http: httpx.Cl
         "llm_router_overhead_seconds_count",
         "llm_router_time_to_first_token_seconds_count",
     ):
-        assert sample(after, name) > sample(before, name), name
+        assert sample(after, name) > sample(before, name, missing_ok=True), name
     assert sample(after, "llm_router_failovers_total", kind="key") >= 1
     assert sample(after, "llm_router_cooldowns_total", provider="emu", key_id="k1") >= 1
-    assert sample(after, "llm_router_key_cooldown_seconds", key_id="k1") > 0
+    # the 429 cooled k1's lane for gpt-main, not the key itself
+    assert sample(after, "llm_router_lane_cooldown_seconds", key_id="k1", model="gpt-main") > 0
+    assert sample(after, "llm_router_key_cooldown_seconds", key_id="k1") == 0
     assert sample(after, "llm_router_key_breaker_state", key_id="k1") == 0
     assert sample(after, "llm_router_key_in_flight", key_id="k2") == 0
     assert "llm_router_retries" in after
@@ -621,7 +639,11 @@ def test_admin_state_and_reset(gateway: Proc, emu: httpx.Client, http: httpx.Cli
     state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin)
     assert state.status_code == 200
     keys = {k["key_id"]: k for k in state.json()["keys"]}
-    assert keys["k1"]["cooling_reason"] == "rate_limit"
+    # the rate limit cooled k1's lane for gpt-main; the key's own state is untouched
+    assert keys["k1"]["cooling_reason"] is None and keys["k1"]["cooling_for"] == 0
+    lane = _lane(state.json(), "k1", "gpt-main")
+    assert 50 < lane["cooling_for"] <= 60 and lane["rate_limit_hits"] == 1
+    assert lane["cooling_source"] == "local"
     for secret in SECRETS:
         assert secret not in state.text
     bad = httpx.post(
@@ -634,6 +656,85 @@ def test_admin_state_and_reset(gateway: Proc, emu: httpx.Client, http: httpx.Cli
     assert reset.status_code == 200
     state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin).json()
     assert {k["key_id"]: k["cooling_for"] for k in state["keys"]}["k1"] == 0
+    assert _lane(state, "k1", "gpt-main")["cooling_for"] == 0  # a key's reset clears its lanes
+
+
+def _lane(state: dict[str, Any], key_id: str, model: str) -> dict[str, Any]:
+    key = next(k for k in state["keys"] if k["key_id"] == key_id)
+    return next(lane for lane in key["lanes"] if lane["model"] == model)
+
+
+def test_admin_reset_of_one_lane(gateway: Proc, emu: httpx.Client, http: httpx.Client) -> None:
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    limited = [{"status": 429, "headers": {"retry-after": "60"}}]
+    script(emu, limited, key=UP_K1, model="gpt-main")
+    script(emu, limited, key=UP_K1, model="gpt-backup")
+    assert_good(http)  # k1's gpt-main lane cools; k2 serves
+    r = http.post("/v1/chat/completions", json={"model": "emu/gpt-backup", "messages": HELLO})
+    assert r.status_code == 200 and r.headers["x-router-key-id"] == "k2"
+    state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin).json()
+    assert _lane(state, "k1", "gpt-main")["cooling_for"] > 50
+    assert _lane(state, "k1", "gpt-backup")["cooling_for"] > 50
+
+    reset = f"{gateway.url}/v1/router/reset"
+    for body, param in [
+        ({"upstream": "gpt-main"}, "provider"),  # a lane needs its provider
+        ({"key_id": "k1", "upstream": "gpt-main"}, "provider"),
+        ({"provider": "nope", "upstream": "gpt-main"}, "provider"),
+        ({"provider": "emu", "key_id": "zz", "upstream": "gpt-main"}, "key_id"),
+    ]:
+        bad = httpx.post(reset, headers=admin, json=body)
+        assert bad.status_code == 400, body
+        assert bad.json()["error"]["param"] == param, body
+    bad = httpx.post(reset, headers=admin, json={"provider": "emu", "lane": "gpt-main"})
+    assert bad.status_code == 400 and "lane" in bad.json()["error"]["message"]
+    assert http.post("/v1/router/reset", json={"provider": "emu"}).status_code == 401
+
+    body = {"provider": "emu", "key_id": "k1", "upstream": "gpt-main"}
+    ok = httpx.post(reset, headers=admin, json=body)
+    assert ok.status_code == 200
+    assert ok.json() == {"ok": True, "model": None, **body}
+    state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin).json()
+    assert _lane(state, "k1", "gpt-main")["cooling_for"] == 0
+    assert _lane(state, "k1", "gpt-main")["rate_limit_hits"] == 0
+    assert _lane(state, "k1", "gpt-backup")["cooling_for"] > 50  # the other lane keeps cooling
+    r = http.post("/v1/chat/completions", json={"model": "smart", "messages": HELLO})
+    assert r.status_code == 200 and r.headers["x-router-key-id"] == "k1"
+
+    # without key_id: that model's lane on every key of the provider
+    ok = httpx.post(reset, headers=admin, json={"provider": "emu", "upstream": "gpt-backup"})
+    assert ok.status_code == 200 and ok.json()["key_id"] is None
+    state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin).json()
+    assert _lane(state, "k1", "gpt-backup")["cooling_for"] == 0
+    r = http.post("/v1/chat/completions", json={"model": "emu/gpt-backup", "messages": HELLO})
+    assert r.status_code == 200 and r.headers["x-router-key-id"] == "k1"
+
+
+def test_lane_metrics_move_on_a_rate_limit(
+    gateway: Proc, emu: httpx.Client, http: httpx.Client
+) -> None:
+    lane = {"provider": "emu", "key_id": "k1", "model": "gpt-main"}
+    before = metrics(gateway)
+    cooling_before = sample(before, "llm_router_lane_cooldown_seconds", missing_ok=True, **lane)
+    assert cooling_before == 0
+    script(emu, [{"status": 429, "headers": {"retry-after": "30"}}], key=UP_K1, model="gpt-main")
+    assert_good(http)  # k1's gpt-main lane cools; k2 serves
+    after = metrics(gateway)
+    assert 25 < sample(after, "llm_router_lane_cooldown_seconds", **lane) <= 30
+    assert sample(after, "llm_router_lane_breaker_state", **lane) == 0  # thresholds are high
+    assert sample(after, "llm_router_lane_breaker_opens_total", **lane) == 0
+    other = {"provider": "emu", "key_id": "k2", "model": "gpt-main"}
+    assert sample(after, "llm_router_lane_cooldown_seconds", **other) == 0
+    assert sample(after, "llm_router_lane_breaker_state", **other) == 0
+    # the key's own gauges stay clear: a 429 belongs to the model on the key
+    assert sample(after, "llm_router_key_cooldown_seconds", key_id="k1") == 0
+    assert sample(after, "llm_router_key_breaker_state", key_id="k1") == 0
+    httpx.post(
+        f"{gateway.url}/v1/router/reset",
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        json={"provider": "emu", "key_id": "k1", "upstream": "gpt-main"},
+    ).raise_for_status()
+    assert sample(metrics(gateway), "llm_router_lane_cooldown_seconds", **lane) == 0
 
 
 def test_tenant_from_gateway_key(gateway: Proc, emu: httpx.Client) -> None:
@@ -643,8 +744,8 @@ def test_tenant_from_gateway_key(gateway: Proc, emu: httpx.Client) -> None:
     sdk(gateway).chat.completions.create(model="smart", messages=HELLO)
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     state = httpx.get(f"{gateway.url}/v1/router/state", headers=admin).json()
-    k1 = next(k for k in state["keys"] if k["key_id"] == "k1")
-    assert {"team-a", "bob"} <= set(k1["tenant_breakers"])
+    # per-tenant breakers are per lane: both tenants have one on k1's gpt-main lane
+    assert {"team-a", "bob"} <= set(_lane(state, "k1", "gpt-main")["tenant_breakers"])
 
 
 # --------------------------------------------------------------------------- CLI

@@ -71,6 +71,8 @@ class _ResetBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     provider: str | None = None
     key_id: str | None = None
     model: str | None = None
+    upstream: str | None = None
+    """One lane: the upstream model id on `key_id` (or on every key of `provider`)."""
 
 
 class _Watch:
@@ -380,7 +382,12 @@ class GatewayApp:
             reset = (
                 msgspec.json.decode(raw_body, type=_ResetBody) if raw_body.strip() else _ResetBody()
             )
-            router.reset(provider=reset.provider, key_id=reset.key_id, model=reset.model)
+            router.reset(
+                provider=reset.provider,
+                key_id=reset.key_id,
+                model=reset.model,
+                upstream=reset.upstream,
+            )
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             body = error_body(f"invalid reset body: {exc}", "invalid_request_error", None, None)
             return await self._error(send, 400, body, _NOBODY, started)
@@ -388,10 +395,19 @@ class GatewayApp:
             reply = error_reply(exc)
             return await self._error(send, reply.status, reply.body, _NOBODY, started)
         log.info(
-            "router reset provider=%s key_id=%s model=%s", reset.provider, reset.key_id, reset.model
+            "router reset provider=%s key_id=%s model=%s upstream=%s",
+            reset.provider,
+            reset.key_id,
+            reset.model,
+            reset.upstream,
         )
-        payload = {"ok": True, "provider": reset.provider, "key_id": reset.key_id}
-        payload["model"] = reset.model
+        payload = {
+            "ok": True,
+            "provider": reset.provider,
+            "key_id": reset.key_id,
+            "model": reset.model,
+            "upstream": reset.upstream,
+        }
         return await self._json(send, 200, payload, _NOBODY, started)
 
     # ------------------------------------------------------------------ body

@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics, on a registry of its own (never the global one).
 
-Counters and histograms are updated as requests finish; per-key gauges (breaker state,
-in-flight, queued, cooldown) and per-model health are read from `Router.snapshot()` at
-scrape time by a custom collector, so they are never stale.
+Counters and histograms are updated as requests finish; per-key gauges (the key's own
+breaker state and cooldown, in-flight, queued), per-lane gauges (one upstream model on
+one key: its breaker state, rate-limit cooldown and breaker opens) and per-model health
+are read from `Router.snapshot()` at scrape time by a custom collector, so they are
+never stale.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class _SnapshotCollector(Collector):
         labels = ["provider", "key_id"]
         breaker = GaugeMetricFamily(
             "llm_router_key_breaker_state",
-            "Circuit breaker state per key: 0 closed, 1 half-open, 2 open",
+            "The key's own circuit breaker (auth and connection failures, which stop every "
+            "model of the key): 0 closed, 1 half-open, 2 open",
             labels=labels,
         )
         in_flight = GaugeMetricFamily(
@@ -53,11 +56,11 @@ class _SnapshotCollector(Collector):
         )
         cooling = GaugeMetricFamily(
             "llm_router_key_cooldown_seconds",
-            "Seconds of cooldown left per key (0 when not cooling)",
+            "Seconds of the key's own cooldown left (auth, balance; 0 when not cooling)",
             labels=labels,
         )
         opens = CounterMetricFamily(
-            "llm_router_key_breaker_opens", "Times the key's breaker opened", labels=labels
+            "llm_router_key_breaker_opens", "Times the key's own breaker opened", labels=labels
         )
         upstream = CounterMetricFamily(
             "llm_router_key_upstream_requests",
@@ -73,6 +76,31 @@ class _SnapshotCollector(Collector):
             opens.add_metric(lv, k.opens)
             upstream.add_metric([*lv, "success"], k.successes)
             upstream.add_metric([*lv, "failure"], k.failures)
+        lane_labels = [*labels, "model"]
+        lane_breaker = GaugeMetricFamily(
+            "llm_router_lane_breaker_state",
+            "Circuit breaker of one upstream model on one key (that model's 5xx, timeouts "
+            "and 429s): 0 closed, 1 half-open, 2 open",
+            labels=lane_labels,
+        )
+        lane_cooling = GaugeMetricFamily(
+            "llm_router_lane_cooldown_seconds",
+            "Seconds of rate-limit cooldown left for one upstream model on one key "
+            "(0 when not cooling)",
+            labels=lane_labels,
+        )
+        lane_opens = CounterMetricFamily(
+            "llm_router_lane_breaker_opens",
+            "Times the breakers of one upstream model on one key opened (per-tenant "
+            "breakers included)",
+            labels=lane_labels,
+        )
+        for k in snap.keys:
+            for lane in k.lanes:
+                lv = [k.provider, k.key_id, lane.model]
+                lane_breaker.add_metric(lv, _BREAKER.get(lane.breaker, 2.0))
+                lane_cooling.add_metric(lv, lane.cooling_for)
+                lane_opens.add_metric(lv, lane.opens)
         health = GaugeMetricFamily(
             "llm_router_model_health",
             "Model health: 0 healthy, 1 cooling, 2 disabled",
@@ -80,7 +108,8 @@ class _SnapshotCollector(Collector):
         )
         for m in snap.models:
             health.add_metric([m.name, m.provider], _HEALTH.get(m.health, 2.0))
-        yield from (breaker, in_flight, queued, cooling, opens, upstream, health)
+        yield from (breaker, in_flight, queued, cooling, opens, upstream)
+        yield from (lane_breaker, lane_cooling, lane_opens, health)
 
 
 class GatewayMetrics:
@@ -121,7 +150,8 @@ class GatewayMetrics:
         )
         self.cooldowns = Counter(
             "llm_router_cooldowns",
-            "Attempts that put their key into cooldown (rate limit, auth, balance)",
+            "Attempts that put their key (auth, balance) or the key's lane for the model "
+            "(rate limit) into cooldown",
             ["provider", "key_id", "reason"],
             registry=registry,
         )
