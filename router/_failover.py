@@ -198,7 +198,7 @@ def decide(s: Situation) -> Step:
             wait is not None
             and not s.probe
             and not s.waited
-            and 0 < s.rate_limit_wait
+            and s.rate_limit_wait > 0
             and wait <= s.rate_limit_wait
             and wait < s.time_left
             and not s.alternatives(True, False)

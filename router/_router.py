@@ -635,9 +635,7 @@ class Router:
                 source = shared.health_sources.get(name, "local") if shared else "local"
             else:
                 # Cooling is derived: no key can serve the model before `wait`.
-                wait = min(
-                    a.failure_wait(now, None, route.upstream) for a in route.provider.actors
-                )
+                wait = min(a.failure_wait(now, None, route.upstream) for a in route.provider.actors)
                 if wait > 0:
                     state, remaining, source = "cooling", wait, "local"
             models.append(

@@ -73,7 +73,7 @@ class SimulatedProvider:
         u_latency = sim.rng.random()
         if cfg.down:
             await trio.lowlevel.checkpoint()
-            raise ProviderError("transient", f"{self.name}: connection refused")
+            raise ProviderError("transient", f"{self.name}: connection refused", key_wide=True)
         await trio.sleep(cfg.latency + cfg.jitter * u_latency)
         if cfg.models is not None and request.model not in cfg.models:
             raise ProviderError(

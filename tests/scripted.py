@@ -137,11 +137,10 @@ class StreamingScriptedProvider(ScriptedProvider):
 
     async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
         self.calls.append(Call(trio.current_time(), key.id, request.model, request.max_tokens))
-        queue = self._scripts[key.id]
-        action = queue.popleft() if queue else self._defaults.get(key.id, self.default)
+        action = self._next(key.id, request.model)
         try:
             if not isinstance(action, StreamScript):
-                self._scripts[key.id].appendleft(action)
+                self._scripts[f"{key.id}/{request.model}"].appendleft(action)
                 self.calls.pop()
                 response = await self.complete(request, key)
                 yield StreamChunk(text=response.content, finish_reason="stop")

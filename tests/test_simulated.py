@@ -229,12 +229,15 @@ async def test_down_fails_every_call_as_transient_and_router_falls_back(
     assert resp.key_id == "a1"
     assert resp.model == "alive/y"
     outcomes = [(a.provider, a.key_id, a.outcome) for a in resp.attempts]
-    # One transient failure, with its in-place retries, then advance to the next model.
-    assert outcomes == [("dead", "d1", "transient")] * 3 + [("alive", "a1", "ok")]
+    # A refused connection is the key's failure: with its in-place retries on each key
+    # of the model in turn, then advance to the next model.
+    assert outcomes == [("dead", "d1", "transient")] * 3 + [("dead", "d2", "transient")] * 3 + [
+        ("alive", "a1", "ok")
+    ]
     # down answers at once: the latency is not waited for; only backoff + fallback latency.
-    assert elapsed == pytest.approx(0.5 + 2.0 + 0.25)
+    assert elapsed == pytest.approx(2 * (0.5 + 2.0) + 0.25)
     assert dead.calls("d1") == 3
-    assert dead.calls("d2") == 0
+    assert dead.calls("d2") == 3
 
 
 async def test_down_every_call_fails(autojump_clock: trio.abc.Clock) -> None:
