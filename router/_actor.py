@@ -1,8 +1,15 @@
 """The key actor: one trio task per (provider, key) pair, and the workers it owns.
 
-A `KeyActor` owns its pair's circuit breaker(s), cooldown, concurrency bound and
-counters, and is the only code that changes them. Others read them (`is_available`,
-`wait_time`, the router's snapshot) to skip a key without a round trip.
+A `KeyActor` owns its pair's state at two grains, and is the only code that changes
+it: the key's own breaker and cooldown (auth, balance, connections that cannot be
+made: they stop every model of the key), and one `Lane` per upstream model the key
+serves (rate-limit cooldown, breaker, latency: they stop only that model; see
+`router._lane`). It also owns its concurrency bound and counters. Others read them
+(`is_available`, `wait_time`, the router's snapshot) to skip a key without a round
+trip. What follows a failed attempt is not decided here: `_next_step` asks the
+failure table (`router._failover.decide`), records the failure at its grain, and
+carries out the steps that stay on this key (retry after a backoff, wait out a short
+Retry-After, retry without max_tokens); the router carries out the rest.
 With `[router.shared]`, `router._shared` also merges into them what other router
 instances learned (`Cooldown.merge_until`, `CircuitBreaker.force_open/force_close`,
 `RateBudget.hold_until`: merge-only, never shortening), and the actor tells it of its
@@ -30,7 +37,8 @@ How a job travels, and why this way:
   worker scope's trio deadline is used instead. When the scope fires (attempt timeout,
   request deadline, or the caller's cancellation), the worker settles the cut attempt
   from the state kept in the `Job` and carries on with the job (a timeout is a
-  transient failure, retried in place) in a fresh scope.
+  transient failure, timed out: the failure table decides whether it is retried in
+  place) in a fresh scope.
 - Workers idle for an attempt timeout retire (the actor task wakes them with None);
   `max_concurrency` bounds how many exist, so jobs beyond it queue in trio, never in
   the HTTP pool.
@@ -43,9 +51,11 @@ is back and the breaker's probe slot is freed before the caller sees `Cancelled`
 queued job is simply withdrawn. A caller's cancellation or the request's deadline is
 never counted against the key.
 
-What this module must never do: send a call to a key that is cooling or whose breaker
-refuses at that moment (checked before every attempt, retries included), answer a job
-twice or never, or put a secret into an error.
+What this module must never do: send a call to a key, or a lane, that is cooling or
+whose breaker refuses at that moment (checked before every attempt, retries included;
+the one exception is the single retry after a short Retry-After was waited out, which
+passes the lane's own rate-limit cooldown on purpose), answer a job twice or never, or
+put a secret into an error.
 """
 
 from __future__ import annotations
@@ -667,7 +677,6 @@ class KeyActor:
             lane.failures += 1
             step = self._next_step(job, error, end)
             if step.name == RETRY or step.name == WAIT_RETRY:
-                self._no_verdict(job)  # the verdict waits for the last retry
                 if step.name == RETRY:
                     job.retries += 1
                 else:
@@ -677,15 +686,16 @@ class KeyActor:
                 job.backoff = clock.current_time() - end
                 continue
             if step is RETRY_WITHOUT_MAX_TOKENS:
-                self._no_verdict(job)
                 job.request = msgspec.structs.replace(job.request, max_tokens=None)
                 job.dropped_max_tokens = True
                 continue
             return error
 
     def _next_step(self, job: Job, error: ProviderError, now: float) -> Step:
-        """Ask the failure table what follows `error`; record the failure where it
-        belongs (see `router._failover`) unless the answer is to try here again."""
+        """Ask the failure table what follows `error`, and settle the attempt's
+        breaker tickets: an in-place retry after a backoff leaves the verdict to the
+        last retry; any other step records the failure at its grain (see
+        `router._failover`)."""
         settings = self.settings
         step = decide(
             Situation(
@@ -710,8 +720,10 @@ class KeyActor:
             )
         )
         job.step = step
-        if step.name != RETRY:
-            self._record_failure(job, error, now)
+        if step.name == RETRY:
+            self._no_verdict(job)  # the verdict waits for the last retry
+        else:
+            self._record_failure(job, error, now)  # settles both tickets
         return step
 
     def _backoff(self, retries: int) -> float:

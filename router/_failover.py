@@ -189,9 +189,10 @@ def decide(s: Situation) -> Step:
     """The next step after the failed attempt described by `s` (see the module table)."""
     kind = s.kind
     if kind in _RETRYABLE:
-        if _may_retry(s):
+        key_wide = s.key_wide and kind == "transient"  # an unknown failure is nobody's
+        if _may_retry(s, key_wide):
             return Step(RETRY, s.backoff)
-        return NEXT_KEY if s.key_wide else NEXT_MODEL
+        return NEXT_KEY if key_wide else NEXT_MODEL
     if kind == "rate_limit":
         wait = s.retry_after
         if (
@@ -216,12 +217,12 @@ def decide(s: Situation) -> Step:
     return PROPAGATE
 
 
-def _may_retry(s: Situation) -> bool:
+def _may_retry(s: Situation, key_wide: bool) -> bool:
     if s.probe or s.retries >= s.transient_retries or s.backoff >= s.time_left:
         return False
     if s.timed_out or s.backoff + 2 * s.attempt_timeout > s.time_left:
         # Only when nothing the request would move on to could take it: other keys
         # of the model count only for a key-wide failure (a model's failure moves on
         # to the next model).
-        return not s.alternatives(s.key_wide, True)
+        return not s.alternatives(key_wide, True)
     return True

@@ -3,9 +3,11 @@
 `Router.open(config, providers=...)` starts one `KeyActor` task per (provider, key)
 in a nursery and yields the router; leaving the block stops them all. `submit()`
 builds the request's chain, and for each model picks a key actor and hands it a job,
-then decides from the outcome: return, propagate, try the next key of the same model,
-or advance to the next model (DESIGN.md's failure table). It also owns per-model
-health, which only it writes.
+then carries out the failure table's step for the outcome (`router._failover`):
+return, propagate, try the next key of the same model, advance to the next model, or
+route an upstream context-length error to its `context_window_fallbacks` target. It
+also owns per-model health (disabled models), which only it writes; a model's cooling
+is derived from its keys and lanes.
 
 What this module must never do: count the caller's cancellation or its deadline as a
 provider failure, leave a task running after `Router.open` exits, or let a request end

@@ -397,3 +397,30 @@ async def test_stream_429_on_one_model_leaves_the_other_streaming(autojump_clock
                 pass
         async with router.stream(req("y")) as stream:
             assert "".join([c.text async for c in stream]) == "hello world"
+
+
+async def test_a_probe_retried_without_max_tokens_frees_its_slot_once(autojump_clock):
+    sp = ScriptedProvider()
+    sp.script("k/ux", [Fail("transient", status=503)] * 15)
+    async with one_key(sp) as router:
+        for _ in range(DEFAULTS.breaker.failure_threshold):
+            await router.submit(req("x"))
+        await trio.sleep(lane(router, "ux").breaker_open_for)
+        # The probe is refused for its max_tokens, retried once without, and answered.
+        sp.script("k/ux", [Fail("max_tokens", status=400), Reply(latency=1.0)])
+        resp = await router.submit(req("x", max_tokens=10_000))
+        assert served(resp) == [("x", "max_tokens"), ("x", "ok")]
+        assert lane(router, "ux").breaker == "half_open"  # 1 of success_threshold 2
+        # Exactly one probe at a time is still admitted.
+        sp.set_default("k", Reply(latency=1.0))
+        before = sp.calls_to("k", "ux")
+        results: list[str] = []
+
+        async def one() -> None:
+            results.append((await router.submit(req("x"))).model)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+        assert sp.calls_to("k", "ux") == before + 1
+        assert sorted(results) == ["x", "y", "y"]
