@@ -131,9 +131,15 @@ class GatewayKey(_Section):
     id: Name
     secret: str
     tenant: str | None = None
+    models: list[str] | None = None
+    """The models (configured names or `provider/upstream` ids) this key may call, as
+    the request's model or a fallback; None: any the gateway allows."""
 
     def __repr__(self) -> str:
-        return f"GatewayKey(id={self.id!r}, secret='***', tenant={self.tenant!r})"
+        return (
+            f"GatewayKey(id={self.id!r}, secret='***', tenant={self.tenant!r}, "
+            f"models={self.models!r})"
+        )
 
 
 class GatewayConfig(_Section):
@@ -150,6 +156,22 @@ class GatewayConfig(_Section):
     """Listen backlog: connections the kernel queues before the gateway accepts them."""
     shutdown_grace: Positive = 30.0
     """Seconds in-flight requests get to finish after SIGTERM."""
+    allow_request_fallbacks: Literal["none", "configured", "any"] = "configured"
+    """What a request may name in `fallbacks` (or `x-router-fallbacks`): nothing, only
+    configured model names, or also arbitrary `provider/upstream` ids."""
+    max_request_timeout: Positive | None = None
+    """The longest deadline a request may ask for with `timeout` (default: the router's
+    `timeout`); a request may shorten its deadline, never extend it past this."""
+    body_timeout: Positive = 30.0
+    """Seconds a client has to send the whole request body once its headers are in."""
+    max_connections: PositiveInt = 4096
+    """Concurrent client connections; past it new connections are refused."""
+    max_in_flight: PositiveInt = 512
+    """Requests and streams served at once; past it the gateway answers 503 with
+    Retry-After (and /readyz reports overload)."""
+    max_queue_delay: Positive = 2.0
+    """A request that waited longer than this before the gateway could start on it is
+    refused with 503 rather than served late."""
 
     def __repr__(self) -> str:
         return (
@@ -223,6 +245,14 @@ class RouterSettings(_Section):
     to another model (0 disables)."""
     lanes_per_key: PositiveInt = 256
     """Upstream models whose failure state a key keeps (least recently used dropped)."""
+    max_chain: PositiveInt = 8
+    """Models a request's chain may hold (its model, its fallbacks, the model's and the
+    global fallbacks); a longer one is refused before any upstream call."""
+    max_attempts: PositiveInt = 12
+    """Upstream attempts one request may make, retries included; then it ends."""
+    adhoc_models: PositiveInt = 1024
+    """`provider/upstream` names (not configured models) whose health the router keeps,
+    least recently used dropped first."""
     fallbacks: list[str] = msgspec.field(default_factory=list)
     """Global fallbacks, appended to every chain."""
     balancing: Balancing = "ordered"
