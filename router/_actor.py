@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import math
 import random
 from collections import OrderedDict, deque
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
     from ._shared import SharedState, Source
 
 __all__ = ["DEADLINE", "SKIPPED", "STREAMED", "Job", "JobResult", "KeyActor"]
+
+log = logging.getLogger("router.actor")
 
 
 class _Signal:
@@ -162,6 +165,7 @@ class Job:
         "deadline",
         "done",
         "dropped_max_tokens",
+        "failure",
         "in_attempt",
         "key_ticket",
         "lane",
@@ -200,6 +204,8 @@ class Job:
         could another key of the model, or a later model, take the request now?"""
         self.step: Step | None = None
         """The failure table's last step for the job: what the router does next."""
+        self.failure: ProviderError | None = None
+        """A handed-over stream's failure, for a reader the channel could not reach."""
         self.backoff = 0.0
         """Seconds slept before the next attempt (an in-place retry's backoff)."""
         self.tokens = tokens
@@ -509,7 +515,10 @@ class KeyActor:
                                 if scope.cancel_called:
                                     break  # a stale deadline of this scope: take a fresh one
                         job.scope = scope
-                        result = await self._serve(job, scope)
+                        try:
+                            result = await self._serve(job, scope)
+                        except Exception as exc:  # a bug costs one request, not the router
+                            result = self._crashed(job, exc)
                         job.scope = None
                         self._finish(job, result)
                         job = None
@@ -691,6 +700,28 @@ class KeyActor:
                 continue
             return error
 
+    def _crashed(self, job: Job, exc: Exception) -> ProviderError:
+        """An unexpected error inside the router while serving `job`: logged, the
+        job's tickets freed, and the job answered with an `unknown` failure, so no
+        single request can end the actor (and with it every other request)."""
+        log.error(
+            "key actor %s/%s: unexpected %s while serving a request",
+            self.provider_name,
+            self.key_id,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        if job.in_attempt:
+            job.in_attempt = False
+        if job.lane is not None:
+            self._no_verdict(job)
+        return self._own(
+            ProviderError(
+                "unknown", f"router error while serving the request: {type(exc).__name__}"
+            ),
+            job,
+        )
+
     def _next_step(self, job: Job, error: ProviderError, now: float) -> Step:
         """Ask the failure table what follows `error`, and settle the attempt's
         breaker tickets: an in-place retry after a backoff leaves the verdict to the
@@ -717,6 +748,7 @@ class KeyActor:
                 max_tokens_droppable=job.request.max_tokens is not None
                 and not job.dropped_max_tokens,
                 alternatives=job.alternatives,
+                attempts_left=settings.max_attempts - len(job.attempts),
             )
         )
         job.step = step
@@ -996,7 +1028,13 @@ class KeyActor:
         if job.lane is not None:
             job.lane.failures += 1
         self._record_failure(job, error, self._clock.current_time())
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        # The caller learns of it without the actor ever waiting on the caller: in the
+        # channel when there is room, else from the job when the channel ends (a full
+        # channel means a slow reader, who must not hold the worker or break the actor).
+        job.failure = error
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
             send.send_nowait(StreamFailure(error))
 
     def _log(self, job: Job, outcome: str, duration: float, status: int | None = None) -> None:

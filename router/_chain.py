@@ -14,13 +14,15 @@ from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
 from ._config import RouterConfig
-from ._errors import UnknownModelError
+from ._errors import InvalidRequestError, UnknownModelError
 
 __all__ = ["ModelChain", "Route"]
 
 P = TypeVar("P")
 
 _CACHE_LIMIT = 4096
+_ROUTES_LIMIT = 4096
+"""Resolved `provider/upstream` routes kept (configured models are always kept)."""
 
 
 class Route(Generic[P]):
@@ -63,6 +65,8 @@ class ModelChain(Generic[P]):
             if provider is None:
                 raise UnknownModelError(name, field)
             route = Route(name, provider, upstream)
+            if len(self._routes) >= _ROUTES_LIMIT:
+                return route  # a caller's made-up names are not kept beyond the limit
         self._routes[name] = route
         return route
 
@@ -88,7 +92,11 @@ class ModelChain(Generic[P]):
             push(f)
         return out
 
-    def build(self, model: str, fallbacks: Sequence[str]) -> tuple[Route[P], ...]:
+    def build(
+        self, model: str, fallbacks: Sequence[str], max_chain: int | None = None
+    ) -> tuple[Route[P], ...]:
+        """The request's chain, resolved. More than `max_chain` models is a clear
+        `InvalidRequestError` before anything is resolved or cached."""
         key = (model, tuple(fallbacks))
         chain = self._cache.get(key)
         if chain is not None:
@@ -96,6 +104,11 @@ class ModelChain(Generic[P]):
         names = self.names(model, fallbacks)
         if not names:
             raise UnknownModelError(model)
+        if max_chain is not None and len(names) > max_chain:
+            raise InvalidRequestError(
+                "fallbacks",
+                f"the model chain would hold {len(names)} models; at most max_chain = {max_chain}",
+            )
         routes = []
         for name in names:
             try:

@@ -464,6 +464,17 @@ class RouterConfig(_Section):
                 check_ref(f"models[{i}].fallbacks[{j}]", f)
         for j, f in enumerate(self.router.fallbacks):
             check_ref(f"router.fallbacks[{j}]", f)
+        global_fallbacks = [f.strip() for f in self.router.fallbacks if f.strip()]
+        for i, m in enumerate(self.models):
+            chain = dict.fromkeys(
+                [m.name, *(f.strip() for f in m.fallbacks if f.strip()), *global_fallbacks]
+            )
+            if len(chain) > self.router.max_chain:
+                raise ConfigError(
+                    f"models[{i}].fallbacks",
+                    f"the chain of {m.name!r} holds {len(chain)} models with the global "
+                    f"fallbacks; router.max_chain is {self.router.max_chain}",
+                )
         r = self.router
         for name, target in r.context_window_fallbacks.items():
             check_ref(f"router.context_window_fallbacks.{name}", name)

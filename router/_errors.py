@@ -187,6 +187,7 @@ class ChainExhaustedError(RouterError):
         retry_after: float | None,
         *,
         chain_length: int | None = None,
+        gave_up: str | None = None,
     ) -> None:
         self.models_tried = models_tried
         """Models of the chain that got at least one attempt."""
@@ -195,6 +196,8 @@ class ChainExhaustedError(RouterError):
         self.last_error = last_error
         self.retry_after = retry_after
         tried = f"{models_tried} of {self.chain_length} models tried, {len(attempts)} attempts"
+        if gave_up:
+            tried += f", {gave_up}"
         if last_error is not None:
             message = (
                 f"model chain exhausted ({tried}); "

@@ -47,6 +47,7 @@ The time budget of an in-place retry (transient and unknown):
 3. A retry starts only if it can start before the deadline; and while anything else
    is callable, only if the time left holds the backoff, the retry's own attempt
    timeout and one attempt timeout elsewhere.
+4. Nothing happens in place once the request made `max_attempts` attempts.
 
 `NEXT_KEY` means: the next callable key of the same model, else the next model.
 `CONTEXT_FALLBACK` means: the model's `context_window_fallbacks` target, once, if it is
@@ -112,6 +113,7 @@ class Situation:
     __slots__ = (
         "alternatives",
         "attempt_timeout",
+        "attempts_left",
         "backoff",
         "key_wide",
         "kind",
@@ -143,6 +145,7 @@ class Situation:
         waited: bool = False,
         max_tokens_droppable: bool = False,
         alternatives: Callable[[bool, bool], bool] = lambda same_model, later: False,
+        attempts_left: int = 1_000,
     ) -> None:
         self.kind = kind
         self.key_wide = key_wide
@@ -166,6 +169,8 @@ class Situation:
         """This request already waited out one short Retry-After on this key."""
         self.max_tokens_droppable = max_tokens_droppable
         """The request has max_tokens and it was not dropped yet."""
+        self.attempts_left = attempts_left
+        """Attempts the request may still make (`max_attempts` less those made)."""
         self.alternatives = alternatives
         """Asked lazily, ``alternatives(same_model, later)``: could another key of the
         same model (`same_model`) or a key of a later model of the chain (`later`) take
@@ -188,6 +193,8 @@ def grain(kind: ErrorKind, key_wide: bool) -> str | None:
 def decide(s: Situation) -> Step:
     """The next step after the failed attempt described by `s` (see the module table)."""
     kind = s.kind
+    if s.attempts_left <= 0:  # max_attempts: nothing more here, whatever the kind
+        return _then(s)
     if kind in _RETRYABLE:
         key_wide = s.key_wide and kind == "transient"  # an unknown failure is nobody's
         if _may_retry(s, key_wide):
@@ -212,6 +219,20 @@ def decide(s: Situation) -> Step:
         return NEXT_MODEL
     if kind == "max_tokens":
         return RETRY_WITHOUT_MAX_TOKENS if s.max_tokens_droppable else PROPAGATE
+    if kind == "context_exceeded":
+        return CONTEXT_FALLBACK
+    return PROPAGATE
+
+
+def _then(s: Situation) -> Step:
+    """The step after `s` when nothing more may happen on this key."""
+    kind = s.kind
+    if kind in _RETRYABLE:
+        return NEXT_KEY if s.key_wide and kind == "transient" else NEXT_MODEL
+    if kind == "rate_limit" or kind in _KEY_KINDS:
+        return NEXT_KEY
+    if kind == "model_missing":
+        return NEXT_MODEL
     if kind == "context_exceeded":
         return CONTEXT_FALLBACK
     return PROPAGATE

@@ -16,6 +16,7 @@ in anything but exactly one response or one `RouterError`.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import random
@@ -176,6 +177,10 @@ class Router:
         self._runtimes = runtimes
         self._chain: ModelChain[_ProviderRuntime] = ModelChain(config, runtimes)
         self._health: dict[str, ModelHealth] = {}
+        """Configured models' health, and that of `provider/upstream` names seen (at most
+        `adhoc_models` of those, least recently marked first out)."""
+        self._configured = {m.name for m in config.models}
+        self._adhoc: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._rng = rng
         self._open = False
         self._clock: trio.abc.Clock = trio.lowlevel.current_clock()
@@ -318,7 +323,14 @@ class Router:
         now = clock.current_time()
         timeout = request.timeout if request.timeout is not None else settings.timeout
         deadline = now + timeout
-        chain = self._chain.build(request.model, request.fallbacks)
+        if len(request.fallbacks) > settings.max_chain:
+            raise InvalidRequestError(
+                "fallbacks",
+                f"{len(request.fallbacks)} fallbacks; a chain holds at most "
+                f"max_chain = {settings.max_chain} models",
+            )
+        chain = self._chain.build(request.model, request.fallbacks, settings.max_chain)
+        max_attempts = settings.max_attempts
         tenant = request.tenant
         tokens = 0
         if self._any_windows or self._any_tpm:
@@ -359,8 +371,8 @@ class Router:
             route = routes[index]
             position[0] = index
             index += 1
-            health = self._health.get(route.name) or self._health_of(route.name)
-            if not health.is_callable(now):
+            health = self._health.get(route.name)
+            if health is not None and not health.is_callable(now):
                 continue
             upstream = route.upstream
             upstream_request = msgspec.structs.replace(request, model=upstream)
@@ -368,6 +380,15 @@ class Router:
                 now = clock.current_time()
                 if now >= deadline:
                     raise DeadlineExceededError(timeout, attempts)
+                if len(attempts) >= max_attempts:
+                    raise ChainExhaustedError(
+                        len({a.model for a in attempts}),
+                        attempts,
+                        last_error,
+                        None,
+                        chain_length=len(chain),
+                        gave_up=f"stopped at max_attempts = {max_attempts}",
+                    )
                 if not actor.is_available(now, tenant, tokens, upstream):
                     continue
                 current[0] = actor
@@ -382,7 +403,8 @@ class Router:
                 )
                 result = await actor.call(job)
                 if type(result) is ChatResponse:
-                    health.on_success()
+                    if health is not None:
+                        health.on_success()
                     result.model = route.name
                     if not result.upstream_model:
                         result.upstream_model = upstream
@@ -391,7 +413,8 @@ class Router:
                     result.attempts = attempts
                     return result
                 if type(result) is StreamStart:
-                    health.on_success()
+                    if health is not None:
+                        health.on_success()
                     return ChatStream(
                         result,
                         model=route.name,
@@ -420,6 +443,7 @@ class Router:
                     break
                 # NEXT_MODEL
                 if result.kind == "model_missing":
+                    health = self._health_of(route.name)
                     health.on_model_missing(clock.current_time())
                     if self._shared is not None:
                         self._shared.health_changed(route.name, health)
@@ -560,13 +584,13 @@ class Router:
         now = trio.current_time()
         best = math.inf
         for route in chain:
-            health = self._health_of(route.name)
-            if health.state_at(now) == "disabled":
+            health = self._health.get(route.name)
+            if health is not None and health.state_at(now) == "disabled":
                 continue
             key_wait = min(
                 a.wait_time(now, tenant, tokens, route.upstream) for a in route.provider.actors
             )
-            best = min(best, max(health.remaining(now), key_wait))
+            best = min(best, max(health.remaining(now) if health else 0.0, key_wait))
         if best <= 0 or math.isinf(best):
             return None
         return best
@@ -581,7 +605,21 @@ class Router:
         return self._health_of(name)
 
     def _health_of(self, name: str) -> ModelHealth:
+        """The health of `name`, made when it is first written. `provider/upstream`
+        names a caller made up are bounded: past `adhoc_models` of them, the least
+        recently written healthy one (else the oldest) is forgotten."""
         health = self._health.get(name)
+        if name not in self._configured:
+            adhoc = self._adhoc
+            if health is not None:
+                adhoc.move_to_end(name)
+                return health
+            if len(adhoc) >= self._settings.adhoc_models:
+                now = self._clock.current_time()
+                victim = next((n for n in adhoc if self._health[n].is_callable(now)), None)
+                victim = victim if victim is not None else next(iter(adhoc))
+                del adhoc[victim], self._health[victim]
+            adhoc[name] = None
         if health is None:
             health = self._health[name] = ModelHealth(self._settings.health)
         return health
@@ -815,7 +853,9 @@ def _check_request(request: ChatRequest) -> None:
         raise InvalidRequestError("temperature", "must be between 0 and 2")
     if request.top_p is not None and not 0 < request.top_p <= 1:
         raise InvalidRequestError("top_p", "must be in (0, 1]")
-    if request.timeout is not None and not request.timeout > 0:
-        raise InvalidRequestError("timeout", "must be a positive number of seconds")
+    if request.timeout is not None and not (
+        type(request.timeout) in (int, float) and 0 < request.timeout < math.inf
+    ):
+        raise InvalidRequestError("timeout", "must be a positive, finite number of seconds")
     if not isinstance(request.fallbacks, list):
         raise InvalidRequestError("fallbacks", "must be a list of model names")

@@ -105,8 +105,11 @@ class ChatStream:
             item = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self._ended = True
+            failure = self._job.failure  # a failure the full channel had no room for
             raise StreamInterruptedError(
-                RouterClosedError("the stream was closed before it finished"),
+                failure
+                if failure is not None
+                else RouterClosedError("the stream was closed before it finished"),
                 self.text,
                 self.attempts,
             ) from None

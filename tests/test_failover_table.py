@@ -90,6 +90,8 @@ def then_step(kind: str, key_wide: bool) -> Step:
 def expected(s: Situation, sibling: bool, later: bool) -> Step:
     """README's rules, read independently of router/_failover.py."""
     in_place = TABLE[s.kind]["in_place"]
+    if s.attempts_left <= 0:  # max_attempts reached: nothing more in place
+        return then_step(s.kind, s.key_wide and s.kind == "transient")
     if in_place.startswith("retried"):
         # Alternatives that count: other keys only for a key-wide failure.
         alternative = (sibling and s.key_wide and s.kind == "transient") or later
@@ -141,6 +143,7 @@ times = st.sampled_from([0.0, 0.4, 0.5, 2.0, 2.9, 3.0, 29.0, 30.0, 60.0, 60.5, 6
     max_tokens_droppable=st.booleans(),
     sibling=st.booleans(),
     later=st.booleans(),
+    attempts_left=st.integers(-1, 3),
 )
 def test_decide_follows_the_readme_table(
     kind: str,
@@ -158,6 +161,7 @@ def test_decide_follows_the_readme_table(
     max_tokens_droppable: bool,
     sibling: bool,
     later: bool,
+    attempts_left: int,
 ) -> None:
     asked: list[tuple[bool, bool]] = []
 
@@ -180,6 +184,7 @@ def test_decide_follows_the_readme_table(
         waited=waited,
         max_tokens_droppable=max_tokens_droppable,
         alternatives=alternatives,
+        attempts_left=attempts_left,
     )
     assert decide(s) == expected(s, sibling, later)
     # The chain is only consulted where the table needs it (it costs a walk).
