@@ -34,6 +34,8 @@ __all__ = ["Lane"]
 
 _LATENCY_WEIGHT: Final = 0.2
 """Weight of the newest sample in the latency moving average."""
+_TENANTS: Final = 1024
+"""Per-tenant breakers a lane keeps (tenants are a caller's strings: bounded)."""
 
 
 class Lane:
@@ -79,24 +81,36 @@ class Lane:
         return f"Lane(model={self.model!r})"
 
     def breaker_for(self, tenant: str | None) -> CircuitBreaker:
+        """The breaker a request of `tenant` uses (made on first use; at most
+        `_TENANTS` per lane, a closed one dropped first to make room)."""
         if not self._per_tenant or not tenant:
             return self.breaker
-        breaker = self.tenant_breakers.get(tenant)
+        breakers = self.tenant_breakers
+        breaker = breakers.get(tenant)
         if breaker is None:
-            breaker = self.tenant_breakers[tenant] = CircuitBreaker(
-                self._settings.breaker, self._rng
-            )
+            if len(breakers) >= _TENANTS:
+                victim = next((t for t, b in breakers.items() if b.state == "closed"), None)
+                del breakers[victim if victim is not None else next(iter(breakers))]
+            breaker = breakers[tenant] = CircuitBreaker(self._settings.breaker, self._rng)
         return breaker
+
+    def _peek(self, tenant: str | None) -> CircuitBreaker | None:
+        """The breaker `tenant` would use, without making one (None: a fresh one)."""
+        if not self._per_tenant or not tenant:
+            return self.breaker
+        return self.tenant_breakers.get(tenant)
 
     def is_available(self, now: float, tenant: str | None) -> bool:
         if now < self.cooldown.until:
             return False
-        breaker = self.breaker_for(tenant) if self._per_tenant and tenant else self.breaker
-        return breaker.can_attempt(now)
+        breaker = self._peek(tenant)
+        return breaker is None or breaker.can_attempt(now)
 
     def wait_time(self, now: float, tenant: str | None) -> float:
         """Seconds until this lane may be called again (0 if it may be now)."""
-        return max(self.cooldown.remaining(now), self.breaker_for(tenant).remaining(now))
+        breaker = self._peek(tenant)
+        wait = breaker.remaining(now) if breaker is not None else 0.0
+        return max(self.cooldown.remaining(now), wait)
 
     def is_idle_and_healthy(self, now: float) -> bool:
         """Holds nothing worth keeping: no cooldown, every breaker closed."""

@@ -173,3 +173,19 @@ async def test_a_bug_inside_the_router_costs_one_request_only(autojump_clock, ca
         resp = await router.submit(req())
         assert resp.content == "ok from k"
         assert "unexpected RuntimeError" in caplog.text
+
+
+async def test_per_tenant_breakers_are_bounded_and_reads_make_none(autojump_clock):
+    cfg = make_config(CFG)
+    cfg.router.per_tenant_breakers = True
+    sp = ScriptedProvider()
+    async with Router.open(cfg, providers={"p": sp}) as router:
+        for i in range(1100):
+            await router.submit(req(tenant=f"t{i}"))
+        (actor,) = router._runtimes["p"].actors
+        lane = actor.lane_state("u")
+        assert lane is not None
+        assert len(lane.tenant_breakers) == 1024
+        # Asking whether a key is available for an unseen tenant creates nothing.
+        assert actor.is_available(trio.current_time(), "never-seen", 0, "u")
+        assert "never-seen" not in lane.tenant_breakers
