@@ -1052,12 +1052,17 @@ class KeyActor:
         job.backoff = 0.0
 
     def _own(self, error: ProviderError, job: Job) -> ProviderError:
-        """Stamp the error with where it happened, and scrub the secret from it."""
+        """Stamp the error with where it happened, and scrub from it the key's secret
+        and the provider's other credentials (`known_secrets`: header values, base_url
+        credentials), whole or any long piece of them (`router._secrets.Scrubber`)."""
+        from ._secrets import scrubber_for  # (here: keeps this change inside the method)
+
         error.provider = self.provider_name
         error.key_id = self.key_id
         error.model = job.model
-        secret = self.key.secret
-        if secret and secret in error.message:
-            error.message = error.message.replace(secret, "***")
-            error.args = (error.message,)
+        others: tuple[str, ...] = getattr(self.provider, "known_secrets", ())
+        scrubbed = scrubber_for((self.key.secret, *others)).scrub(error.message)
+        if scrubbed != error.message:
+            error.message = scrubbed
+            error.args = (scrubbed,)
         return error

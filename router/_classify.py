@@ -11,7 +11,9 @@ What lives here:
 - `classify_failure`: the one decision table from (status, message, error codes) to
   an `ErrorKind`, which every protocol calls after pulling those three out of its
   own error body; the table is spelled out in its docstring;
-- `error_snippet` and `redact`: a short, secret-free text for an error message.
+- `error_snippet` and `redact`: a short, secret-free text for an error message
+  (known secrets, from the caller or the active `router._secrets.scrubbing` block,
+  are scrubbed whole and in part before any cut).
 
 What this module must never do: read a clock (time comes in as `now`, epoch
 seconds), do I/O, or let anything that looks like an API key into a message.
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import email.utils
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Final
 
 from ._errors import ErrorKind, ProviderError
+from ._secrets import Scrubber, active_scrubber, scrubber_for
 
 __all__ = [
     "classified_error",
@@ -401,31 +404,73 @@ def classify_failure(status: int | None, message: str, codes: Collection[str]) -
 
 _KEY_LIKE: Final = re.compile(
     r"sk-[A-Za-z0-9_*.\-]{6,}|AIza[0-9A-Za-z_\-]{10,}"
-    r"|(?i:bearer)\s+[^\s,;\"']+|(?i:x-api-key|x-goog-api-key|api[_-]?key)[=:]\s*[^\s,;\"'&]+"
+    r"|(?i:bearer|basic)\s+[^\s,;\"']+"
+    r"|(?i:x-api-key|x-goog-api-key|api[_-]?key|authorization|password)[=:]\s*"
+    r"(?:(?i:bearer|basic)\s+)?[^\s,;\"'&]+"
 )
+REDACTED: Final = "[redacted]"
 
 
-def redact(text: str, secret: str | None = None) -> str:
-    """`text` with anything that looks like an API key (and `secret`, when the caller
-    knows it) replaced by "[redacted]"."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
-    return _KEY_LIKE.sub("[redacted]", text)
+def redact(text: str, secrets: str | Iterable[str] | Scrubber | None = None) -> str:
+    """`text` with every known secret hidden, whole or as a long piece (`secrets`: the
+    ones the caller knows, plus those of the active `scrubbing` block; see
+    `router._secrets.Scrubber`), then anything else that looks like an API key or a
+    credential, each replaced by "[redacted]"."""
+    for scrubber in _scrubbers(secrets):
+        text = scrubber.scrub(text)
+    return _KEY_LIKE.sub(REDACTED, text)
+
+
+def _scrubbers(secrets: str | Iterable[str] | Scrubber | None) -> list[Scrubber]:
+    found: list[Scrubber] = []
+    if isinstance(secrets, Scrubber):
+        found.append(secrets)
+    elif isinstance(secrets, str):
+        found.append(scrubber_for((secrets,), REDACTED))
+    elif secrets is not None:
+        found.append(scrubber_for(secrets, REDACTED))
+    active = active_scrubber()
+    if active is not None and active not in found:
+        found.append(active)
+    return [scrubber for scrubber in found if scrubber]
 
 
 _TAG: Final = re.compile(r"<(?:script|style)\b.*?</(?:script|style)>|<[^>]*>", re.S | re.I)
 
 
-def error_snippet(text: str, limit: int = SNIPPET_LIMIT) -> str:
-    """Whitespace-collapsed, redacted, at most `limit` characters; an HTML error page
-    is reduced to its text."""
+def error_snippet(
+    text: str, limit: int = SNIPPET_LIMIT, secrets: str | Iterable[str] | Scrubber | None = None
+) -> str:
+    """Whitespace-collapsed, redacted (`redact`, with `secrets` and the active
+    `scrubbing` block's), at most `limit` characters; an HTML error page is reduced to
+    its text. Secrets are scrubbed *before* the text is cut to `limit`, so a secret
+    across the cut never leaves a piece behind."""
     text = text[:20_000]
     if text.lstrip()[:1] == "<":
         text = _TAG.sub(" ", text)
-    text = redact(" ".join(text.split()))
+    text = " ".join(text.split())
+    text = _scrub_head(text, limit, _scrubbers(secrets))
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+def _scrub_head(text: str, limit: int, scrubbers: list[Scrubber]) -> str:
+    """`text` redacted (known secrets, then key-like runs), or a redacted head of it
+    whose first `limit` characters are those of the whole text redacted. Only what can
+    show needs redacting, but a head cut from the raw text may end inside a secret, and
+    redacting shrinks a text: the head grows until `margin` characters past `limit`
+    remain, so its cut end is never shown."""
+    margin = max((s.longest for s in scrubbers), default=0) + 64
+    window = limit + 2 * margin
+    while True:
+        head = text[:window]
+        for scrubber in scrubbers:
+            head = scrubber.scrub(head)
+        head = _KEY_LIKE.sub(REDACTED, head)
+        if window >= len(text) or len(head) >= limit + margin:
+            return head
+        window *= 2
 
 
 def describe(

@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from ._errors import ConfigError
+from ._secrets import mask_url
 
 __all__ = [
     "BreakerConfig",
@@ -37,6 +39,8 @@ __all__ = [
     "SimulationConfig",
     "TokensConfig",
     "capped_growth",
+    "mask_url",
+    "resolve_headers",
     "resolve_secret",
 ]
 
@@ -206,20 +210,6 @@ class SharedConfig(_Section):
         return f"SharedConfig(redis_url={url!r}, key_prefix={self.key_prefix!r})"
 
 
-def mask_url(url: str) -> str:
-    """`url` with its password (if any) replaced by ``***``."""
-    if url.startswith("env:"):
-        return url
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    auth, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = auth.partition(":")
-    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
-
-
 class RouterSettings(_Section):
     """The `[router]` table."""
 
@@ -313,7 +303,10 @@ class ProviderConfig(_Section):
     keys: list[KeyConfig]
     base_url: str = ""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-    """Extra HTTP headers sent with every request (HTTP kinds)."""
+    """Extra HTTP headers sent with every request (HTTP kinds). A value may be given as
+    ``env:VAR``. Values given so, and those of credential headers (``api-key``,
+    ``authorization``, ``x-api-key``, ``proxy-authorization``, ``cookie``, names
+    ending in ``-key``, ``-token``, ``-secret``), are secrets: scrubbed like a key's."""
     max_concurrency: PositiveInt = 64
     rpm: PositiveInt | None = None
     """Default requests-per-minute budget of each key."""
@@ -322,9 +315,10 @@ class ProviderConfig(_Section):
     simulate: SimulationConfig | None = None
     seed: int = 0
 
-    def __repr__(self) -> str:  # header values may be credentials
+    def __repr__(self) -> str:  # header values and the base_url may hold credentials
         return (
-            f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, base_url={self.base_url!r}, "
+            f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, "
+            f"base_url={mask_url(self.base_url)!r}, "
             f"keys={self.keys!r}, headers={ {k: '***' for k in self.headers}!r})"
         )
 
@@ -433,6 +427,11 @@ class RouterConfig(_Section):
                         f"providers[{i}].keys[{j}].simulate",
                         f"only simulated providers take `simulate` (kind is {p.kind!r})",
                     )
+            for header, value in p.headers.items():
+                if value.startswith("env:") and not value[4:]:
+                    raise ConfigError(
+                        f"providers[{i}].headers.{header}", "`env:` needs a variable name"
+                    )
             if p.simulate is not None and p.kind != "simulated":
                 raise ConfigError(
                     f"providers[{i}].simulate",
@@ -527,3 +526,9 @@ def resolve_secret(raw: str, field: str) -> str:
             raise ConfigError(field, f"environment variable {var!r} is not set")
         return value
     return raw
+
+
+def resolve_headers(headers: Mapping[str, str], field: str) -> dict[str, str]:
+    """A provider's `headers` with every ``env:VAR`` value resolved (`resolve_secret`;
+    a missing variable is a `ConfigError` at ``{field}.{name}``)."""
+    return {name: resolve_secret(value, f"{field}.{name}") for name, value in headers.items()}

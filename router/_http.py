@@ -20,7 +20,15 @@ a reset before the response head) are `key_wide`: they belong to the key's host,
 to the model. A timeout other than a connect timeout is `timed_out` (a silent
 upstream) and not key-wide. A 404 whose body names no missing model is a route 404:
 base_url is wrong, so it is key-wide too, and logged once per URL. A stream that sent
-its finish reason ends normally even if the connection then breaks. What this module
+its finish reason ends normally even if the connection then breaks.
+
+Secrets: the key's, every credential header's value (`router._secrets.header_is_secret`;
+``env:VAR`` values are resolved here) and the credentials in base_url. Each call into
+the wire protocol runs inside `scrubbing` with all of them, so the protocol's error
+snippets are scrubbed before they are cut; every error raised is scrubbed again whole
+(transport errors and reworded 404s included); URLs are shown through `mask_url`, and
+httpx's and httpcore's own log lines (request URLs, response headers) are masked and
+scrubbed too (`_ScrubLibraryLogs`). What this module
 must never do: put a secret into an error message, a log line or a repr (secrets
 travel only in request headers).
 """
@@ -32,6 +40,7 @@ import logging
 import math
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -39,8 +48,18 @@ import httpx
 import trio
 
 from ._classify import redact
-from ._config import ProviderConfig
+from ._config import ProviderConfig, resolve_headers
 from ._errors import ProviderError
+from ._secrets import (
+    Scrubber,
+    header_is_secret,
+    header_secret_values,
+    mask_url,
+    mask_urls_in,
+    scrubber_for,
+    scrubbing,
+    url_secrets,
+)
 from ._sse import SseParser
 from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk
 from ._wire import StreamDecoder, WireProtocol, WireRequest
@@ -54,6 +73,40 @@ SHARD_SIZE = 8
 # Extra connections per pool: room for connections being torn down.
 _POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
+
+
+_LIVE: weakref.WeakSet[HttpProvider] = weakref.WeakSet()
+"""The open providers, whose secrets the filter below scrubs from library log lines."""
+
+
+class _ScrubLibraryLogs(logging.Filter):
+    """httpx logs every request's URL (userinfo and query included) at INFO, and
+    httpcore every response's headers at DEBUG (an upstream may repeat a credential
+    in one): mask the URLs (`mask_urls_in`) and scrub every live provider's secrets
+    from those records. Runs only for records that are emitted (DEBUG or INFO on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        secrets: list[str] = []
+        for provider in list(_LIVE):
+            secrets += provider.all_secrets()
+        clean = scrubber_for(secrets, "[redacted]").scrub(mask_urls_in(message))
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_LIBRARY_LOGGERS = (
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+)
+for _name in _LIBRARY_LOGGERS:
+    _library_log = logging.getLogger(_name)
+    if not any(isinstance(f, _ScrubLibraryLogs) for f in _library_log.filters):
+        _library_log.addFilter(_ScrubLibraryLogs())
 
 
 def protocol_for(kind: str) -> WireProtocol:
@@ -106,7 +159,9 @@ def _remaining() -> float:
     return max(0.001, deadline - trio.current_time())
 
 
-def _transport_error(exc: httpx.HTTPError, provider: str, *, before_head: bool) -> ProviderError:
+def _transport_error(
+    exc: httpx.HTTPError, provider: str, *, before_head: bool, scrubber: Scrubber | None = None
+) -> ProviderError:
     """A transport failure as a transient `ProviderError`. `before_head`: no response
     byte had arrived (raised while connecting, sending or awaiting the head)."""
     # httpx messages name the host and the error, never headers; keep them short.
@@ -127,9 +182,10 @@ def _transport_error(exc: httpx.HTTPError, provider: str, *, before_head: bool) 
         what = f"upstream closed the connection or broke the protocol: {exc}"
     else:
         what = f"{type(exc).__name__}: {exc}"
-    return ProviderError(
-        "transient", f"{provider}: {what}"[:400], key_wide=key_wide, timed_out=timed_out
-    )
+    message = f"{provider}: {what}"
+    if scrubber is not None:
+        message = scrubber.scrub(message)  # before the cut
+    return ProviderError("transient", message[:400], key_wide=key_wide, timed_out=timed_out)
 
 
 class HttpProvider:
@@ -144,7 +200,18 @@ class HttpProvider:
         self.name = config.name
         self._protocol = protocol
         self._base_url = config.base_url.rstrip("/")
-        self._headers = dict(config.headers)
+        self._shown_url = mask_url(self._base_url)
+        self._headers = resolve_headers(config.headers, f"providers[{config.name!r}].headers")
+        secrets = url_secrets(self._base_url)
+        for name, value in self._headers.items():
+            if header_is_secret(name, config.headers[name]):
+                secrets += header_secret_values(value)
+        self.known_secrets: tuple[str, ...] = tuple(dict.fromkeys(secrets))
+        """Credentials of this provider other than the keys' secrets (header values,
+        base_url's); the key actor scrubs them from every error too."""
+        self._scrubbers: dict[str, tuple[str, Scrubber]] = {}
+        """key id -> (its secret, the scrubber of its requests)"""
+        _LIVE.add(self)
         self._max_concurrency = dict(max_concurrency)
         self._shards: dict[str, _Shards] = {}
         self._route_404_logged: set[str] = set()
@@ -152,6 +219,26 @@ class HttpProvider:
 
     def __repr__(self) -> str:
         return f"HttpProvider(name={self.name!r}, protocol={self._protocol.name!r})"
+
+    def _scrubber(self, key: ApiKey) -> Scrubber:
+        """What hides the secrets one request of `key` carries: the key's own and the
+        provider's (`known_secrets`)."""
+        known = self._scrubbers.get(key.id)
+        if known is None or known[0] != key.secret:
+            known = (key.secret, scrubber_for((key.secret, *self.known_secrets), "[redacted]"))
+            self._scrubbers[key.id] = known
+        return known[1]
+
+    def all_secrets(self) -> list[str]:
+        """`known_secrets` and the secret of every key that has made a request."""
+        return [*self.known_secrets, *(secret for secret, _ in list(self._scrubbers.values()))]
+
+    def _scrubbed(self, error: ProviderError, scrubber: Scrubber) -> ProviderError:
+        message = scrubber.scrub(error.message)
+        if message != error.message:
+            error.message = message
+            error.args = (message,)
+        return error
 
     def _shards_for(self, key: ApiKey) -> _Shards:
         shards = self._shards.get(key.id)
@@ -161,13 +248,26 @@ class HttpProvider:
         return shards
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
-        wire = self._protocol.build(
-            request, base_url=self._base_url, secret=key.secret, stream=False, headers=self._headers
-        )
-        response = await self._send(key, wire)
-        if 200 <= response.status_code < 300:
-            return self._protocol.parse(response.status_code, response.headers, response.content)
-        raise self._failure(response.status_code, response.headers, response.content, wire, key)
+        scrubber = self._scrubber(key)
+        try:
+            wire = self._protocol.build(
+                request,
+                base_url=self._base_url,
+                secret=key.secret,
+                stream=False,
+                headers=self._headers,
+            )
+            response = await self._send(key, wire)
+            with scrubbing(scrubber):
+                if 200 <= response.status_code < 300:
+                    return self._protocol.parse(
+                        response.status_code, response.headers, response.content
+                    )
+                raise self._failure(
+                    response.status_code, response.headers, response.content, wire, key
+                )
+        except ProviderError as exc:
+            raise self._scrubbed(exc, scrubber) from None
 
     async def count_tokens(self, request: ChatRequest, key: ApiKey) -> int:
         """The upstream's exact prompt-token count for `request` (its model, system,
@@ -179,53 +279,78 @@ class HttpProvider:
             raise ProviderError(
                 "bad_request", f"{self.name}: the {protocol.name} protocol cannot count tokens"
             )
-        wire = protocol.build_count(
-            request, base_url=self._base_url, secret=key.secret, headers=self._headers
-        )
-        response = await self._send(key, wire)
-        if 200 <= response.status_code < 300:
-            return protocol.parse_count(response.status_code, response.headers, response.content)
-        raise self._failure(response.status_code, response.headers, response.content, wire, key)
+        scrubber = self._scrubber(key)
+        try:
+            wire = protocol.build_count(
+                request, base_url=self._base_url, secret=key.secret, headers=self._headers
+            )
+            response = await self._send(key, wire)
+            with scrubbing(scrubber):
+                if 200 <= response.status_code < 300:
+                    return protocol.parse_count(
+                        response.status_code, response.headers, response.content
+                    )
+                raise self._failure(
+                    response.status_code, response.headers, response.content, wire, key
+                )
+        except ProviderError as exc:
+            raise self._scrubbed(exc, scrubber) from None
 
     async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
         """Yield the answer's chunks. Ends normally after the upstream's end marker or
         its finish reason (even when the connection breaks after the finish reason);
         anything else raises a (transient) `ProviderError`."""
-        wire = self._protocol.build(
-            request, base_url=self._base_url, secret=key.secret, stream=True, headers=self._headers
-        )
-        remaining = _remaining()
-        decoder: StreamDecoder | None = None
-        head = False
-        with self._shards_for(key).lease() as client:
-            try:
-                async with client.stream(
-                    wire.method,
-                    wire.url,
-                    headers=wire.headers,
-                    content=wire.body,
-                    timeout=httpx.Timeout(remaining, read=None),
-                ) as response:
-                    head = True
-                    if not 200 <= response.status_code < 300:
-                        body = await response.aread()
-                        raise self._failure(response.status_code, response.headers, body, wire, key)
-                    parser = SseParser()
-                    decoder = self._protocol.stream_decoder()
-                    async for data in response.aiter_raw():
-                        for event in parser.feed(data):
-                            for chunk in decoder.feed(event):
-                                yield chunk
-                            if decoder.done:
-                                return
-                    if not decoder.finished:
-                        raise ProviderError(
-                            "transient", f"{self.name}: stream ended before its finish reason"
-                        )
-            except httpx.HTTPError as exc:
-                if decoder is not None and decoder.finished:
-                    return  # the answer is whole; only the end marker or last chunk was lost
-                raise _transport_error(exc, self.name, before_head=not head) from None
+        scrubber = self._scrubber(key)
+        try:
+            wire = self._protocol.build(
+                request,
+                base_url=self._base_url,
+                secret=key.secret,
+                stream=True,
+                headers=self._headers,
+            )
+            remaining = _remaining()
+            decoder: StreamDecoder | None = None
+            head = False
+            with self._shards_for(key).lease() as client:
+                try:
+                    async with client.stream(
+                        wire.method,
+                        wire.url,
+                        headers=wire.headers,
+                        content=wire.body,
+                        timeout=httpx.Timeout(remaining, read=None),
+                    ) as response:
+                        head = True
+                        if not 200 <= response.status_code < 300:
+                            body = await response.aread()
+                            with scrubbing(scrubber):
+                                error = self._failure(
+                                    response.status_code, response.headers, body, wire, key
+                                )
+                            raise error
+                        parser = SseParser()
+                        decoder = self._protocol.stream_decoder()
+                        async for data in response.aiter_raw():
+                            for event in parser.feed(data):
+                                with scrubbing(scrubber):  # no await or yield inside
+                                    chunks = decoder.feed(event)
+                                for chunk in chunks:
+                                    yield chunk
+                                if decoder.done:
+                                    return
+                        if not decoder.finished:
+                            raise ProviderError(
+                                "transient", f"{self.name}: stream ended before its finish reason"
+                            )
+                except httpx.HTTPError as exc:
+                    if decoder is not None and decoder.finished:
+                        return  # the answer is whole; only the end marker or last chunk was lost
+                    raise _transport_error(
+                        exc, self.name, before_head=not head, scrubber=scrubber
+                    ) from None
+        except ProviderError as exc:
+            raise self._scrubbed(exc, scrubber) from None
 
     async def _send(self, key: ApiKey, wire: WireRequest) -> httpx.Response:
         """The whole response. `client.send(stream=True)` then `aread()` (what
@@ -242,7 +367,9 @@ class HttpProvider:
             try:
                 response = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, self.name, before_head=True) from None
+                raise _transport_error(
+                    exc, self.name, before_head=True, scrubber=self._scrubber(key)
+                ) from None
             try:
                 try:
                     await response.aread()
@@ -250,7 +377,9 @@ class HttpProvider:
                     await response.aclose()
                     raise
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, self.name, before_head=False) from None
+                raise _transport_error(
+                    exc, self.name, before_head=False, scrubber=self._scrubber(key)
+                ) from None
             return response
 
     def _failure(
@@ -264,8 +393,9 @@ class HttpProvider:
         return error
 
     def _route_404(self, error: ProviderError, wire: WireRequest, secret: str) -> ProviderError:
-        url = redact(wire.url, secret)
-        base_url = redact(self._base_url, secret)
+        scrubber = scrubber_for((secret, *self.known_secrets), "[redacted]")
+        url = redact(mask_url(wire.url), scrubber)
+        base_url = redact(self._shown_url, scrubber)
         if url not in self._route_404_logged:
             self._route_404_logged.add(url)
             _log.error(
@@ -278,10 +408,13 @@ class HttpProvider:
                 base_url,
                 self.name,
             )
+        message = scrubber.scrub(
+            f"{self.name}: {wire.method} {url} answered HTTP 404 (not an API route, no missing "
+            f"model named): base_url {base_url!r} is probably wrong; {error.message}"
+        )
         return ProviderError(
             "transient",
-            f"{self.name}: {wire.method} {url} answered HTTP 404 (not an API route, no missing "
-            f"model named): base_url {base_url!r} is probably wrong; {error.message}"[:800],
+            message[:800],
             retry_after=error.retry_after,
             status=404,
             key_wide=True,

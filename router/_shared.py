@@ -67,6 +67,7 @@ logs once, and shares again. A request never fails because of Redis.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -84,7 +85,9 @@ import trio
 from ._breaker import CLOSED, HALF_OPEN, OPEN
 from ._budget import WINDOW
 from ._config import SharedConfig, mask_url, resolve_secret
+from ._errors import ConfigError
 from ._health import ModelHealth
+from ._secrets import mask_urls_in, scrubber_for, url_secrets
 
 if TYPE_CHECKING:
     from ._actor import KeyActor
@@ -900,10 +903,19 @@ class SharedState:
                 "Redis at %s unreachable (%s: %s): router state is local-only until it returns",
                 mask_url(self.config.redis_url),
                 type(exc).__name__,
-                exc,
+                self._scrub(str(exc)),
             )
             self._logged_down = True
         self._set_reachable(False)
+
+    def _scrub(self, text: str) -> str:
+        """A Redis client's error text with the URL's credentials hidden (the
+        password, also when the URL comes from ``env:``, and any URL in it masked)."""
+        raw = self.config.redis_url
+        secrets = url_secrets(raw)
+        with contextlib.suppress(ConfigError):
+            secrets += url_secrets(resolve_secret(raw, "router.shared.redis_url"))
+        return scrubber_for(secrets).scrub(mask_urls_in(text))
 
     def _set_reachable(self, reachable: bool) -> None:
         if reachable == self.reachable:

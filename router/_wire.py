@@ -18,6 +18,7 @@ from typing import Protocol
 import msgspec
 
 from ._errors import ProviderError
+from ._secrets import mask_url
 from ._types import ChatRequest, ChatResponse, StreamChunk
 
 __all__ = ["SseEvent", "StreamDecoder", "WireProtocol", "WireRequest"]
@@ -29,8 +30,8 @@ class WireRequest(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str]
     body: bytes
 
-    def __repr__(self) -> str:  # headers carry the secret
-        return f"WireRequest(method={self.method!r}, url={self.url!r})"
+    def __repr__(self) -> str:  # headers carry the secret; the URL may carry others
+        return f"WireRequest(method={self.method!r}, url={mask_url(self.url)!r})"
 
 
 class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
