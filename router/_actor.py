@@ -80,6 +80,7 @@ from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
 from ._failover import RETRY, RETRY_WITHOUT_MAX_TOKENS, WAIT_RETRY, Situation, Step, decide, grain
 from ._lane import Lane
+from ._secrets import scrubber_for
 from ._provider import Provider
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
@@ -1055,8 +1056,6 @@ class KeyActor:
         """Stamp the error with where it happened, and scrub from it the key's secret
         and the provider's other credentials (`known_secrets`: header values, base_url
         credentials), whole or any long piece of them (`router._secrets.Scrubber`)."""
-        from ._secrets import scrubber_for  # (here: keeps this change inside the method)
-
         error.provider = self.provider_name
         error.key_id = self.key_id
         error.model = job.model
