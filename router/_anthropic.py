@@ -47,6 +47,7 @@ from ._types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    message_text,
 )
 from ._wire import SseEvent, WireRequest
 
@@ -169,7 +170,7 @@ def _messages(messages: list[Message]) -> tuple[str | None, list[dict[str, Any]]
     turns: list[tuple[str, list[dict[str, Any]]]] = []
     for message in messages:
         if message.role == "system":
-            system.append(message.content)
+            system.append(message_text(message))
             continue
         role, blocks = _turn(message)
         if turns and turns[-1][0] == role:

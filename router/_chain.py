@@ -28,15 +28,21 @@ _ROUTES_LIMIT = 4096
 class Route(Generic[P]):
     """One chain entry resolved: its name, its provider's runtime and upstream id."""
 
-    __slots__ = ("context_window", "name", "provider", "upstream")
+    __slots__ = ("context_window", "drop_params", "name", "provider", "upstream")
 
     def __init__(
-        self, name: str, provider: P, upstream: str, context_window: int | None = None
+        self,
+        name: str,
+        provider: P,
+        upstream: str,
+        context_window: int | None = None,
+        drop_params: bool | None = None,
     ) -> None:
         self.name = name
         self.provider = provider
         self.upstream = upstream
         self.context_window = context_window
+        self.drop_params = drop_params
 
     def __repr__(self) -> str:
         return f"Route({self.name!r} -> {self.upstream!r})"
@@ -57,7 +63,11 @@ class ModelChain(Generic[P]):
         model = self._models.get(name)
         if model is not None:
             route = Route(
-                name, self._providers[model.provider], model.upstream, model.context_window
+                name,
+                self._providers[model.provider],
+                model.upstream,
+                model.context_window,
+                model.drop_params,
             )
         else:
             prov, sep, upstream = name.partition("/")

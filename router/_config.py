@@ -235,6 +235,10 @@ class RouterSettings(_Section):
     to another model (0 disables)."""
     lanes_per_key: PositiveInt = 256
     """Upstream models whose failure state a key keeps (least recently used dropped)."""
+    drop_params: bool = False
+    """Drop, rather than refuse with 400, request fields and content parts the serving
+    model's protocol cannot take (logged once, named in `dropped_params`); a model's
+    own `drop_params` and a request's win over this."""
     max_chain: PositiveInt = 8
     """Models a request's chain may hold (its model, its fallbacks, the model's and the
     global fallbacks); a longer one is refused before any upstream call."""
@@ -329,6 +333,8 @@ class ModelConfig(_Section):
     upstream: Name
     fallbacks: list[str] = msgspec.field(default_factory=list)
     context_window: PositiveInt | None = None
+    drop_params: bool | None = None
+    """This model's `drop_params` (None: the router's)."""
 
 
 _ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

@@ -46,7 +46,16 @@ from ._classify import (
     parse_duration,
 )
 from ._errors import ProviderError
-from ._types import ChatRequest, ChatResponse, Message, StreamChunk, ToolCall, ToolCallDelta, Usage
+from ._types import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    StreamChunk,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    message_text,
+)
 from ._wire import SseEvent, WireRequest
 
 __all__ = ["GeminiProtocol", "GeminiStreamDecoder"]
@@ -144,7 +153,7 @@ def _contents(messages: list[Message]) -> tuple[str | None, list[dict[str, Any]]
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "system":
-            system.append(message.content)
+            system.append(message_text(message))
             continue
         parts: list[dict[str, Any]] = []
         if message.role == "tool":
@@ -160,7 +169,7 @@ def _contents(messages: list[Message]) -> tuple[str | None, list[dict[str, Any]]
                 {
                     "functionResponse": {
                         "name": name,
-                        "response": _function_response(message.content),
+                        "response": _function_response(message_text(message)),
                     }
                 }
             )

@@ -22,6 +22,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Final
 
 import msgspec
 import trio
@@ -42,6 +43,7 @@ from ._errors import (
 from ._failover import CONTEXT_FALLBACK, NEXT_KEY, PROPAGATE
 from ._health import ModelHealth
 from ._lane import Lane
+from ._params import check as check_params
 from ._provider import Provider
 from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
@@ -53,7 +55,18 @@ from ._tokens import (
     TokenCounter,
     get_encoding,
 )
-from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, Message, Tool
+from ._types import (
+    ApiKey,
+    Attempt,
+    AudioPart,
+    ChatRequest,
+    ChatResponse,
+    FilePart,
+    ImagePart,
+    Message,
+    TextPart,
+    Tool,
+)
 
 __all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
@@ -155,10 +168,11 @@ class RouterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 class _ProviderRuntime:
     """A provider's key actors in their configured order, plus balancing state."""
 
-    __slots__ = ("actors", "config", "name", "next_index", "provider")
+    __slots__ = ("actors", "config", "kind", "name", "next_index", "provider")
 
     def __init__(self, config: ProviderConfig, provider: Provider, actors: list[KeyActor]) -> None:
         self.name = config.name
+        self.kind = config.kind
         self.config = config
         self.provider = provider
         self.actors = actors
@@ -331,6 +345,7 @@ class Router:
             )
         chain = self._chain.build(request.model, request.fallbacks, settings.max_chain)
         max_attempts = settings.max_attempts
+        drop_default = settings.drop_params
         tenant = request.tenant
         tokens = 0
         if self._any_windows or self._any_tpm:
@@ -376,6 +391,18 @@ class Router:
                 continue
             upstream = route.upstream
             upstream_request = msgspec.structs.replace(request, model=upstream)
+            drop = request.drop_params
+            if drop is None:
+                drop = route.drop_params if route.drop_params is not None else drop_default
+            try:
+                upstream_request, dropped = check_params(
+                    upstream_request, route.provider.kind, route.name, drop
+                )
+            except InvalidRequestError as exc:
+                if route is chain[0]:
+                    raise  # the model asked for cannot honour the request: 400
+                last_error = last_error or exc
+                continue  # a fallback that cannot honour it is skipped, never used
             for actor in self._key_order(route.provider, tenant):
                 now = clock.current_time()
                 if now >= deadline:
@@ -411,6 +438,8 @@ class Router:
                     result.provider = actor.provider_name
                     result.key_id = actor.key_id
                     result.attempts = attempts
+                    if dropped:
+                        result.dropped_params = list(dropped)
                     return result
                 if type(result) is StreamStart:
                     if health is not None:
@@ -421,6 +450,7 @@ class Router:
                         provider=actor.provider_name,
                         key_id=actor.key_id,
                         upstream_model=upstream,
+                        dropped_params=list(dropped),
                     )
                 if result is SKIPPED:
                     continue
@@ -832,6 +862,9 @@ def _propagated(
     return error
 
 
+_PARTS: Final = (TextPart, ImagePart, FilePart, AudioPart)
+
+
 def _check_request(request: ChatRequest) -> None:
     if type(request) is not ChatRequest:
         raise InvalidRequestError(
@@ -843,8 +876,15 @@ def _check_request(request: ChatRequest) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages", "must be a non-empty list of Message")
     for i, m in enumerate(messages):
-        if type(m) is not Message or type(m.content) is not str:
-            raise InvalidRequestError(f"messages[{i}]", "must be a Message with string content")
+        if type(m) is not Message:
+            raise InvalidRequestError(f"messages[{i}]", "must be a Message")
+        content = m.content
+        if type(content) is not str and not (
+            isinstance(content, list) and all(isinstance(p, _PARTS) for p in content)
+        ):
+            raise InvalidRequestError(
+                f"messages[{i}].content", "must be a string or a list of content parts"
+            )
     if request.max_tokens is not None and (
         type(request.max_tokens) is not int or request.max_tokens < 1
     ):

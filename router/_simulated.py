@@ -20,7 +20,7 @@ import trio
 
 from ._config import ProviderConfig, SimulationConfig
 from ._errors import ProviderError
-from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk, Usage
+from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk, Usage, message_text
 
 __all__ = ["SimulatedProvider"]
 
@@ -107,9 +107,9 @@ class SimulatedProvider:
         edge += cfg.unknown
         if u_fault < edge:
             raise ProviderError("unknown", "unexpected upstream answer (simulated)", status=520)
-        last = request.messages[-1].content if request.messages else ""
+        last = message_text(request.messages[-1]) if request.messages else ""
         content = f"[{self.name}/{key.id}] {request.model} says: {last[:48]}"
-        prompt_tokens = sum(len(m.content.split()) + 4 for m in request.messages)
+        prompt_tokens = sum(len(message_text(m).split()) + 4 for m in request.messages)
         completion_tokens = len(content.split())
         if request.max_tokens is not None and completion_tokens > request.max_tokens:
             completion_tokens = request.max_tokens

@@ -72,9 +72,18 @@ class ChatStream:
     """
 
     def __init__(
-        self, start: StreamStart, *, model: str, provider: str, key_id: str, upstream_model: str
+        self,
+        start: StreamStart,
+        *,
+        model: str,
+        provider: str,
+        key_id: str,
+        upstream_model: str,
+        dropped_params: list[str] | None = None,
     ) -> None:
         self.model = model
+        self.dropped_params = dropped_params or []
+        """Request fields dropped for the serving model (see `router._params`)."""
         self.provider = provider
         self.key_id = key_id
         self.upstream_model = upstream_model

@@ -51,7 +51,7 @@ import trio
 from ._breaker import CircuitBreaker
 from ._config import BreakerConfig
 from ._errors import ProviderError
-from ._types import Message, Tool
+from ._types import Message, Tool, message_text
 
 __all__ = [
     "DEFAULT_BREAKER",
@@ -177,7 +177,7 @@ def _count_messages(
     n = 0
     for message in messages:
         n += TOKENS_PER_MESSAGE + _tokens(encoding, message.role)
-        n += _tokens(encoding, message.content)
+        n += _tokens(encoding, message_text(message))
         if message.name is not None:
             n += _tokens(encoding, message.name) + TOKENS_PER_NAME
         if message.tool_call_id is not None:
@@ -195,7 +195,7 @@ def _count_messages(
 def _size(messages: Sequence[Message], tools: Sequence[Tool] | None) -> int:
     size = 0
     for message in messages:
-        size += len(message.content)
+        size += len(message_text(message))
         for call in message.tool_calls or ():
             size += len(call.arguments)
     for tool in tools or ():

@@ -13,14 +13,23 @@ import msgspec
 __all__ = [
     "ApiKey",
     "Attempt",
+    "AudioPart",
     "ChatRequest",
     "ChatResponse",
+    "Choice",
+    "ContentPart",
+    "FilePart",
+    "ImagePart",
     "Message",
+    "ResponseFormat",
     "StreamChunk",
+    "TextPart",
+    "ThinkingBlock",
     "Tool",
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "message_text",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -47,18 +56,101 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag="text", tag_field="type"):
+    """Text inside a message's content parts."""
+
+    text: str
+    cache_control: dict[str, Any] | None = None
+    """Anthropic prompt caching (``{"type": "ephemeral"}``): passed through to Anthropic;
+    other providers cache by themselves and ignore it."""
+
+
+class ImagePart(msgspec.Struct, frozen=True, kw_only=True, tag="image", tag_field="type"):
+    """An image, by `url` (http(s)) or inline as base64 `data` with its `media_type`."""
+
+    url: str | None = None
+    data: str | None = None
+    """Base64, without a ``data:`` prefix."""
+    media_type: str | None = None
+    """image/png, image/jpeg, image/gif or image/webp."""
+    detail: str | None = None
+    """OpenAI's low / high / auto."""
+    cache_control: dict[str, Any] | None = None
+
+
+class FilePart(msgspec.Struct, frozen=True, kw_only=True, tag="file", tag_field="type"):
+    """A document (a PDF, a text file), inline as base64 `data`, by `url`, or by a
+    provider's own `file_id`."""
+
+    data: str | None = None
+    url: str | None = None
+    file_id: str | None = None
+    media_type: str | None = None
+    filename: str | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class AudioPart(msgspec.Struct, frozen=True, kw_only=True, tag="audio", tag_field="type"):
+    """Audio input, base64 `data` in `format` (wav, mp3, ...)."""
+
+    data: str
+    format: str
+
+
+ContentPart = TextPart | ImagePart | FilePart | AudioPart
+"""One part of a message's content (``{"type": ...}`` tells which)."""
+
+
+class ThinkingBlock(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's visible reasoning, as its provider returned it. Anthropic signs its
+    thinking blocks and requires them back, unchanged, in the next turn of a tool-use
+    exchange; `protocol` records who made a block so that it is sent back only to the
+    same kind of provider (and dropped, by rule, when the next turn goes elsewhere)."""
+
+    text: str = ""
+    signature: str | None = None
+    redacted: str | None = None
+    """An encrypted (redacted) thinking block's data."""
+    protocol: str = ""
+    """The wire protocol that produced it: "anthropic", "gemini", "openai"."""
+
+
 class Message(msgspec.Struct, frozen=True):
     """One chat message.
 
-    An assistant message may carry `tool_calls` (its `content` may then be empty); a
-    ``role="tool"`` message answers the call named by `tool_call_id`.
+    `content` is a string or a list of parts (text, image, file, audio). An assistant
+    message may carry `tool_calls` (its `content` may then be empty), its `reasoning`
+    text and its provider's `thinking` blocks; a ``role="tool"`` message answers the
+    call named by `tool_call_id`.
     """
 
     role: Role
-    content: str
+    content: str | list[ContentPart]
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None
+    """An assistant message's reasoning text (OpenAI-compatible `reasoning_content`)."""
+    thinking: list[ThinkingBlock] | None = None
+    cache_control: dict[str, Any] | None = None
+    """Anthropic prompt caching for a string `content` (parts carry their own)."""
+
+
+def message_text(message: Message) -> str:
+    """The text of a message: its string content, or its text parts joined."""
+    content = message.content
+    if type(content) is str:
+        return content
+    return "".join(p.text for p in content if isinstance(p, TextPart))
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """Structured output: ``type`` is "text", "json_object" (any JSON object) or
+    "json_schema" with `json_schema` = ``{"name", "schema", "strict", "description"}``
+    as in OpenAI's API."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
@@ -83,6 +175,29 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: str | None = None
     """"auto", "none", "required", or the name of one tool."""
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    n: int | None = None
+    """Choices to generate (providers that cannot: refused, see `router._params`)."""
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    """The end user, for the provider's abuse monitoring."""
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    """"minimal", "low", "medium" or "high": OpenAI natively, Anthropic as a thinking
+    budget, Gemini as a thinking budget (see `router._params`)."""
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Fields the router does not know, sent unchanged to OpenAI-compatible upstreams
+    (like the SDK's `extra_body`); refused for other protocols unless dropped."""
+    drop_params: bool | None = None
+    """Drop (rather than refuse) what the serving provider cannot take; None: the
+    router's (or the model's) `drop_params`."""
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -91,6 +206,12 @@ class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens read from the provider's cache (part of `prompt_tokens`)."""
+    cache_creation_tokens: int = 0
+    """Prompt tokens written to the provider's cache (Anthropic)."""
+    reasoning_tokens: int = 0
+    """Completion tokens spent on reasoning (part of `completion_tokens`)."""
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,11 +242,40 @@ class ChatResponse(msgspec.Struct, kw_only=True):
     """stop, length, tool_calls or content_filter."""
     usage: Usage = msgspec.field(default_factory=Usage)
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    reasoning: str | None = None
+    """The model's reasoning text, where the provider returns it."""
+    thinking: list[ThinkingBlock] | None = None
+    """The provider's thinking blocks (send them back with the assistant turn)."""
+    refusal: str | None = None
+    system_fingerprint: str | None = None
+    logprobs: Any = None
+    """The provider's log probabilities, in OpenAI's shape."""
+    stop_sequence: str | None = None
+    """The stop sequence that ended the answer, where the provider says."""
+    choices: list[Choice] | None = None
+    """With ``n > 1``: every choice (the first is also this response's own fields)."""
+    provider_fields: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Provider-specific extras (Gemini `safety_ratings`, ...), under their own names."""
+    dropped_params: list[str] = msgspec.field(default_factory=list)
+    """Request fields (or content part types) dropped because the serving model's
+    protocol cannot take them and drop_params allowed it (see `router._params`)."""
     model: str = ""
     upstream_model: str = ""
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    """One of several choices (``n > 1``)."""
+
+    index: int
+    content: str
+    finish_reason: str = "stop"
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    reasoning: str | None = None
+    refusal: str | None = None
+    logprobs: Any = None
 
 
 class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,10 +298,18 @@ class StreamChunk(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: list[ToolCallDelta] = msgspec.field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    reasoning: str = ""
+    """A delta of the model's reasoning text."""
+    thinking: list[ThinkingBlock] | None = None
+    """Complete thinking blocks (with their signatures), when the provider ends one."""
+    refusal: str = ""
+    logprobs: Any = None
+    stop_sequence: str | None = None
+    provider_fields: dict[str, Any] | None = None
 
     @property
     def has_content(self) -> bool:
-        return bool(self.text or self.tool_calls)
+        return bool(self.text or self.tool_calls or self.reasoning or self.refusal)
 
 
 class ApiKey:
