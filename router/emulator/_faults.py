@@ -66,6 +66,14 @@ class Fault(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     """Report this protocol-native finish reason verbatim (e.g. "content_filter",
     "refusal", "SAFETY") instead of the computed one."""
+    reasoning: str | None = None
+    """The answer also carries this reasoning (thinking) text, in the protocol's own
+    shape (OpenAI-compatible `reasoning_content`, Anthropic thinking blocks, Gemini
+    thought parts)."""
+    raw_stream: list[str] | None = None
+    """Stream exactly these SSE data payloads (for Anthropic as `event: NAME\ndata: ...`
+    pairs given as "NAME|payload"), then end the body: for published shapes the
+    emulator does not build itself."""
 
 
 class EmulatorCall(msgspec.Struct, kw_only=True):

@@ -57,6 +57,8 @@ class Answer(NamedTuple):
     stop_sequence: str | None
     usage: Usage
     finish_override: str | None
+    reasoning: str | None = None
+    """Reasoning (thinking) text to put in the answer, in the protocol's own shape."""
 
 
 class Frame(NamedTuple):
@@ -274,7 +276,8 @@ def build_answer(parsed: Parsed, fault: Fault | None) -> Answer:
             total_tokens=parsed.prompt_tokens + completion,
         )
     override = fault.finish_reason if fault is not None else None
-    return Answer(text, tool_calls, finish, stop_sequence, usage, override)
+    reasoning = fault.reasoning if fault is not None else None
+    return Answer(text, tool_calls, finish, stop_sequence, usage, override, reasoning)
 
 
 def _json_args(arguments: str) -> Any:

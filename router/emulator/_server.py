@@ -540,7 +540,10 @@ class Emulator:
         sse: bool,
         error: Json | None,
     ) -> bool:
-        frames = stream_frames(protocol, answer, parsed)
+        if f.raw_stream is not None:
+            frames = [_raw_frame(item) for item in f.raw_stream]
+        else:
+            frames = stream_frames(protocol, answer, parsed)
         if not sse:
             frames.append(Frame("end", None, b""))
         framer = Framer(sse=sse, crlf=protocol == "gemini")
@@ -625,3 +628,11 @@ class Emulator:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             status, payload = 400, {"error": str(exc)}
         return await self._send_body(conn, None, status, _encode(payload), [])
+
+
+def _raw_frame(item: str) -> Frame:
+    """A scripted SSE event: "payload", or "event-name|payload" (Anthropic)."""
+    name, bar, payload = item.partition("|")
+    if bar and name and " " not in name and not name.startswith("{"):
+        return Frame("content", name, payload.encode())
+    return Frame("content", None, item.encode())
