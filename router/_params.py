@@ -66,13 +66,14 @@ PARAMS: Final[dict[str, tuple[Support, Support, Support]]] = {
     "prediction": ("native", "refused", "refused"),
     "stream": ("router", "router", "router"),
     "stream_options": ("router", "router", "router"),
-    "metadata": ("router", "router", "router"),
     "timeout": ("router", "router", "router"),
     "fallbacks": ("router", "router", "router"),
     "other fields": ("native", "refused", "refused"),
 }
-"""README.md's parameter table. "other fields" are the ones the router does not know
-(`ChatRequest.extra`): passed through to OpenAI-compatible upstreams."""
+"""README.md's parameter table. "other fields" are the ones the router does not model
+(`ChatRequest.extra`: `store`, `metadata`, `modalities`, `audio`, `verbosity`,
+`web_search_options`, `prompt_cache_key`, `safety_identifier`, and any newer field):
+passed through unchanged to OpenAI-compatible upstreams, refused by the others."""
 
 # The ChatRequest attribute each checked field lives in (a few are named differently).
 _ATTRIBUTE: Final = {

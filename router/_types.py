@@ -172,6 +172,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     timeout: float | None = None
     tenant: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    """The caller's own annotations, kept with the request (never sent upstream; an
+    OpenAI `metadata` for stored completions goes in `extra`)."""
     tools: list[Tool] | None = None
     tool_choice: str | None = None
     """"auto", "none", "required", or the name of one tool."""
