@@ -80,8 +80,8 @@ from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
 from ._failover import RETRY, RETRY_WITHOUT_MAX_TOKENS, WAIT_RETRY, Situation, Step, decide, grain
 from ._lane import Lane
-from ._secrets import scrubber_for
 from ._provider import Provider
+from ._secrets import scrubber_for
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
 

@@ -106,19 +106,17 @@ async def test_made_up_model_names_leave_bounded_state(autojump_clock):
         assert len(sp.calls) == 501
 
 
-@pytest.mark.parametrize("timeout", [math.inf, math.nan, -1.0, 0.0, "5"])
-async def test_a_deadline_must_be_positive_and_finite(autojump_clock, timeout):
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, 0.0, "5"])
+async def test_a_deadline_must_be_positive_and_finite(autojump_clock, value):
     sp = ScriptedProvider()
     async with Router.open(make_config(CFG), providers={"p": sp}) as router:
         with pytest.raises(InvalidRequestError) as info:
-            await router.submit(req(timeout=timeout))
+            await router.submit(req(timeout=value))
         assert info.value.field == "timeout"
         assert sp.calls == []
 
 
-async def test_a_stream_failing_while_its_reader_is_slow_reaches_the_reader(
-    autojump_clock, caplog
-):
+async def test_a_stream_failing_while_its_reader_is_slow_reaches_the_reader(autojump_clock, caplog):
     class Fast(StreamingScriptedProvider):
         async def stream(self, request, key):  # type: ignore[no-untyped-def]
             # The first chunk is handed over with the stream; the next 16 fill the

@@ -5,8 +5,24 @@ The app does not open the router itself; `router.gateway.serve` opens it around
 Hypercorn's trio worker in the same trio run and sets `app.router`.
 
 What this module must never do: echo a secret (gateway keys, the admin key, provider
-keys) into a response or a log line; buffer more than `max_body_bytes` of a body; keep
-an upstream attempt running after its client has gone away.
+keys) into a response or a log line; buffer more than `max_body_bytes` of a body, or
+wait longer than `body_timeout` for one; keep an upstream attempt running after its
+client has gone away; let one request's input become a 500.
+
+Limits (`[gateway]`): a body must arrive within `body_timeout` of the app being called
+(408); at most `max_in_flight` chat requests and streams run at once (503 with
+Retry-After past it); a request that waited longer than `max_queue_delay` before the app
+could start on it is refused (503). What "waited" can mean here: Hypercorn parses a
+request's head in its connection task and only then starts the app in a new task, so
+the app can see (a) how long ago Hypercorn parsed the head (its stream's `start_time`,
+read when the `send` callable carries it; not part of ASGI) and (b) how late the event
+loop runs a task that is ready (`watch_event_loop`). The wait for the connection task
+itself to run is (b) again; time spent in the kernel's accept queue or socket buffer is
+not visible to the process at all. The refusal uses the larger of (a) and (b).
+
+Draining (`begin_drain`): chat requests that arrive are refused with 503; those
+running get until `shutdown_grace`, then end with 503 (or, for a stream already under
+way, an error event) rather than a dropped connection.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -29,9 +46,11 @@ from ._metrics import CONTENT_TYPE, GatewayMetrics
 from ._shapes import (
     BadBody,
     ChatOptions,
+    NotAllowed,
     chunk_json,
     completion_id,
     completion_json,
+    decode_body,
     error_body,
     error_reply,
     parse_chat_body,
@@ -49,7 +68,6 @@ Send = Callable[[Event], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 _JSON: Final = (b"content-type", b"application/json")
 _SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -57,6 +75,9 @@ _SSE_HEADERS: Final = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE: Final = b"data: [DONE]\n\n"
+_CLOSE: Final = ("connection", "close")
+_LOOP_TICK: Final = 0.05
+"""How often `watch_event_loop` measures how late the event loop runs a ready task."""
 
 
 class _TooLarge(Exception):
@@ -65,6 +86,42 @@ class _TooLarge(Exception):
 
 class _Gone(Exception):
     """The client disconnected while we were reading its body."""
+
+
+class _Stalled(Exception):
+    """The body did not arrive within `body_timeout`."""
+
+
+class _GatewayKey:
+    """One `[gateway] api_keys` entry, resolved."""
+
+    __slots__ = ("id", "models", "models_json", "secret", "tenant")
+
+    def __init__(
+        self, secret: bytes, tenant: str, key_id: str, models: frozenset[str] | None
+    ) -> None:
+        self.secret = secret
+        self.tenant = tenant
+        self.id = key_id
+        self.models = models
+        """The models this key may name (as its model or a fallback); None: any."""
+        self.models_json: bytes | None = None
+        """The key's own /v1/models answer when it has a `models` list."""
+
+
+class _Exchange:
+    """What one HTTP exchange has sent so far (kept by `_tracked`), so a request cut
+    short by draining can still be answered properly."""
+
+    __slots__ = ("done", "request", "started", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.started = False
+        """The response head is out."""
+        self.done = False
+        """The last body message is out."""
+        self.request: ChatRequest | None = None
 
 
 class _ResetBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -148,29 +205,56 @@ class GatewayApp:
         self.config = config
         gw = config.gateway
         self.max_body = gw.max_body_bytes
-        self._keys: list[tuple[bytes, str | None, str]] = [
-            (
-                resolve_secret(k.secret, f"gateway.api_keys[{i}].secret").encode(),
-                k.tenant,
-                k.id,
-            )
-            for i, k in enumerate(gw.api_keys)
-        ]
+        self.body_timeout = gw.body_timeout
+        self.max_in_flight = gw.max_in_flight
+        self.max_queue_delay = gw.max_queue_delay
+        self.max_connections = gw.max_connections
+        self.shutdown_grace = gw.shutdown_grace
+        self._configured = {m.name: m.provider for m in config.models}
+        self._providers = {p.name for p in config.providers}
+        self._fallback_policy = gw.allow_request_fallbacks
+        self._max_chain = config.router.max_chain
+        self._default_timeout = config.router.timeout
+        self._max_timeout = (
+            gw.max_request_timeout if gw.max_request_timeout is not None else config.router.timeout
+        )
+        self._keys: list[_GatewayKey] = []
+        for i, k in enumerate(gw.api_keys):
+            secret = resolve_secret(k.secret, f"gateway.api_keys[{i}].secret").encode()
+            models = frozenset(m.strip() for m in k.models) if k.models is not None else None
+            key = _GatewayKey(secret, k.tenant if k.tenant is not None else k.id, k.id, models)
+            if k.models is not None:
+                key.models_json = self._models_json([m.strip() for m in k.models])
+            self._keys.append(key)
         admin = resolve_secret(gw.admin_key, "gateway.admin_key") if gw.admin_key else ""
         self._admin: bytes | None = admin.encode() if admin else None
         self.router = router
         self.accepting = True
         """False once shutdown began: /readyz answers 503."""
+        self.draining = False
+        self._drain_deadline = math.inf
+        self._active: set[trio.CancelScope] = set()
+        """Every running exchange's cancel scope: draining gives each a deadline."""
+        self.in_flight = 0
+        """Chat requests and streams being served (admission control)."""
+        self.connections = 0
+        """Open client connections (kept by the server loop in `_serve`)."""
+        self._lag = 0.0
+        self._lag_due = math.inf
         self.metrics = GatewayMetrics(self._snapshot)
-        self._models = _encode(
-            {
-                "object": "list",
-                "data": [
-                    {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
-                    for m in config.models
-                ],
-            }
-        )
+        self._models = self._models_json([m.name for m in config.models])
+
+    def _models_json(self, names: list[str]) -> bytes:
+        data = []
+        for name in names:
+            owner = self._configured.get(name)
+            if owner is None:
+                prov, sep, upstream = name.partition("/")
+                if not (sep and upstream and prov in self._providers):
+                    continue  # names nothing this gateway serves
+                owner = prov
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": owner})
+        return _encode({"object": "list", "data": data})
 
     def _snapshot(self) -> RouterSnapshot | None:
         return self.router.snapshot() if self.router is not None else None
@@ -194,17 +278,50 @@ class GatewayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, raw_send: Send) -> None:
         started = time.perf_counter()
+        path = scope["path"]
+        exchange = _Exchange()
+        send = _tracked(raw_send, exchange)
+        status = 500
+        with trio.CancelScope(deadline=self._drain_deadline) as cut:
+            self._active.add(cut)
+            try:
+                status = await self._route(scope, receive, send, raw_send, started, exchange)
+            finally:
+                self._active.discard(cut)
+        if cut.cancelled_caught:  # shutdown_grace ended while this request was running
+            status = await self._cut_short(send, exchange, started)
+        endpoint = path if path in _ENDPOINTS else "other"
+        self.metrics.http_responses.labels(endpoint, str(status)).inc()
+
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_send: Send,
+        started: float,
+        exchange: _Exchange,
+    ) -> int:
         method = scope["method"]
         path = scope["path"]
-        endpoint = path
         try:
-            if path == "/v1/chat/completions":
+            if _has(scope, b"transfer-encoding") and _has(scope, b"content-length"):
+                # Which one frames the body? Servers and proxies disagree (request
+                # smuggling): refuse at once, reading nothing, and close.
+                body = error_body(
+                    "a request may not carry both Content-Length and Transfer-Encoding",
+                    "invalid_request_error",
+                    None,
+                    "ambiguous_framing",
+                )
+                status = await self._error(send, 400, body, _NOBODY, started, [_CLOSE])
+            elif path == "/v1/chat/completions":
                 if method != "POST":
                     status = await self._method_not_allowed(send, started)
                 else:
-                    status = await self._chat(scope, receive, send, started)
+                    status = await self._chat(scope, receive, send, raw_send, started, exchange)
             elif path == "/v1/models":
                 status = await self._authed(scope, send, started, self._list_models, method)
             elif path == "/healthz":
@@ -225,7 +342,6 @@ class GatewayApp:
             elif path == "/v1/router/reset":
                 status = await self._admin_call(scope, receive, send, started, "POST")
             else:
-                endpoint = "other"
                 status = await self._error(
                     send,
                     404,
@@ -235,19 +351,99 @@ class GatewayApp:
                 )
         except _Gone:
             status = 499
+        except _TooLarge:
+            status = await self._too_large(send, started)
+        except _Stalled:
+            status = await self._stalled(send, started)
         except Exception:
+            endpoint = path if path in _ENDPOINTS else "other"
             log.exception("gateway error on %s %s", method, endpoint)
             status = 500
             # The head may already be out; then there is nothing more to say.
-            with contextlib.suppress(Exception):
-                await self._error(
-                    send,
-                    500,
-                    error_body("internal gateway error", "server_error", None, "internal"),
-                    _NOBODY,
-                    started,
-                )
-        self.metrics.http_responses.labels(endpoint, str(status)).inc()
+            if not exchange.started:
+                with contextlib.suppress(Exception):
+                    await self._error(
+                        send,
+                        500,
+                        error_body("internal gateway error", "server_error", None, "internal"),
+                        _NOBODY,
+                        started,
+                    )
+        return status
+
+    async def _cut_short(self, send: Send, exchange: _Exchange, started: float) -> int:
+        """Answer a request that draining ended: 503 if nothing was sent yet, an error
+        event ending a stream under way, nothing if the response was complete."""
+        if exchange.done:
+            return exchange.status
+        message = "the gateway shut down before the request completed; retry it"
+        if exchange.request is not None:
+            self._record(exchange.request, _NOBODY, "shutdown", started)
+        try:
+            if not exchange.started:
+                body = error_body(message, "service_unavailable", None, "shutting_down")
+                headers = [("retry-after", "1"), _CLOSE]
+                return await self._error(send, 503, body, _NOBODY, started, headers)
+            event = _event(error_body(message, "service_unavailable", None, "shutting_down"))
+            event["more_body"] = False
+            await send(event)
+        except Exception:  # the client is gone, or the server would take nothing more
+            log.debug("could not answer a request cut short by shutdown", exc_info=True)
+        return exchange.status or 503
+
+    # ------------------------------------------------------------------ draining and load
+
+    def begin_drain(self) -> None:
+        """Shutdown began: refuse new chat requests; give the running ones until
+        `shutdown_grace` from now (then `_cut_short` answers them)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.accepting = False
+        deadline = trio.current_time() + self.shutdown_grace
+        self._drain_deadline = deadline
+        for scope in self._active:
+            scope.deadline = min(scope.deadline, deadline)
+
+    async def watch_event_loop(self) -> None:
+        """Measure, forever, how late the event loop runs a task that is ready: a task
+        due at T that runs at T + lag would have kept a new request waiting as long."""
+        while True:
+            due = trio.current_time() + _LOOP_TICK
+            self._lag_due = due
+            await trio.sleep_until(due)
+            self._lag = max(0.0, trio.current_time() - due)
+
+    def loop_lag(self) -> float:
+        """How late the event loop runs ready tasks now (the last measurement, or the
+        watcher's own lateness when it is overdue)."""
+        return max(self._lag, trio.current_time() - self._lag_due)
+
+    def queue_delay(self, send: Send) -> float:
+        """How long this request waited before the app could start on it (see the
+        module's docstring for what is measurable)."""
+        delay = self.loop_lag()
+        parsed = getattr(getattr(send, "__self__", None), "start_time", None)
+        if type(parsed) is float:
+            delay = max(delay, time.time() - parsed)
+        return delay
+
+    def overload(self) -> str | None:
+        """Why a new chat request would be refused now, or None."""
+        if self.in_flight >= self.max_in_flight:
+            return "in_flight"
+        if self.loop_lag() > self.max_queue_delay:
+            return "queue_delay"
+        return None
+
+    async def _unavailable(
+        self, send: Send, started: float, reason: str, message: str, close: bool = False
+    ) -> int:
+        self.metrics.rejected.labels(reason).inc()
+        code = "shutting_down" if reason == "draining" else "overloaded"
+        body = error_body(message, "service_unavailable", None, code)
+        headers = [("retry-after", "1"), *([_CLOSE] if close else [])]
+        return await self._error(send, 503, body, _NOBODY, started, headers)
 
     # ------------------------------------------------------------------ sending
 
@@ -293,21 +489,20 @@ class GatewayApp:
 
     # ------------------------------------------------------------------ auth
 
-    def _tenant(self, scope: Scope) -> tuple[bool, str | None]:
-        """(authorized, tenant) from the bearer token; constant-time comparisons."""
+    def _tenant(self, scope: Scope) -> tuple[bool, _GatewayKey | None]:
+        """(authorized, the caller's key) from the bearer token, in constant time; the
+        key is None when the gateway has no keys (no auth)."""
         if not self._keys:
             return True, None
         token = _bearer(scope)
         if token is None:
             return False, None
         given = token.encode()
-        found: tuple[bytes, str | None, str] | None = None
+        found: _GatewayKey | None = None
         for key in self._keys:  # compare against every key: no early exit
-            if hmac.compare_digest(given, key[0]) and found is None:
+            if hmac.compare_digest(given, key.secret) and found is None:
                 found = key
-        if found is None:
-            return False, None
-        return True, found[1] if found[1] is not None else found[2]
+        return found is not None, found
 
     async def _unauthorized(self, send: Send, started: float, what: str = "API key") -> int:
         body = error_body(
@@ -323,33 +518,49 @@ class GatewayApp:
         scope: Scope,
         send: Send,
         started: float,
-        handler: Callable[[Send, float], Awaitable[int]],
+        handler: Callable[[Send, float, _GatewayKey | None], Awaitable[int]],
         method: str,
     ) -> int:
         if method != "GET":
             return await self._method_not_allowed(send, started)
-        ok, _ = self._tenant(scope)
+        ok, key = self._tenant(scope)
         if not ok:
             return await self._unauthorized(send, started)
-        return await handler(send, started)
+        return await handler(send, started, key)
 
     # ------------------------------------------------------------------ small endpoints
 
-    async def _list_models(self, send: Send, started: float) -> int:
-        return await self._send(send, 200, [_JSON], self._models, _NOBODY, started)
+    async def _list_models(self, send: Send, started: float, key: _GatewayKey | None) -> int:
+        models = key.models_json if key is not None and key.models_json is not None else None
+        body = models if models is not None else self._models
+        return await self._send(send, 200, [_JSON], body, _NOBODY, started)
 
     async def _ready(self, send: Send, started: float) -> int:
         snap = self._snapshot()
         callable_keys = 0
         if snap is not None and self.router is not None:
             callable_keys = self.router.callable_keys()
-        ready = snap is not None and self.accepting and callable_keys > 0
+        overload = self.overload()
+        if self.draining or not self.accepting:
+            status = "draining"
+        elif snap is None or callable_keys == 0:
+            status = "unavailable"
+        elif overload is not None:
+            status = "overloaded"
+        else:
+            status = "ready"
         payload = {
-            "status": "ready" if ready else "unavailable",
+            "status": status,
             "callable_keys": callable_keys,
             "keys": len(snap.keys) if snap is not None else 0,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "loop_lag_seconds": round(self.loop_lag(), 4),
         }
-        return await self._json(send, 200 if ready else 503, payload, _NOBODY, started)
+        if overload is not None:
+            payload["overload"] = overload
+        code = 200 if status == "ready" else 503
+        return await self._json(send, code, payload, _NOBODY, started)
 
     async def _admin_call(
         self, scope: Scope, receive: Receive, send: Send, started: float, method: str
@@ -374,21 +585,22 @@ class GatewayApp:
         if method == "GET":
             raw = msgspec.json.encode(router.snapshot())
             return await self._send(send, 200, [_JSON], raw, _NOBODY, started)
+        raw_body = await self._read_body(scope, receive)
         try:
-            raw_body = await self._read_body(scope, receive)
-        except _TooLarge:
-            return await self._too_large(send, started)
-        try:
-            reset = (
-                msgspec.json.decode(raw_body, type=_ResetBody) if raw_body.strip() else _ResetBody()
-            )
+            data = decode_body(raw_body) if raw_body.strip() else {}
+            reset = msgspec.convert(data, type=_ResetBody)
             router.reset(
                 provider=reset.provider,
                 key_id=reset.key_id,
                 model=reset.model,
                 upstream=reset.upstream,
             )
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except BadBody as exc:
+            reply = error_reply(exc)
+            body = error_body(f"invalid reset body: {exc.message}", "invalid_request_error")
+            body["error"]["code"] = exc.code
+            return await self._error(send, reply.status, body, _NOBODY, started)
+        except msgspec.ValidationError as exc:
             body = error_body(f"invalid reset body: {exc}", "invalid_request_error", None, None)
             return await self._error(send, 400, body, _NOBODY, started)
         except InvalidRequestError as exc:
@@ -413,7 +625,8 @@ class GatewayApp:
     # ------------------------------------------------------------------ body
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The whole body, refusing (without reading further) once over the limit."""
+        """The whole body, refusing (without reading further) once over the limit, and
+        giving up (`_Stalled`) when it has not all arrived within `body_timeout`."""
         limit = self.max_body
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -423,16 +636,18 @@ class GatewayApp:
             except ValueError:
                 pass
         body = bytearray()
-        while True:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                raise _Gone
-            chunk = event.get("body", b"")
-            if len(body) + len(chunk) > limit:
-                raise _TooLarge
-            body += chunk
-            if not event.get("more_body", False):
-                return bytes(body)
+        with trio.move_on_after(self.body_timeout):
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    raise _Gone
+                chunk = event.get("body", b"")
+                if len(body) + len(chunk) > limit:
+                    raise _TooLarge
+                body += chunk
+                if not event.get("more_body", False):
+                    return bytes(body)
+        raise _Stalled
 
     async def _too_large(self, send: Send, started: float) -> int:
         body = error_body(
@@ -441,39 +656,125 @@ class GatewayApp:
             None,
             "request_too_large",
         )
-        return await self._error(send, 413, body, _NOBODY, started, [("connection", "close")])
+        return await self._error(send, 413, body, _NOBODY, started, [_CLOSE])
+
+    async def _stalled(self, send: Send, started: float) -> int:
+        self.metrics.rejected.labels("body_timeout").inc()
+        body = error_body(
+            f"the request body did not arrive within {self.body_timeout:g} seconds",
+            "invalid_request_error",
+            None,
+            "request_timeout",
+        )
+        return await self._error(send, 408, body, _NOBODY, started, [_CLOSE])
 
     # ------------------------------------------------------------------ chat
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send, started: float) -> int:
-        ok, tenant = self._tenant(scope)
+    async def _chat(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_send: Send,
+        started: float,
+        exchange: _Exchange,
+    ) -> int:
+        if self.draining:
+            return await self._unavailable(
+                send, started, "draining", "the gateway is shutting down; retry", close=True
+            )
+        ok, key = self._tenant(scope)
         if not ok:
             return await self._unauthorized(send, started)
+        # Shed load before reading the body: an overloaded gateway does the least work.
+        if self.in_flight >= self.max_in_flight:
+            return await self._overloaded(send, started, "in_flight")
+        if self.queue_delay(raw_send) > self.max_queue_delay:
+            return await self._overloaded(send, started, "queue_delay")
+        raw = await self._read_body(scope, receive)
         try:
-            raw = await self._read_body(scope, receive)
-        except _TooLarge:
-            return await self._too_large(send, started)
-        try:
-            try:
-                data = _decode(raw)
-            except msgspec.DecodeError as exc:
-                raise BadBody(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
-            request, options = parse_chat_body(data, tenant, _header(scope, b"x-router-fallbacks"))
-        except BadBody as exc:
+            data = decode_body(raw)
+            request, options = parse_chat_body(
+                data,
+                key.tenant if key is not None else None,
+                _header(scope, b"x-router-fallbacks"),
+                max_timeout=self._max_timeout,
+                default_timeout=self._default_timeout,
+            )
+            self._check_models(request, options, key)
+        except (BadBody, NotAllowed) as exc:
             reply = error_reply(exc)
             return await self._error(send, reply.status, reply.body, _NOBODY, started)
         router = self.router
         if router is None:
             body = error_body("router is not running", "service_unavailable", None, "closed")
             return await self._error(send, 503, body, _NOBODY, started)
+        if self.in_flight >= self.max_in_flight:  # others got in while the body arrived
+            return await self._overloaded(send, started, "in_flight")
         metrics = self.metrics
+        exchange.request = request
+        self.in_flight += 1
         metrics.in_flight.inc()
         try:
             if options.stream:
                 return await self._chat_stream(router, request, options, receive, send, started)
             return await self._chat_once(router, request, receive, send, started)
         finally:
+            self.in_flight -= 1
             metrics.in_flight.dec()
+
+    async def _overloaded(self, send: Send, started: float, reason: str) -> int:
+        if reason == "in_flight":
+            message = (
+                f"the gateway is serving its limit of {self.max_in_flight} requests; retry shortly"
+            )
+        else:
+            message = (
+                f"the gateway is overloaded (requests wait more than "
+                f"{self.max_queue_delay:g} s to start); retry shortly"
+            )
+        # The body was not read: close rather than reuse the connection.
+        return await self._unavailable(send, started, reason, message, close=True)
+
+    def _check_models(
+        self, request: ChatRequest, options: ChatOptions, key: _GatewayKey | None
+    ) -> None:
+        """What a tenant may name: request fallbacks as `allow_request_fallbacks` says,
+        and only the models of its key's `models` list (if it has one)."""
+        fallbacks = request.fallbacks
+        fields = options.fallback_fields
+        if fallbacks:
+            policy = self._fallback_policy
+            if policy == "none":
+                raise BadBody(
+                    fields[0],
+                    "this gateway takes no per-request fallbacks "
+                    "(`fallbacks` field or `x-router-fallbacks` header)",
+                    "fallbacks_not_allowed",
+                )
+            if len(fallbacks) > self._max_chain:
+                raise BadBody(
+                    "fallbacks",
+                    f"{len(fallbacks)} fallbacks; a chain holds at most "
+                    f"max_chain = {self._max_chain} models",
+                    "too_many_fallbacks",
+                )
+            if policy == "configured":
+                for name, field in zip(fallbacks, fields, strict=True):
+                    if name not in self._configured and "/" in name:
+                        raise BadBody(
+                            field,
+                            f"`{field}` names {name!r}: request fallbacks may name only "
+                            "configured models, not `provider/upstream` ids",
+                            "fallbacks_not_allowed",
+                        )
+        if key is not None and key.models is not None:
+            allowed = key.models
+            if request.model not in allowed:
+                raise NotAllowed("model", request.model)
+            for name, field in zip(fallbacks, fields, strict=True):
+                if name not in allowed:
+                    raise NotAllowed(field, name)
 
     def _record(self, request: ChatRequest, served: _Served, outcome: str, started: float) -> None:
         m = self.metrics
@@ -601,6 +902,40 @@ class GatewayApp:
             watch.finishing = True
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             return 200
+
+
+_ENDPOINTS: Final = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/router/state",
+        "/v1/router/reset",
+    }
+)
+
+
+def _tracked(send: Send, exchange: _Exchange) -> Send:
+    """`send` that records what went out in `exchange`. Each send is shielded from
+    cancellation, so a response is never left half-sent in our own bookkeeping
+    (Hypercorn shields its socket writes the same way)."""
+
+    async def tracked(event: Event) -> None:
+        with trio.CancelScope(shield=True):
+            await send(event)
+        if event["type"] == "http.response.start":
+            exchange.started = True
+            exchange.status = event["status"]
+        elif event["type"] == "http.response.body" and not event.get("more_body", False):
+            exchange.done = True
+
+    return tracked
+
+
+def _has(scope: Scope, name: bytes) -> bool:
+    return any(k == name for k, _ in scope["headers"])
 
 
 def _event(payload: Any) -> Event:

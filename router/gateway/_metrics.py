@@ -180,6 +180,18 @@ class GatewayMetrics:
             "Chat requests being served by the gateway now",
             registry=registry,
         )
+        self.connections = Gauge(
+            "llm_router_gateway_connections",
+            "Client connections open now",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "llm_router_gateway_rejected",
+            "Requests and connections refused by the gateway's limits, by reason "
+            "(in_flight, queue_delay, draining, connections, body_timeout)",
+            ["reason"],
+            registry=registry,
+        )
         registry.register(_SnapshotCollector(snapshot))
 
     def render(self) -> bytes:

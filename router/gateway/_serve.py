@@ -8,14 +8,30 @@ them, restarts a worker that dies, and exits when all have stopped. A worker who
 parent disappears drains and stops by itself. Workers share breaker, cooldown, health
 and budget state only through `[router.shared]` (Redis); without it each has its own.
 
-Shutdown (SIGTERM or SIGINT, or `shutdown_trigger` returning): Hypercorn stops
-accepting, idle keep-alive connections close, in-flight requests get
-`gateway.shutdown_grace` seconds to finish; then the router closes and `serve` returns.
+Connections: the accept loop is ours (`_serve_http`), each accepted connection is
+served by Hypercorn's own connection handler (`TCPServer`, HTTP/1.1 and h2c). Hypercorn
+has no connection limit, so the loop keeps `gateway.max_connections`: past it a new
+connection gets a 503 (OpenAI error shape) and is closed. Its `read_timeout` is not
+used: it bounds every read on a connection, also while a long answer is being
+computed, so it would cut legitimate requests; the app bounds the body instead
+(`gateway.body_timeout`, 408). An unfinished request head is bounded by Hypercorn's
+keep-alive timeout (the connection counts as idle until the head is complete) and by
+`h11_max_incomplete_size` (16 KiB, 431). Hypercorn answers a request it cannot parse
+with an empty body; `_protocol_errors_as_json` gives those answers the OpenAI shape.
+
+Shutdown (SIGTERM or SIGINT, or `shutdown_trigger` returning): the listening socket
+closes at once (new connections are refused, not accepted and dropped), idle
+keep-alive connections close, chat requests arriving on open connections get 503, and
+in-flight requests get `gateway.shutdown_grace` seconds to finish; one still running
+then is answered 503 (a stream under way ends with an error event). Then the router
+closes and `serve` returns. With ``--workers`` the parent closes its copy of the
+listening socket as soon as it is told to stop, before it signals the workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -23,17 +39,26 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from typing import Any, Final
 
+import h11
+import msgspec
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
 from .._chain import ModelChain
-from .._config import ProviderConfig, RouterConfig, resolve_secret
+from .._config import ProviderConfig, RouterConfig, resolve_headers, resolve_secret
 from .._errors import ConfigError
 from .._provider import Provider
 from .._router import Router
+from .._secrets import header_is_secret, mask_url
 from ._app import GatewayApp
+from ._shapes import error_body
 
 __all__ = ["add_check_arguments", "add_serve_arguments", "check_command", "serve", "serve_command"]
 
@@ -65,24 +90,212 @@ async def serve(
         hc.bind = [f"fd://{fd}"]
     else:
         hc.bind = [_bind_address(bind_host, bind_port)]
-    hc.graceful_timeout = gw.shutdown_grace
     hc.accesslog = None
     hc.errorlog = logging.getLogger("router.gateway.hypercorn")
     hc.keep_alive_timeout = 30.0
     # Hypercorn's default listen backlog (100) drops connection bursts (1,024 clients
     # at once measured 15 errors and a 56 s p99); the kernel caps it at somaxconn.
     hc.backlog = gw.backlog
-    async with Router.open(config, providers) as router:
-        app.router = router
+    _protocol_errors_as_json()
+    sockets = hc.create_sockets().insecure_sockets
+    try:
+        for sock in sockets:
+            sock.listen(hc.backlog)
+        async with Router.open(config, providers) as router:
+            app.router = router
+            try:
+                async with trio.open_nursery() as nursery:
+                    binds: list[str] = await nursery.start(
+                        _serve_http, app, hc, sockets, shutdown_trigger
+                    )
+                    task_status.started(binds)
+            finally:
+                app.accepting = False
+                app.router = None
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+_FLUSH: Final = 1.0
+"""Seconds past `shutdown_grace` for the answers to requests cut short to go out."""
+_MAX_REFUSING: Final = 256
+"""Over-limit connections answered at once; past it they are closed without a word."""
+_ACCEPT_CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def _serve_http(
+    app: GatewayApp,
+    hc: HypercornConfig,
+    sockets: list[socket.socket],
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections (at most `max_connections` open) and serve each with
+    Hypercorn's connection handler until `shutdown_trigger` returns; then drain."""
+    context = WorkerContext(None)
+    asgi = ASGIWrapper(app)  # type: ignore[arg-type]
+    state = ConnectionState({})
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    binds = [_url(s) for s in sockets]
+    refusing = [0]
+    streams: set[trio.SocketStream] = set()
+
+    async def connection(stream: trio.SocketStream) -> None:
+        streams.add(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                binds: list[str] = await nursery.start(
-                    partial(hypercorn_serve, app, hc, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
-                )
-                task_status.started(binds)
+            await _Connection(asgi, hc, context, state, stream).run()  # type: ignore[arg-type]
+        except Exception:  # one connection's failure never ends the server
+            log.exception("connection handler failed")
         finally:
-            app.accepting = False
-            app.router = None
+            streams.discard(stream)
+            app.connections -= 1
+            app.metrics.connections.dec()
+
+    async def close_all_at(deadline: float) -> None:
+        # Hypercorn writes to a socket shielded from cancellation: a client that stopped
+        # reading would hold the shutdown forever. Closing the socket ends such a write.
+        await trio.sleep_until(deadline)
+        for stream in list(streams):
+            stream.socket.close()
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        try:
+            await _refuse(stream, app.max_connections)
+        finally:
+            refusing[0] -= 1
+
+    async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY:
+                        raise
+                    log.warning("accept failed (%s): retrying", errno.errorcode[exc.errno])
+                    await trio.sleep(0.1)
+                    continue
+                if app.connections >= app.max_connections:
+                    app.metrics.rejected.labels("connections").inc()
+                    if refusing[0] < _MAX_REFUSING:
+                        refusing[0] += 1
+                        nursery.start_soon(refuse, stream)
+                    else:
+                        await stream.aclose()
+                    continue
+                app.connections += 1
+                app.metrics.connections.inc()
+                nursery.start_soon(connection, stream)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(app.watch_event_loop)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(accept, listener, connections)
+                task_status.started(binds)
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                accepting.cancel_scope.cancel()  # each listener closes as its loop ends
+            for sock in sockets:
+                sock.close()
+            app.begin_drain()
+            await context.terminated.set()  # idle keep-alive connections close now
+            hard_deadline = trio.current_time() + app.shutdown_grace + _FLUSH
+            connections.cancel_scope.deadline = hard_deadline
+            outer.start_soon(close_all_at, hard_deadline)
+        outer.cancel_scope.cancel()
+
+
+class _Connection(TCPServer):
+    """Hypercorn's connection handler, ending as soon as the client has closed.
+
+    Hypercorn's own keeps a closed connection (its socket and its task) until the
+    keep-alive timer (`keep_alive_timeout`, 30 s) fires, because that timer's task holds
+    the connection's task group open; under connection churn closed connections would
+    then fill `max_connections`. Once reading is over (end of stream, or an error),
+    the timer is stopped, so the handler ends when its request task does.
+    """
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            await self.idle_task.stop()
+
+
+async def _refuse(stream: trio.SocketStream, limit: int) -> None:
+    """Answer a connection over `max_connections` with 503 and close it, reading what
+    the client sends meanwhile so the close does not reset it before it reads ours."""
+    body = msgspec.json.encode(
+        error_body(
+            f"the gateway has its limit of {limit} connections open; retry shortly",
+            "service_unavailable",
+            None,
+            "too_many_connections",
+        )
+    )
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    try:
+        with trio.move_on_after(1.0):
+            await stream.send_all(head + body)
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+def _url(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_INET6:
+        return f"http://[{name[0]}]:{name[1]}"
+    return f"http://{name[0]}:{name[1]}"
+
+
+_PROTOCOL_ERRORS: Final = {
+    400: ("malformed HTTP request (request line, header or body framing)", "bad_http_request"),
+    431: ("the request line and headers are too large", "headers_too_large"),
+    501: ("unsupported Transfer-Encoding (only chunked is supported)", "not_implemented"),
+}
+
+
+def _protocol_errors_as_json() -> None:
+    """Give Hypercorn's answers to requests h11 cannot parse (a garbage request line, a
+    bad Content-Length, headers over `h11_max_incomplete_size`) the OpenAI error body
+    instead of an empty one.
+
+    Hypercorn offers no hook for these: they are sent by `H11Protocol`'s own
+    `_send_error_response`, which this replaces (process-wide, once) when it has the
+    expected shape. h2 protocol errors end the connection (GOAWAY) with no response.
+    """
+    current = getattr(H11Protocol, "_send_error_response", None)
+    if current is None or getattr(current, "_router_json", False):
+        return
+
+    async def send_error_response(self: Any, status_code: int) -> None:
+        message, code = _PROTOCOL_ERRORS.get(status_code, ("HTTP protocol error", "bad_http"))
+        body = msgspec.json.encode(error_body(message, "invalid_request_error", None, code))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    send_error_response._router_json = True  # type: ignore[attr-defined]
+    setattr(H11Protocol, "_send_error_response", send_error_response)  # noqa: B010
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -154,12 +367,12 @@ async def _until_orphaned(parent: int, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -169,7 +382,7 @@ async def _supervise(args: argparse.Namespace, config: RouterConfig, workers: in
     gw = config.gateway
     host = args.host if args.host is not None else gw.host
     port = args.port if args.port is not None else gw.port
-    sock = _listen(host, port)
+    sock = _listen(host, port, gw.backlog)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"llm-router gateway ({workers} workers) listening on http://{shown}:{bound}", flush=True)
@@ -206,6 +419,11 @@ async def _supervise(args: argparse.Namespace, config: RouterConfig, workers: in
                 async for signum in signals:
                     log.info("received %s: stopping the workers", signal.Signals(signum).name)
                     stopping = True
+                    # Stop listening first: the kernel queues connections for as long
+                    # as any process holds the socket, and a queue nobody accepts from
+                    # is reset when the last copy closes. The workers close theirs as
+                    # they begin to drain.
+                    sock.close()
                     for proc in procs.values():
                         if proc.returncode is None:
                             proc.send_signal(signal.SIGTERM)
@@ -259,6 +477,7 @@ def check_command(args: argparse.Namespace) -> int:
             for j, k in enumerate(p.keys):
                 if k.secret:
                     resolve_secret(k.secret, f"providers[{i}].keys[{j}].secret")
+            resolve_headers(p.headers, f"providers[{i}].headers")
         gw = config.gateway
         for i, gk in enumerate(gw.api_keys):
             resolve_secret(gk.secret, f"gateway.api_keys[{i}].secret")
@@ -268,8 +487,11 @@ def check_command(args: argparse.Namespace) -> int:
         chain: ModelChain[ProviderConfig] = ModelChain(config, providers)
         lines = [f"config {args.config}: ok", "", "providers:"]
         for p in config.providers:
-            where = f" {p.base_url}" if p.base_url else ""
+            where = f" {mask_url(p.base_url)}" if p.base_url else ""
             lines.append(f"  {p.name} ({p.kind}){where}")
+            for name, value in p.headers.items():
+                shown = _mask(value) if header_is_secret(name, value) else value
+                lines.append(f"    header {name}: {shown}")
             for k in p.keys:
                 limit = k.max_concurrency or p.max_concurrency
                 lines.append(f"    key {k.id}: secret={_mask(k.secret)} max_concurrency={limit}")
@@ -284,6 +506,9 @@ def check_command(args: argparse.Namespace) -> int:
                 keys = ", ".join(k.id for k in route.provider.keys)
                 target = f"{route.provider.name}/{route.upstream}"
                 lines.append(f"    {n}. {route.name} -> {target} [keys: {keys}]")
+        shared = config.router.shared
+        if shared is not None:
+            lines += ["", f"shared state: {mask_url(shared.redis_url)} prefix={shared.key_prefix}"]
         lines += [
             "",
             f"gateway: {gw.host}:{gw.port} api_keys={len(gw.api_keys)} "

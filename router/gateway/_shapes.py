@@ -1,5 +1,7 @@
 """OpenAI wire shapes <-> the router's records, and the gateway's error mapping.
 
+`decode_body` turns a request body into plain JSON values, refusing (with `BadBody`,
+never anything else) what is not JSON or nests deeper than `MAX_DEPTH`.
 `parse_chat_body` turns a decoded ``/v1/chat/completions`` body into a `ChatRequest`
 plus the gateway-only options (stream, include_usage), raising `BadBody` that names
 the offending field. `completion_json` / `chunk_json` render answers in OpenAI's
@@ -13,6 +15,7 @@ own input.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 from typing import Any, Final, TypeVar
@@ -32,12 +35,15 @@ from .._errors import (
 from .._types import ChatRequest, ChatResponse, Message, StreamChunk, Tool, ToolCall, Usage
 
 __all__ = [
+    "MAX_DEPTH",
     "BadBody",
     "ChatOptions",
     "ErrorReply",
+    "NotAllowed",
     "chunk_json",
     "completion_id",
     "completion_json",
+    "decode_body",
     "error_body",
     "error_reply",
     "parse_chat_body",
@@ -50,6 +56,12 @@ _ROLES: Final = {"system": "system", "developer": "system", "user": "user"} | {
 }
 T = TypeVar("T")
 _TOOL_CHOICES: Final = frozenset({"auto", "none", "required"})
+MAX_DEPTH: Final = 64
+"""Arrays and objects a body may nest inside each other (a tool's JSON schema included)."""
+_MAX_NAME: Final = 256
+"""The longest model name a request may give (a configured name or `provider/upstream`)."""
+_MAX_TOKENS: Final = 100_000_000
+_decode = msgspec.json.Decoder().decode
 
 
 class BadBody(Exception):
@@ -62,9 +74,21 @@ class BadBody(Exception):
         self.code = code
 
 
+class NotAllowed(Exception):
+    """The caller's gateway key may not use `model` (named at `field`)."""
+
+    def __init__(self, field: str, model: str) -> None:
+        super().__init__(model)
+        self.field = field
+        self.model = model
+
+
 class ChatOptions(msgspec.Struct, kw_only=True):
     stream: bool = False
     include_usage: bool = False
+    fallback_fields: list[str] = msgspec.field(default_factory=list)
+    """Where each of the request's fallbacks came from (``fallbacks[i]`` or the
+    ``x-router-fallbacks`` header), to name it in an error."""
 
 
 class ErrorReply(msgspec.Struct, kw_only=True):
@@ -80,6 +104,80 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error JSON shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -------------------------------------------------------------------------- decoding
+
+_AT_BYTE: Final = re.compile(r"\(byte (\d+)\)")
+_KEY_BEFORE: Final = re.compile(rb'"([A-Za-z_][A-Za-z0-9_]{0,63})"\s*:\s*-?$')
+_HUGE_NUMBER: Final = re.compile(
+    rb'"([A-Za-z_][A-Za-z0-9_]{0,63})"\s*:\s*-?(?:\d{300}|[\d.]+[eE]\+?\d{3})'
+)
+
+
+def decode_body(raw: bytes) -> Any:
+    """`raw` as JSON values; `BadBody` for anything that is not JSON, a number JSON
+    cannot carry, or nesting deeper than `MAX_DEPTH` (never any other exception: a
+    body nested thousands of levels deep makes msgspec raise RecursionError)."""
+    try:
+        value = _decode(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except msgspec.DecodeError as exc:
+        raise _not_json(raw, str(exc)) from None
+    except Exception as exc:  # whatever the decoder may raise is the body's fault
+        message = f"the body is not valid JSON ({type(exc).__name__})"
+        raise BadBody(None, message, "invalid_json") from None
+    # Only a body with that many brackets can nest that deep: most never need the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise _too_deep()
+    return value
+
+
+def _too_deep() -> BadBody:
+    return BadBody(
+        None,
+        f"the body nests arrays and objects more than {MAX_DEPTH} levels deep",
+        "nesting_too_deep",
+    )
+
+
+def _not_json(raw: bytes, message: str) -> BadBody:
+    """A decode error, naming the field when the culprit is a number JSON has no room
+    for (NaN, Infinity, 1e999)."""
+    field: str | None = None
+    at = _AT_BYTE.search(message)
+    if at is not None and raw[int(at.group(1)) : int(at.group(1)) + 1] in (b"N", b"I"):
+        before = _KEY_BEFORE.search(raw[max(0, int(at.group(1)) - 80) : int(at.group(1))])
+        field = before.group(1).decode() if before is not None else None
+    elif "out of range" in message:
+        huge = _HUGE_NUMBER.search(raw)
+        field = huge.group(1).decode() if huge is not None else None
+    if field is not None:
+        return BadBody(
+            field,
+            f"`{field}` must be a finite number (JSON has no NaN or Infinity, and the "
+            f"gateway takes no number out of a double's range): {message}",
+            "invalid_json",
+        )
+    return BadBody(None, f"the body is not valid JSON: {message}", "invalid_json")
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether `value` nests lists and dicts more than `limit` deep (iterative)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
+    return False
 
 
 # -------------------------------------------------------------------------- parsing
@@ -109,9 +207,30 @@ def _want(value: object, kind: type[T], field: str, what: str) -> T:
 
 
 def _num(value: object, field: str, what: str = "a number") -> float:
+    """`value` as a finite float (a bool is not a number; nor is NaN, infinity or an
+    integer too large for a float)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
+        raise BadBody(field, f"`{field}` must be a finite number")
     raise BadBody(field, f"`{field}` must be {what}, got {_type_name(value)}", "invalid_type")
+
+
+def _model_name(value: object, field: str) -> str:
+    """A model name: a non-empty printable string of at most `_MAX_NAME` characters
+    (it is echoed in response headers, so no control character may pass)."""
+    name = _want(value, str, field, "a string").strip()
+    if not name:
+        raise BadBody(field, f"`{field}` must not be empty")
+    if len(name) > _MAX_NAME or not name.isprintable():
+        raise BadBody(
+            field, f"`{field}` must be a printable model name of at most {_MAX_NAME} characters"
+        )
+    return name
 
 
 def _content(value: object, field: str, nullable: bool) -> str:
@@ -236,34 +355,46 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | No
     if value is None:
         return None
     number = _num(value, name)
-    if not (lo <= number <= hi) or math.isnan(number):
+    if not (lo <= number <= hi):
         raise BadBody(name, f"`{name}` must be between {lo:g} and {hi:g}")
     return number
 
 
-def _names(value: object, field: str) -> list[str]:
+def _names(value: object, field: str) -> list[tuple[str, str]]:
+    """(name, where it was given) for each non-empty name of a `fallbacks` array, or of
+    the comma-separated `x-router-fallbacks` header when `value` is a str."""
     if value is None:
         return []
     if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
+        names = [v for v in value.split(",") if v.strip()]
+        return [(_model_name(v, field), field) for v in names]
     value = _want(value, list, field, "an array of model names")
+    out: list[tuple[str, str]] = []
     for i, v in enumerate(value):
         v = _want(v, str, f"{field}[{i}]", "a string")
-    return [v for v in value if v.strip()]
+        if v.strip():
+            out.append((_model_name(v, f"{field}[{i}]"), f"{field}[{i}]"))
+    return out
 
 
 def parse_chat_body(
-    body: object, tenant: str | None, header_fallbacks: str | None
+    body: object,
+    tenant: str | None,
+    header_fallbacks: str | None,
+    *,
+    max_timeout: float | None = None,
+    default_timeout: float | None = None,
 ) -> tuple[ChatRequest, ChatOptions]:
-    """Validate an OpenAI chat-completions body; raise `BadBody` naming the field."""
+    """Validate an OpenAI chat-completions body; raise `BadBody` naming the field.
+
+    A `timeout` is clamped to `max_timeout`; without one the request gets `max_timeout`
+    when that is shorter than `default_timeout` (the router's own deadline)."""
     if not isinstance(body, dict):
         raise BadBody(None, f"the body must be a JSON object, got {_type_name(body)}")
     model = body.get("model")
     if model is None:
         raise BadBody("model", "`model` is required", "missing_field")
-    model = _want(model, str, "model", "a string")
-    if not model.strip():
-        raise BadBody("model", "`model` must not be empty")
+    model = _model_name(model, "model")
     messages = body.get("messages")
     if messages is None:
         raise BadBody("messages", "`messages` is required", "missing_field")
@@ -289,8 +420,8 @@ def parse_chat_body(
         if value is None:
             continue
         value = _want(value, int, name, "an integer")
-        if value < 1:
-            raise BadBody(name, f"`{name}` must be a positive integer")
+        if not 1 <= value <= _MAX_TOKENS:
+            raise BadBody(name, f"`{name}` must be an integer from 1 to {_MAX_TOKENS}")
         max_tokens = value
         break
     n = body.get("n")
@@ -312,7 +443,11 @@ def parse_chat_body(
     if timeout is not None:
         timeout = _num(timeout, "timeout", "a number of seconds")
         if not timeout > 0:
-            raise BadBody("timeout", "`timeout` must be a positive number of seconds")
+            raise BadBody("timeout", "`timeout` must be a positive, finite number of seconds")
+        if max_timeout is not None:
+            timeout = min(timeout, max_timeout)  # a request may shorten, never extend
+    elif max_timeout is not None and default_timeout is not None and max_timeout < default_timeout:
+        timeout = max_timeout
     fallbacks = _names(body.get("fallbacks"), "fallbacks")
     if header_fallbacks:
         fallbacks += _names(header_fallbacks, "x-router-fallbacks")
@@ -322,7 +457,7 @@ def parse_chat_body(
     request = ChatRequest(
         model=model,
         messages=parsed,
-        fallbacks=fallbacks,
+        fallbacks=[name for name, _ in fallbacks],
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
@@ -335,7 +470,12 @@ def parse_chat_body(
     )
     if request.top_p is not None and request.top_p <= 0:
         raise BadBody("top_p", "`top_p` must be in (0, 1]")
-    return request, ChatOptions(stream=stream, include_usage=include_usage)
+    options = ChatOptions(
+        stream=stream,
+        include_usage=include_usage,
+        fallback_fields=[where for _, where in fallbacks],
+    )
+    return request, options
 
 
 # -------------------------------------------------------------------------- answers
@@ -448,6 +588,16 @@ def error_reply(exc: BaseException) -> ErrorReply:
             status=400,
             body=error_body(exc.message, "invalid_request_error", exc.field, exc.code),
         )
+    if isinstance(exc, NotAllowed):
+        return ErrorReply(
+            status=403,
+            body=error_body(
+                f"this API key may not use the model {exc.model!r} (at `{exc.field}`)",
+                "permission_error",
+                exc.field,
+                "model_not_allowed",
+            ),
+        )
     if isinstance(exc, UnknownModelError):
         return ErrorReply(
             status=404,
@@ -503,6 +653,11 @@ def error_reply(exc: BaseException) -> ErrorReply:
             status=503, body=error_body(exc.message, "service_unavailable", None, "closed")
         )
     if isinstance(exc, RouterError):
+        if exc.kind == "bad_request":  # a limit of the router's own (not an upstream's)
+            return ErrorReply(
+                status=400,
+                body=error_body(exc.message, "invalid_request_error", None, "invalid_request"),
+            )
         return ErrorReply(
             status=502, body=error_body(exc.message, "upstream_error", None, exc.kind)
         )
