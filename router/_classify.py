@@ -214,15 +214,27 @@ _CONTENT_POLICY: Final = re.compile(
     r"|responsible ai|prohibited content|safety (?:system|filter|reasons?|polic(?:y|ies))"
     r"|(?:due to|for|by) safety|flagged (?:by|as)"
 )
+# A quota spent for a long period (a spend limit, a month's or a billing period's
+# budget): no retry helps before it resets, days away. Anthropic: the tier's monthly
+# spend cap (429 enforced_spend_limit_reached) and a spend limit the organisation or
+# workspace set ("You have reached your specified API usage limits. You will regain
+# access on ..."); OpenAI: organization / project spend limits. A per-day *request*
+# quota (Gemini's free tier) is not one: it is a rate limit that says when it resets.
+_LONG_QUOTA: Final = (
+    r"spend(?:ing)?[_ ](?:limit|cap)"
+    r"|specified (?:workspace )?api usage limits|regain access on"
+    r"|(?:monthly|daily|weekly|yearly|annual) (?:spend|spending|budget|cost|usage limit)"
+    r"|(?:for|of|in) (?:the|this|your) (?:current )?billing (?:period|cycle)"
+)
 _BILLING: Final = re.compile(
     r"billing|credit balance|insufficient[_ ](?:quota|balance|credits?|funds)"
-    r"|out of credits|payment required|purchase credits|add credits"
+    r"|out of credits|payment required|purchase credits|add credits|" + _LONG_QUOTA
 )
 # Inside a 429 only unambiguous wording counts: Gemini ends every quota message with
 # "please check your plan and billing details", per-minute limits included.
 _BILLING_IN_429: Final = re.compile(
     r"credit balance|insufficient[_ ](?:quota|balance|credits?|funds)|out of credits"
-    r"|billing hard limit|payment required|purchase credits"
+    r"|billing hard limit|payment required|purchase credits|" + _LONG_QUOTA
 )
 _INVALID_KEY: Final = re.compile(
     r"api[_ ]key not valid|invalid[_ ]api[_ ]key|invalid x-api-key|incorrect api key"
@@ -282,7 +294,19 @@ def names_missing_model(message: str, codes: Collection[str]) -> bool:
 # --------------------------------------------------------------------------- table
 
 _BALANCE_CODES: Final = frozenset(
-    {"insufficient_quota", "billing_error", "billing_not_active", "billing_hard_limit_reached"}
+    {
+        "insufficient_quota",
+        "billing_error",
+        "billing_not_active",
+        "billing_hard_limit_reached",
+        # Anthropic's monthly spend cap (error.details.error_code of a 429)
+        "enforced_spend_limit_reached",
+        # OpenAI's long-period limits (error.code of a 429)
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    }
 )
 _RATE_CODES: Final = frozenset({"rate_limit_exceeded", "rate_limit_error", "resource_exhausted"})
 _MODEL_CODES: Final = frozenset({"model_not_found", "not_found_error", "not_found"})
@@ -329,16 +353,20 @@ _REQUEST_STATUSES: Final = frozenset({400, 413, 422})
 def classify_failure(status: int | None, message: str, codes: Collection[str]) -> ErrorKind:
     """The failure table, first matching row wins. `codes` are the error body's
     machine-readable tokens, lower-cased (OpenAI ``error.type`` and ``error.code``,
-    Anthropic ``error.type``, Gemini ``error.status`` and detail ``reason``s);
-    `status` is None for an error that arrived inside a stream.
+    Anthropic ``error.type`` and ``error.details.error_code``, Gemini ``error.status``
+    and detail ``reason``s); `status` is None for an error that arrived inside a stream.
 
-    1. 402, or a balance code (``insufficient_quota``, ``billing_error``) -> balance
+    1. 402, or a balance code (``insufficient_quota``, ``billing_error``, Anthropic's
+       spend-cap ``enforced_spend_limit_reached``, OpenAI's ``credit_balance_exhausted``
+       and ``*_spend_limit_exceeded``) -> balance
     2. 429 or a rate code (``rate_limit_exceeded``, ``RESOURCE_EXHAUSTED``):
        max_tokens if the text is about the output ceiling; balance if the text is
-       unambiguously about credit ("credit balance", "insufficient quota"); else
-       rate_limit (Gemini's daily free-tier quota included: it resets, and its
-       RetryInfo says when)
-    3. billing / credit wording in any other 4xx (or in-stream) error -> balance
+       unambiguously about credit ("credit balance", "insufficient quota") or about a
+       quota spent for a long period (a spend limit, a monthly or daily spend, a
+       billing period, "regain access on ..."); else rate_limit (Gemini's daily
+       free-tier request quota included: it resets, and its RetryInfo says when)
+    3. billing / credit / spend-limit wording in any other 4xx (or in-stream) error
+       -> balance (Anthropic's 400 "You have reached your specified API usage limits")
     4. a 404 whose body names a missing model (`names_missing_model`: OpenAI
        ``model_not_found``, Anthropic ``not_found_error`` about a model, Gemini
        ``NOT_FOUND`` "models/... is not found", "model ... does not exist") ->

@@ -27,6 +27,31 @@ The per-message and priming numbers are OpenAI's documented ones; the per-call (
 per-tool (8) overheads are this module's estimates (OpenAI renders tools into a hidden
 system text of its own whose exact shape is not documented).
 
+Content parts (a message whose content is a list of parts):
+
+- text parts: their texts joined, counted like string content;
+- an image, by OpenAI's documented rule for its vision models: ``detail: "low"`` costs
+  85 tokens; ``"high"``, ``"auto"`` (or none) first fits the image in 2048 x 2048, then
+  shrinks it until its shortest side is at most 768 px, and costs 85 + 170 per 512-px
+  tile that covers it. The dimensions are read from the header bytes of base64 PNG,
+  JPEG, GIF and WebP data (a few dozen bytes decoded, no image library). When they
+  cannot be read (an image by http(s) URL, another format, a damaged header) the image
+  is counted as `IMAGE_UNKNOWN_TOKENS` = 1,445, the most any image costs under the
+  rule (8 tiles): an over-estimate, never an under-estimate;
+- a file: an estimate from its content. A PDF: `FILE_PAGE_TOKENS` per page (OpenAI
+  puts each page's text and an image of it in the context; pages are counted by their
+  page objects, else assumed one per `FILE_BYTES_PER_PAGE` bytes); a UTF-8 text file:
+  its text's tokens; other bytes: one token per `FILE_BYTES_PER_TOKEN` bytes; a file
+  by id or URL only (size unknown): one page. Plus the tokens of its filename;
+- audio: `AUDIO_TOKENS_PER_SECOND` per second, the duration read from a WAV header or
+  assumed from the size at `AUDIO_BYTES_PER_SECOND` (a low bit rate, so that the
+  duration is over- rather than under-estimated).
+
+The image rule is OpenAI's; the file and audio numbers, and the unknown-image figure,
+are estimates. `OfflineTokenCounter.count_prompt` says, per count, how many parts were
+estimated (`PromptCount.estimated`); `count_messages` returns the same number of tokens.
+Plain string content takes the same path as before parts existed (one type check).
+
 What this module must never do: download an encoding (tiktoken would fetch one from the
 network when its cache lacks the file: only a file already cached and hash-checked is
 used), block trio on a long encode (prompts over `THREAD_THRESHOLD` characters are
@@ -36,13 +61,15 @@ a secret into a log line.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 import tiktoken
@@ -51,14 +78,26 @@ import trio
 from ._breaker import CircuitBreaker
 from ._config import BreakerConfig
 from ._errors import ProviderError
-from ._types import Message, Tool, message_text
+from ._types import (
+    AudioPart,
+    ContentPart,
+    FilePart,
+    ImagePart,
+    Message,
+    TextPart,
+    Tool,
+    message_text,
+)
 
 __all__ = [
     "DEFAULT_BREAKER",
     "CascadingTokenCounter",
     "ExactTokenCounter",
     "OfflineTokenCounter",
+    "PromptCount",
     "TokenCounter",
+    "image_size",
+    "image_tokens",
 ]
 
 log = logging.getLogger("router.tokens")
@@ -68,6 +107,16 @@ TOKENS_PER_NAME: Final = 1
 REPLY_PRIMING: Final = 3
 TOKENS_PER_TOOL_CALL: Final = 3
 TOKENS_PER_TOOL: Final = 8
+
+IMAGE_BASE_TOKENS: Final = 85
+IMAGE_TILE_TOKENS: Final = 170
+IMAGE_UNKNOWN_TOKENS: Final = IMAGE_BASE_TOKENS + 8 * IMAGE_TILE_TOKENS
+"""An image whose dimensions cannot be read: the most the rule charges (8 tiles)."""
+FILE_PAGE_TOKENS: Final = 1_500
+FILE_BYTES_PER_PAGE: Final = 50_000
+FILE_BYTES_PER_TOKEN: Final = 4
+AUDIO_TOKENS_PER_SECOND: Final = 10
+AUDIO_BYTES_PER_SECOND: Final = 8_000
 
 THREAD_THRESHOLD: Final = 100_000
 """Prompts with more characters than this are encoded in a worker thread."""
@@ -171,13 +220,203 @@ def _tokens(encoding: tiktoken.Encoding, text: str) -> int:
     return len(encoding.encode(text, disallowed_special=())) if text else 0
 
 
+class PromptCount(NamedTuple):
+    """A prompt's offline count and how many of its content parts (images whose size
+    could not be read, files, audio) were counted by an estimate rather than a rule."""
+
+    tokens: int
+    estimated: int = 0
+
+
+# ----------------------------------------------------------------------- content parts
+
+
+class _Base64:
+    """Random access to the bytes of base64 text, decoding only the groups asked for."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset` (fewer at the end; b"" when not base64)."""
+        first = offset // 3
+        chunk = self.text[first * 4 : -(-(offset + size) // 3) * 4]
+        try:
+            raw = binascii.a2b_base64(chunk, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return b""
+        skip = offset - first * 3
+        return raw[skip : skip + size]
+
+
+# JPEG markers that start a frame header (SOF0-15 but DHT, JPG and DAC).
+_JPEG_FRAMES: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8)})
+_JPEG_MAX_SEGMENTS: Final = 256
+
+
+def _jpeg_size(reader: _Base64) -> tuple[int, int] | None:
+    at = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        head = reader.read(at, 9)
+        if len(head) < 4 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker in _JPEG_STANDALONE:
+            at += 2
+        elif marker in _JPEG_FRAMES:
+            if len(head) < 9:
+                return None
+            return int.from_bytes(head[7:9], "big"), int.from_bytes(head[5:7], "big")
+        elif marker in (0xD9, 0xDA):  # the end, or the scan, before any frame header
+            return None
+        else:
+            length = int.from_bytes(head[2:4], "big")
+            if length < 2:
+                return None
+            at += 2 + length
+    return None
+
+
+def image_size(data: str) -> tuple[int, int] | None:
+    """(width, height) of a base64 PNG, JPEG, GIF or WebP image, read from its header
+    bytes (only those are decoded); None when they cannot be read."""
+    reader = _Base64(data)
+    head = reader.read(0, 30)
+    size: tuple[int, int] | None = None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    elif head[:6] in (b"GIF87a", b"GIF89a"):
+        size = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    elif head[:3] == b"\xff\xd8\xff":
+        size = _jpeg_size(reader)
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) == 30:
+        chunk = head[12:16]
+        if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+            size = (
+                int.from_bytes(head[26:28], "little") & 0x3FFF,
+                int.from_bytes(head[28:30], "little") & 0x3FFF,
+            )
+        elif chunk == b"VP8L" and head[20] == 0x2F:
+            bits = int.from_bytes(head[21:25], "little")
+            size = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        elif chunk == b"VP8X":
+            size = (
+                int.from_bytes(head[24:27], "little") + 1,
+                int.from_bytes(head[27:30], "little") + 1,
+            )
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    return size
+
+
+def image_tokens(width: int, height: int, detail: str | None = None) -> int:
+    """OpenAI's documented cost of an image: 85 at low detail; else fitted in 2048 x
+    2048, shrunk until its shortest side is at most 768 px, 85 + 170 per 512-px tile."""
+    if detail == "low":
+        return IMAGE_BASE_TOKENS
+    longest = max(width, height)
+    if longest > 2048:
+        width, height = max(1, width * 2048 // longest), max(1, height * 2048 // longest)
+    shortest = min(width, height)
+    if shortest > 768:
+        width, height = max(1, width * 768 // shortest), max(1, height * 768 // shortest)
+    tiles = -(-width // 512) * -(-height // 512)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
+
+
+def _inline(data: str | None, url: str | None) -> str | None:
+    """The base64 payload of a part: its data, or that of a base64 ``data:`` URL."""
+    if data:
+        return data.partition(",")[2] if data.startswith("data:") else data
+    if url and url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        return payload if header.endswith(";base64") else None
+    return None
+
+
+_PDF_PAGE: Final = re.compile(rb"/Type\s*/Page\b")
+
+
+def _file_tokens(encoding: tiktoken.Encoding, part: FilePart) -> int:
+    n = _tokens(encoding, part.filename) if part.filename else 0
+    data = _inline(part.data, part.url)
+    if data is None:
+        return n + FILE_PAGE_TOKENS
+    try:
+        raw = binascii.a2b_base64(data)
+    except (binascii.Error, ValueError):
+        return n + -(-len(data) * 3 // 4 // FILE_BYTES_PER_TOKEN)
+    if raw.startswith(b"%PDF"):
+        pages = len(_PDF_PAGE.findall(raw)) or -(-len(raw) // FILE_BYTES_PER_PAGE)
+        return n + pages * FILE_PAGE_TOKENS
+    if b"\x00" not in raw:
+        try:
+            return n + _tokens(encoding, raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return n + -(-len(raw) // FILE_BYTES_PER_TOKEN)
+
+
+def _audio_tokens(part: AudioPart) -> int:
+    data = _inline(part.data, None) or ""
+    size = len(data) * 3 // 4
+    rate = AUDIO_BYTES_PER_SECOND
+    head = _Base64(data).read(0, 32)
+    if head[:4] == b"RIFF" and head[8:16] == b"WAVEfmt ":
+        rate = int.from_bytes(head[28:32], "little") or rate  # the byte rate
+    return -(-size * AUDIO_TOKENS_PER_SECOND // rate)
+
+
+def _count_parts(
+    encoding: tiktoken.Encoding, parts: Sequence[ContentPart], tally: list[int] | None
+) -> int:
+    n = _tokens(encoding, "".join(p.text for p in parts if isinstance(p, TextPart)))
+    estimated = 0
+    for part in parts:
+        if isinstance(part, ImagePart):
+            if part.detail == "low":
+                n += IMAGE_BASE_TOKENS
+                continue
+            data = _inline(part.data, part.url)
+            size = image_size(data) if data else None
+            if size is None:
+                n += IMAGE_UNKNOWN_TOKENS
+                estimated += 1
+            else:
+                n += image_tokens(size[0], size[1], part.detail)
+        elif isinstance(part, FilePart):
+            n += _file_tokens(encoding, part)
+            estimated += 1
+        elif isinstance(part, AudioPart):
+            n += _audio_tokens(part)
+            estimated += 1
+    if tally is not None:
+        tally[0] += estimated
+    return n
+
+
+# ----------------------------------------------------------------------- counting
+
+
 def _count_messages(
-    encoding: tiktoken.Encoding, messages: Sequence[Message], tools: Sequence[Tool] | None
+    encoding: tiktoken.Encoding,
+    messages: Sequence[Message],
+    tools: Sequence[Tool] | None,
+    tally: list[int] | None = None,
 ) -> int:
     n = 0
     for message in messages:
         n += TOKENS_PER_MESSAGE + _tokens(encoding, message.role)
-        n += _tokens(encoding, message_text(message))
+        content = message.content
+        if isinstance(content, str):
+            n += _tokens(encoding, content)
+        else:
+            n += _count_parts(encoding, content, tally)
         if message.name is not None:
             n += _tokens(encoding, message.name) + TOKENS_PER_NAME
         if message.tool_call_id is not None:
@@ -195,7 +434,14 @@ def _count_messages(
 def _size(messages: Sequence[Message], tools: Sequence[Tool] | None) -> int:
     size = 0
     for message in messages:
-        size += len(message_text(message))
+        content = message.content
+        if isinstance(content, str):
+            size += len(content)
+        else:
+            size += len(message_text(message))
+            for part in content:  # files are decoded whole
+                if isinstance(part, FilePart) and part.data:
+                    size += len(part.data)
         for call in message.tool_calls or ():
             size += len(call.arguments)
     for tool in tools or ():
@@ -205,7 +451,9 @@ def _size(messages: Sequence[Message], tools: Sequence[Tool] | None) -> int:
 
 class OfflineTokenCounter:
     """tiktoken ``cl100k_base`` counts by the module's rule. An estimate for any model
-    (``model`` is not consulted): `is_exact` is False."""
+    (``model`` is not consulted): `is_exact` is False. Content parts other than text
+    are counted by OpenAI's image rule or an estimate; `count_prompt` says how many
+    were estimated."""
 
     __slots__ = ()
 
@@ -232,6 +480,21 @@ class OfflineTokenCounter:
                 lambda: _count_messages(get_encoding(), messages, tools)
             )
         return _count_messages(encoding, messages, tools)
+
+    async def count_prompt(
+        self, model: str, messages: Sequence[Message], tools: Sequence[Tool] | None = None
+    ) -> PromptCount:
+        """The count of `count_messages`, and how many content parts in it are an
+        estimate (see the module's docstring) rather than a documented rule."""
+        tally = [0]
+        encoding = _encoding
+        if encoding is None or _size(messages, tools) > THREAD_THRESHOLD:
+            tokens = await trio.to_thread.run_sync(
+                lambda: _count_messages(get_encoding(), messages, tools, tally)
+            )
+        else:
+            tokens = _count_messages(encoding, messages, tools, tally)
+        return PromptCount(tokens, tally[0])
 
 
 # ----------------------------------------------------------------------- exact

@@ -468,7 +468,9 @@ def test_anthropic_parse_text_and_tool_use() -> None:
     assert response.tool_calls == [
         ToolCall(id="toolu_01", name="get_weather", arguments='{"city":"Paris"}')
     ]
-    assert response.usage == Usage(prompt_tokens=150, completion_tokens=30, total_tokens=180)
+    assert response.usage == Usage(
+        prompt_tokens=150, completion_tokens=30, total_tokens=180, cached_tokens=50
+    )
     assert response.upstream_model == "claude-3-5-sonnet-20241022"
 
 
@@ -534,7 +536,10 @@ def test_gemini_parse_text_tool_calls_and_usage() -> None:
         ToolCall(id="call_0", name="get_weather", arguments='{"city":"Rome"}'),
         ToolCall(id="call_1", name="get_weather", arguments='{"city":"Oslo"}'),
     ]
-    assert response.usage == Usage(prompt_tokens=40, completion_tokens=17, total_tokens=57)
+    assert response.usage == Usage(
+        prompt_tokens=40, completion_tokens=17, total_tokens=57, reasoning_tokens=5
+    )
+    assert response.reasoning == "thinking..."
     assert response.upstream_model == "gemini-2.0-flash-001"
 
 

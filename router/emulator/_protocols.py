@@ -7,6 +7,7 @@ stream `Frame`s for the protocol.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import time
@@ -128,6 +129,59 @@ def _model(body: Json) -> str:
     return model
 
 
+_OPENAI_PARTS = ("text", "image_url", "input_audio", "refusal", "file")
+
+
+def _openai_part(part: Any, where: str) -> None:
+    """Check one content part against OpenAI's published shapes (BadRequest if not)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in _OPENAI_PARTS:
+        raise BadRequest(
+            f"Invalid value: {kind!r} at '{where}.type'. Supported values are: 'text', "
+            "'image_url', 'input_audio', 'refusal', and 'file'."
+        )
+    inner = part.get(kind)
+    if kind in ("text", "refusal"):
+        if not isinstance(inner, str):
+            raise BadRequest(f"Missing required parameter: '{where}.{kind}'.")
+    elif not isinstance(inner, dict):
+        raise BadRequest(f"Missing required parameter: '{where}.{kind}'.")
+    elif kind == "image_url":
+        url = inner.get("url")
+        ok = isinstance(url, str) and (
+            url.startswith(("http://", "https://"))
+            or (url.startswith("data:image/") and ";base64," in url)
+        )
+        if not ok:
+            raise BadRequest(
+                f"Invalid '{where}.image_url.url': expected an http(s) URL or a base64 "
+                "data: URL of an image."
+            )
+        if inner.get("detail", "auto") not in ("low", "high", "auto"):
+            raise BadRequest(f"Invalid value for '{where}.image_url.detail'.")
+    elif kind == "input_audio":
+        if not isinstance(inner.get("data"), str) or not isinstance(inner.get("format"), str):
+            raise BadRequest(f"Missing required parameter: '{where}.input_audio.data/format'.")
+    else:  # file
+        data = inner.get("file_data")
+        if data is not None and not (isinstance(data, str) and data.startswith("data:")):
+            raise BadRequest(f"Invalid '{where}.file.file_data': expected a base64 data: URL.")
+        if data is None and not isinstance(inner.get("file_id"), str):
+            raise BadRequest(f"Missing required parameter: '{where}.file.file_data' or 'file_id'.")
+
+
+def _openai_content(message: Json, i: int) -> str:
+    """The text of an OpenAI message's content (its text parts, every part checked).
+    An input message carrying reasoning_content is refused, as DeepSeek documents."""
+    if "reasoning_content" in message:
+        raise BadRequest(f"messages[{i}]: reasoning_content is not allowed in input messages.")
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _openai_part(part, f"messages[{i}].content[{j}]")
+    return _text_blocks(content)
+
+
 def parse_openai(body: Json) -> Parsed:
     model = _model(body)
     messages = body.get("messages")
@@ -138,7 +192,7 @@ def parse_openai(body: Json) -> Parsed:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"Invalid type for 'messages[{i}]': expected an object with a role.")
-        text = _text_blocks(message.get("content"))
+        text = _openai_content(message, i)
         prompt += words(text) + 4
         if message["role"] == "user":
             last_user = text
@@ -157,6 +211,128 @@ def parse_openai(body: Json) -> Parsed:
     )
 
 
+_ANTHROPIC_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+_ANTHROPIC_SIGNATURE = "emu-sig-"
+# Block types each place accepts (the rest is answered 400, as the API does).
+_ANTHROPIC_USER_BLOCKS = frozenset(
+    {"text", "image", "document", "tool_result", "search_result", "container_upload"}
+)
+_ANTHROPIC_ASSISTANT_BLOCKS = frozenset(
+    {"text", "tool_use", "thinking", "redacted_thinking", "server_tool_use"}
+)
+_ANTHROPIC_RESULT_BLOCKS = frozenset({"text", "image", "document", "search_result"})
+
+
+def anthropic_signature(thinking: str) -> str:
+    """The emulator's (fake) signature of a thinking block's text: the emulator checks
+    it when the block comes back, as the API checks its own."""
+    return _ANTHROPIC_SIGNATURE + hashlib.sha256(thinking.encode()).hexdigest()[:40]
+
+
+def _anthropic_str(block: Json, name: str, where: str) -> str:
+    value = block.get(name)
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}.{name}: Field required")
+    return value
+
+
+def _anthropic_cache_control(block: Json, where: str) -> None:
+    if "cache_control" not in block or block["cache_control"] is None:
+        return
+    cache = block["cache_control"]
+    if not isinstance(cache, dict) or cache.get("type") != "ephemeral":
+        raise BadRequest(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    if cache.get("ttl", "5m") not in ("5m", "1h"):
+        raise BadRequest(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+
+
+def _anthropic_source(block: Json, where: str, kinds: tuple[str, ...]) -> None:
+    source = block.get("source")
+    if not isinstance(source, dict) or source.get("type") not in kinds:
+        raise BadRequest(f"{where}.source.type: Input should be one of {', '.join(kinds)}")
+    kind = source["type"]
+    if kind == "url":
+        _anthropic_str(source, "url", f"{where}.source")
+    elif kind == "file":
+        _anthropic_str(source, "file_id", f"{where}.source")
+    elif kind == "content":
+        if not isinstance(source.get("content"), (str, list)):
+            raise BadRequest(f"{where}.source.content: Field required")
+    else:  # base64, text
+        media_type = _anthropic_str(source, "media_type", f"{where}.source")
+        _anthropic_str(source, "data", f"{where}.source")
+        allowed = {
+            "base64": _ANTHROPIC_IMAGE_TYPES if block["type"] == "image" else {"application/pdf"},
+            "text": {"text/plain"},
+        }[kind]
+        if media_type not in allowed:
+            raise BadRequest(
+                f"{where}.source.media_type: Input should be {' or '.join(sorted(allowed))}"
+            )
+
+
+def _anthropic_block(block: Any, where: str, allowed: frozenset[str]) -> int:
+    """Check one content block as the API would; the words it adds to the prompt."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise BadRequest(f"{where}: Input should be an object with a type")
+    kind = block["type"]
+    if kind not in allowed:
+        raise BadRequest(
+            f"{where}: Input tag '{kind}' found using 'type' does not match any of the "
+            f"expected tags: {', '.join(sorted(allowed))}"
+        )
+    if kind not in ("thinking", "redacted_thinking"):
+        _anthropic_cache_control(block, where)
+    elif "cache_control" in block:
+        raise BadRequest(f"{where}.cache_control: thinking blocks cannot be cached")
+    if kind == "text":
+        return words(_anthropic_str(block, "text", where))
+    if kind == "image":
+        _anthropic_source(block, where, ("base64", "url", "file"))
+        return 0
+    if kind == "document":
+        _anthropic_source(block, where, ("base64", "text", "url", "file", "content"))
+        return 0
+    if kind == "thinking":
+        thinking = _anthropic_str(block, "thinking", where)
+        signature = _anthropic_str(block, "signature", where)
+        if signature.startswith(_ANTHROPIC_SIGNATURE) and signature != anthropic_signature(
+            thinking
+        ):
+            raise BadRequest(f"{where}: Invalid `signature` in `thinking` block")
+        return words(thinking)
+    if kind == "redacted_thinking":
+        _anthropic_str(block, "data", where)
+        return 0
+    if kind == "tool_use":
+        _anthropic_str(block, "id", where)
+        _anthropic_str(block, "name", where)
+        if not isinstance(block.get("input"), dict):
+            raise BadRequest(f"{where}.input: Input should be a valid dictionary")
+        return 0
+    if kind == "tool_result":
+        _anthropic_str(block, "tool_use_id", where)
+        content = block.get("content")
+        if isinstance(content, list):
+            return sum(
+                _anthropic_block(inner, f"{where}.content.{j}", _ANTHROPIC_RESULT_BLOCKS)
+                for j, inner in enumerate(content)
+            )
+        return words(content) if isinstance(content, str) else 0
+    return 0
+
+
+def _anthropic_system(system: Any) -> int:
+    if system is None or isinstance(system, str):
+        return words(system or "")
+    if not isinstance(system, list):
+        raise BadRequest("system: Input should be a valid string or a list of text blocks")
+    return sum(
+        _anthropic_block(block, f"system.{i}", frozenset({"text"}))
+        for i, block in enumerate(system)
+    )
+
+
 def parse_anthropic(body: Json, *, count: bool) -> Parsed:
     model = _model(body)
     messages = body.get("messages")
@@ -166,15 +342,22 @@ def parse_anthropic(body: Json, *, count: bool) -> Parsed:
     if max_tokens is None and not count:
         raise BadRequest("max_tokens: Field required")
     prompt = 0
-    system = _text_blocks(body.get("system"))
+    system = _anthropic_system(body.get("system"))
     if system:
-        prompt += words(system) + 4
+        prompt += system + 4
+    for i, tool in enumerate(body.get("tools") or ()):
+        if isinstance(tool, dict):
+            _anthropic_cache_control(tool, f"tools.{i}")
     last_user = ""
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("user", "assistant"):
             raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         content = message.get("content")
+        if isinstance(content, list):
+            allowed = _ANTHROPIC_USER_BLOCKS if role == "user" else _ANTHROPIC_ASSISTANT_BLOCKS
+            for j, block in enumerate(content):
+                _anthropic_block(block, f"messages.{i}.content.{j}", allowed)
         text = _text_blocks(content)
         counted = words(text)
         if isinstance(content, list):
@@ -208,6 +391,48 @@ def _gemini_text(content: Any) -> str:
     )
 
 
+_GEMINI_MEDIA_TOKENS = 258
+"""Tokens counted per inline or file-referenced media part (Gemini's documented count
+for a small image; the emulator does not look inside the data)."""
+
+
+def _gemini_field(value: dict[str, Any], camel: str, snake: str) -> Any:
+    """A field by its JSON (camelCase) or proto (snake_case) name: the API takes both."""
+    return value[camel] if camel in value else value.get(snake)
+
+
+def _gemini_media(parts: list[Any], where: str) -> int:
+    """Checks the inline_data / file_data parts of one content; returns their count."""
+    media = 0
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise BadRequest(f"* GenerateContentRequest.{where}.parts[{j}]: expected an object")
+        inline = _gemini_field(part, "inlineData", "inline_data")
+        if inline is not None:
+            if not isinstance(inline, dict) or not isinstance(inline.get("data"), str):
+                raise BadRequest(
+                    f"* GenerateContentRequest.{where}.parts[{j}].inline_data.data: "
+                    "required field is not specified"
+                )
+            if not isinstance(_gemini_field(inline, "mimeType", "mime_type"), str):
+                raise BadRequest(
+                    f"* GenerateContentRequest.{where}.parts[{j}].inline_data.mime_type: "
+                    "required field is not specified"
+                )
+            media += 1
+        file_data = _gemini_field(part, "fileData", "file_data")
+        if file_data is not None:
+            if not isinstance(file_data, dict) or not isinstance(
+                _gemini_field(file_data, "fileUri", "file_uri"), str
+            ):
+                raise BadRequest(
+                    f"* GenerateContentRequest.{where}.parts[{j}].file_data.file_uri: "
+                    "required field is not specified"
+                )
+            media += 1
+    return media
+
+
 def parse_gemini(body: Json, model: str, *, stream: bool) -> Parsed:
     contents = body.get("contents")
     if not isinstance(contents, list) or not contents:
@@ -220,14 +445,28 @@ def parse_gemini(body: Json, model: str, *, stream: bool) -> Parsed:
     for i, content in enumerate(contents):
         if not isinstance(content, dict) or not isinstance(content.get("parts"), list):
             raise BadRequest(f"* GenerateContentRequest.contents[{i}].parts: parts is required")
+        media = _gemini_media(content["parts"], f"contents[{i}]")
         text = _gemini_text(content)
-        prompt += words(text) + 4
+        prompt += words(text) + 4 + media * _GEMINI_MEDIA_TOKENS
         has_text = any(isinstance(p, dict) and "text" in p for p in content["parts"])
         if content.get("role", "user") == "user" and has_text:
             last_user = text
     config = body.get("generationConfig") or body.get("generation_config") or {}
     if not isinstance(config, dict):
         raise BadRequest("* GenerateContentRequest.generation_config: expected an object")
+    schema = _gemini_field(config, "responseSchema", "response_schema")
+    json_schema = _gemini_field(config, "responseJsonSchema", "response_json_schema")
+    if schema is not None and json_schema is not None:
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config: response_schema and "
+            "response_json_schema cannot both be set"
+        )
+    mime = _gemini_field(config, "responseMimeType", "response_mime_type")
+    if (schema is not None or json_schema is not None) and mime != "application/json":
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config.response_mime_type: a response schema "
+            "needs response_mime_type application/json"
+        )
     return Parsed(
         model=model,
         stream=stream,
@@ -306,19 +545,35 @@ def _finish(answer: Answer, table: dict[str, str], tool: str) -> str:
 
 
 def _openai_usage(usage: Usage) -> Json:
-    return {
+    out: Json = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens, "audio_tokens": 0}
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {
+            "reasoning_tokens": usage.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return out
 
 
-def _gemini_usage(usage: Usage) -> Json:
-    return {
+def _gemini_usage(answer: Answer) -> Json:
+    usage = answer.usage
+    metadata: Json = {
         "promptTokenCount": usage.prompt_tokens,
         "candidatesTokenCount": usage.completion_tokens,
         "totalTokenCount": usage.total_tokens,
     }
+    if answer.reasoning:  # thought tokens are counted apart, and in the total
+        thoughts = words(answer.reasoning)
+        metadata["thoughtsTokenCount"] = thoughts
+        metadata["totalTokenCount"] = usage.total_tokens + thoughts
+    return metadata
 
 
 def openai_json(answer: Answer, model: str) -> Json:
@@ -327,6 +582,8 @@ def openai_json(answer: Answer, model: str) -> Json:
         "content": answer.text if answer.text or not answer.tool_calls else None,
         "refusal": None,
     }
+    if answer.reasoning is not None:
+        message["reasoning_content"] = answer.reasoning
     if answer.tool_calls:
         message["tool_calls"] = [
             {
@@ -356,6 +613,14 @@ def openai_json(answer: Answer, model: str) -> Json:
 
 def _anthropic_blocks(answer: Answer) -> list[Json]:
     blocks: list[Json] = []
+    if answer.reasoning is not None:
+        blocks.append(
+            {
+                "type": "thinking",
+                "thinking": answer.reasoning,
+                "signature": anthropic_signature(answer.reasoning),
+            }
+        )
     if answer.text or not answer.tool_calls:
         blocks.append({"type": "text", "text": answer.text})
     for call in answer.tool_calls:
@@ -388,6 +653,8 @@ def anthropic_json(answer: Answer, model: str) -> Json:
 
 def _gemini_parts(answer: Answer) -> list[Json]:
     parts: list[Json] = []
+    if answer.reasoning:
+        parts.append({"text": answer.reasoning, "thought": True})
     if answer.text or not answer.tool_calls:
         parts.append({"text": answer.text})
     for call in answer.tool_calls:
@@ -404,7 +671,7 @@ def gemini_json(answer: Answer, model: str) -> Json:
                 "index": 0,
             }
         ],
-        "usageMetadata": _gemini_usage(answer.usage),
+        "usageMetadata": _gemini_usage(answer),
         "modelVersion": model,
         "responseId": f"emu{next_id()}",
     }
@@ -442,6 +709,8 @@ def openai_frames(answer: Answer, model: str, include_usage: bool) -> list[Frame
     content = "" if answer.text or not answer.tool_calls else None
     first: Json = {"role": "assistant", "content": content}
     frames = [chunk("meta", first)]
+    for piece in word_chunks(answer.reasoning or ""):
+        frames.append(chunk("content", {"content": None, "reasoning_content": piece}))
     frames += [chunk("content", {"content": piece}) for piece in word_chunks(answer.text)]
     for index, call in enumerate(answer.tool_calls):
         head = {
@@ -491,6 +760,12 @@ def anthropic_frames(answer: Answer, model: str) -> list[Frame]:
         frames.append(event("meta", "content_block_stop", {"index": index}))
         index += 1
 
+    if answer.reasoning is not None:
+        block(
+            {"type": "thinking", "thinking": ""},
+            [{"type": "thinking_delta", "thinking": p} for p in word_chunks(answer.reasoning)]
+            + [{"type": "signature_delta", "signature": anthropic_signature(answer.reasoning)}],
+        )
     if answer.text or not answer.tool_calls:
         pieces = word_chunks(answer.text)
         block(
@@ -524,12 +799,14 @@ def gemini_frames(answer: Answer, model: str) -> list[Frame]:
         candidate = {"content": {"role": "model", "parts": parts}, **extra, "index": 0}
         payload: Json = {"candidates": [candidate]}
         if kind == "finish":
-            payload["usageMetadata"] = _gemini_usage(answer.usage)
+            payload["usageMetadata"] = _gemini_usage(answer)
         payload["modelVersion"] = model
         payload["responseId"] = response_id
         return Frame(kind, None, _encode(payload))
 
-    frames = [chunk("content", [{"text": piece}], {}) for piece in word_chunks(answer.text)]
+    thoughts = word_chunks(answer.reasoning or "")
+    frames = [chunk("content", [{"text": piece, "thought": True}], {}) for piece in thoughts]
+    frames += [chunk("content", [{"text": piece}], {}) for piece in word_chunks(answer.text)]
     for call in answer.tool_calls:
         function_call = {"name": call.name, "args": _json_args(call.arguments)}
         frames.append(chunk("content", [{"functionCall": function_call}], {}))
