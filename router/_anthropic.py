@@ -498,7 +498,7 @@ def _tool(tool: Tool) -> dict[str, Any]:
         "description": tool.description,
         "input_schema": tool.parameters or {"type": "object", "properties": {}},
     }
-    return _with_cache(spec, getattr(tool, "cache_control", None))
+    return _with_cache(spec, tool.cache_control)
 
 
 def _tool_choice(choice: str) -> dict[str, Any]:

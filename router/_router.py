@@ -337,6 +337,8 @@ class Router:
         now = clock.current_time()
         timeout = request.timeout if request.timeout is not None else settings.timeout
         deadline = now + timeout
+        if stream and request.n is not None and request.n > 1:
+            raise InvalidRequestError("n", "n > 1 cannot be streamed: ask for one choice")
         if len(request.fallbacks) > settings.max_chain:
             raise InvalidRequestError(
                 "fallbacks",

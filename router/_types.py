@@ -54,6 +54,8 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     description: str = ""
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    cache_control: dict[str, Any] | None = None
+    """Anthropic prompt caching of the tool definitions up to this one."""
 
 
 class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag="text", tag_field="type"):

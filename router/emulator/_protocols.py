@@ -502,10 +502,8 @@ def build_answer(parsed: Parsed, fault: Fault | None) -> Answer:
     if fault is not None and fault.usage is not None:
         usage = fault.usage
         if usage.total_tokens == 0 and (usage.prompt_tokens or usage.completion_tokens):
-            usage = Usage(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.prompt_tokens + usage.completion_tokens,
+            usage = msgspec.structs.replace(
+                usage, total_tokens=usage.prompt_tokens + usage.completion_tokens
             )
     else:
         completion = words(text) + sum(words(c.name) + words(c.arguments) for c in tool_calls)
