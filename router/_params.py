@@ -50,6 +50,7 @@ PARAMS: Final[dict[str, tuple[Support, Support, Support]]] = {
     "top_p": ("native", "native", "translated"),
     "stop": ("native", "translated", "translated"),
     "tools": ("native", "translated", "translated"),
+    "tools[].strict": ("native", "refused", "refused"),
     "tool_choice": ("native", "translated", "translated"),
     "parallel_tool_calls": ("native", "translated", "refused"),
     "response_format": ("native", "translated", "translated"),
@@ -78,6 +79,7 @@ passed through unchanged to OpenAI-compatible upstreams, refused by the others."
 # The ChatRequest attribute each checked field lives in (a few are named differently).
 _ATTRIBUTE: Final = {
     "max_completion_tokens": None,  # folded into max_tokens by the gateway
+    "tools[].strict": None,  # checked on each tool
     "other fields": "extra",
 }
 _CHECKED: Final = tuple(
@@ -119,6 +121,9 @@ def check(
     refused = [
         name for name, attribute in _CHECKED[index] if _is_set(name, getattr(request, attribute))
     ]
+    tools = request.tools
+    if index != 0 and tools is not None and any(t.strict for t in tools):
+        refused.append("tools[].strict")
     parts: list[str] = []
     for message in request.messages:
         content = message.content
@@ -145,6 +150,10 @@ def check(
         )
     changes: dict[str, object] = {}
     for name in refused:
+        if name == "tools[].strict":
+            assert tools is not None
+            changes["tools"] = [msgspec.structs.replace(t, strict=None) for t in tools]
+            continue
         attribute = _ATTRIBUTE.get(name, name)
         assert attribute is not None
         changes[attribute] = {} if attribute == "extra" else None

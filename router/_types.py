@@ -56,6 +56,8 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
     cache_control: dict[str, Any] | None = None
     """Anthropic prompt caching of the tool definitions up to this one."""
+    strict: bool | None = None
+    """OpenAI strict function calling (arguments always match `parameters`)."""
 
 
 class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag="text", tag_field="type"):

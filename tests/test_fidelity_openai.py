@@ -1011,3 +1011,16 @@ async def test_large_inline_files_are_counted_in_a_thread(
     count = await offline.count_prompt("m", [Message("user", [big])])
     assert calls == [1]
     assert count.estimated == 1
+
+
+def test_strict_tools_keep_their_strict_flag() -> None:
+    from router import Tool
+
+    request = ChatRequest(
+        model="gpt-4o",
+        messages=[Message("user", "hi")],
+        tools=[Tool(name="f", parameters={"type": "object"}, strict=True), Tool(name="g")],
+    )
+    tools = body_of(request)["tools"]
+    assert tools[0]["function"]["strict"] is True
+    assert "strict" not in tools[1]["function"]

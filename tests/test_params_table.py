@@ -172,3 +172,19 @@ async def test_the_router_enforces_the_table_per_model(autojump_clock, monkeypat
 def test_readme_names_the_table_module() -> None:
     text = README.read_text()
     assert re.search(r"`router/_params\.py`", text)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_strict_tools_follow_the_table(protocol: str) -> None:
+    from router import Tool
+
+    request = base(tools=[Tool(name="f", strict=True), Tool(name="g")])
+    if protocol == "openai":
+        assert check(request, protocol, "m", drop=False) == (request, ())
+        return
+    with pytest.raises(InvalidRequestError) as info:
+        check(request, protocol, "m", drop=False)
+    assert info.value.field == "tools[].strict"
+    kept, dropped = check(request, protocol, "m", drop=True)
+    assert dropped == ("tools[].strict",)
+    assert kept.tools is not None and all(t.strict is None for t in kept.tools)

@@ -51,8 +51,10 @@ from ._shapes import (
     completion_id,
     completion_json,
     decode_body,
+    dropped_header,
     error_body,
     error_reply,
+    has_news,
     parse_chat_body,
     usage_json,
 )
@@ -157,13 +159,22 @@ class _Watch:
 class _Served:
     """Who served a request, for the x-router-* headers and the metrics."""
 
-    __slots__ = ("attempts", "key_id", "model", "overhead", "provider")
+    __slots__ = ("attempts", "dropped", "key_id", "model", "overhead", "provider")
 
-    def __init__(self, model: str, provider: str, key_id: str, attempts: list[Attempt]) -> None:
+    def __init__(
+        self,
+        model: str,
+        provider: str,
+        key_id: str,
+        attempts: list[Attempt],
+        dropped: list[str] | None = None,
+    ) -> None:
         self.model = model
         self.provider = provider
         self.key_id = key_id
         self.attempts = attempts
+        self.dropped = dropped_header(dropped) if dropped else ""
+        """The ``x-router-dropped-params`` value ("": no such header)."""
         self.overhead: float | None = None
         """Seconds of our own time up to the response head (set by `headers`)."""
 
@@ -179,13 +190,16 @@ class _Served:
         overhead = max(0.0, time.perf_counter() - started - upstream)
         if self is not _NOBODY:
             self.overhead = overhead
-        return [
+        headers = [
             (b"x-router-model", self.model.encode()),
             (b"x-router-provider", self.provider.encode()),
             (b"x-router-key-id", self.key_id.encode()),
             (b"x-router-attempts", str(len(self.attempts)).encode()),
             (b"x-router-overhead-ms", f"{overhead * 1000.0:.3f}".encode()),
         ]
+        if self.dropped:
+            headers.append((b"x-router-dropped-params", self.dropped.encode()))
+        return headers
 
 
 _NOBODY: Final = _Served("", "", "", [])
@@ -826,7 +840,9 @@ class GatewayApp:
             return 499
         if isinstance(result, RouterError):
             return await self._fail(request, result, send, started)
-        served = _Served(result.model, result.provider, result.key_id, result.attempts)
+        served = _Served(
+            result.model, result.provider, result.key_id, result.attempts, result.dropped_params
+        )
         self._record(request, served, "ok", started)
         return await self._json(send, 200, completion_json(result), served, started)
 
@@ -863,7 +879,9 @@ class GatewayApp:
         watch: _Watch,
     ) -> int:
         async with router.stream(request) as stream:
-            served = _Served(stream.model, stream.provider, stream.key_id, stream.attempts)
+            served = _Served(
+                stream.model, stream.provider, stream.key_id, stream.attempts, stream.dropped_params
+            )
             self.metrics.ttft.labels(stream.model).observe(time.perf_counter() - started)
             await send(
                 {
@@ -878,7 +896,7 @@ class GatewayApp:
             first = True
             try:
                 async for chunk in stream:
-                    if not (chunk.has_content or chunk.finish_reason or first):
+                    if not (first or has_news(chunk)):
                         continue
                     payload = chunk_json(
                         cid, created, stream.model, chunk, first=first, include_usage=include_usage

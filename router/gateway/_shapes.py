@@ -14,6 +14,7 @@ own input.
 
 from __future__ import annotations
 
+import binascii
 import math
 import re
 import secrets
@@ -32,7 +33,23 @@ from .._errors import (
     StreamInterruptedError,
     UnknownModelError,
 )
-from .._types import ChatRequest, ChatResponse, Message, StreamChunk, Tool, ToolCall, Usage
+from .._types import (
+    AudioPart,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    ContentPart,
+    FilePart,
+    ImagePart,
+    Message,
+    ResponseFormat,
+    StreamChunk,
+    TextPart,
+    ThinkingBlock,
+    Tool,
+    ToolCall,
+    Usage,
+)
 
 __all__ = [
     "MAX_DEPTH",
@@ -44,9 +61,12 @@ __all__ = [
     "completion_id",
     "completion_json",
     "decode_body",
+    "dropped_header",
     "error_body",
     "error_reply",
+    "has_news",
     "parse_chat_body",
+    "thinking_blocks_json",
     "usage_json",
 ]
 
@@ -61,6 +81,67 @@ MAX_DEPTH: Final = 64
 _MAX_NAME: Final = 256
 """The longest model name a request may give (a configured name or `provider/upstream`)."""
 _MAX_TOKENS: Final = 100_000_000
+_MAX_N: Final = 128
+"""The most choices a request may ask for (OpenAI's own limit)."""
+_DETAILS: Final = frozenset({"auto", "low", "high"})
+_SCHEMA_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_FIELD_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+"""What the name of a field the gateway does not know may be: it is echoed in errors
+and in the ``x-router-dropped-params`` header."""
+_NATIVE_FIELDS: Final = frozenset({"system_fingerprint", "service_tier", "annotations", "audio"})
+"""Provider fields with a place of their own in OpenAI's answer shapes (the rest go
+under the ``x_router`` extension object)."""
+_KNOWN: Final = frozenset(
+    {
+        # consumed by the gateway itself
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "timeout",
+        "fallbacks",
+        "drop_params",
+        # ChatRequest fields
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "seed",
+        "n",
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "user",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "service_tier",
+        "prediction",
+    }
+)
+"""Request fields the gateway validates; every other field goes to `ChatRequest.extra`."""
+_MESSAGE_KEYS: Final = frozenset(
+    {
+        "role",
+        "content",
+        "name",
+        "tool_calls",
+        "tool_call_id",
+        "refusal",
+        "reasoning_content",
+        "reasoning",
+        "thinking_blocks",
+        "cache_control",
+        "annotations",  # an earlier answer's citations: output only, not sent back
+        "audio",
+        "function_call",
+    }
+)
 _decode = msgspec.json.Decoder().decode
 
 
@@ -233,7 +314,119 @@ def _model_name(value: object, field: str) -> str:
     return name
 
 
-def _content(value: object, field: str, nullable: bool) -> str:
+def _cache_control(value: object, field: str) -> dict[str, Any] | None:
+    """An Anthropic ``cache_control`` object (``{"type": "ephemeral", "ttl"?}``)."""
+    if value is None:
+        return None
+    value = _want(value, dict, field, "an object")
+    _want(value.get("type"), str, f"{field}.type", "a string")
+    return value
+
+
+def _base64(data: str, field: str) -> str:
+    """`data` if it is strict base64 (padding included, no whitespace), else `BadBody`."""
+    if not data:
+        raise BadBody(field, f"`{field}` must not be empty")
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise BadBody(field, f"`{field}` is not valid base64") from None
+    return data
+
+
+def _data_url(url: str, field: str) -> tuple[str | None, str]:
+    """(media type or None, base64 data) of a ``data:[type][;...];base64,DATA`` URL."""
+    head, comma, data = url[5:].partition(",")
+    params = [p.strip().lower() for p in head.split(";")]
+    if not comma or "base64" not in params[1:]:
+        raise BadBody(field, f"`{field}` must be a base64 data: URL (data:TYPE;base64,DATA)")
+    return params[0] or None, _base64(data, field)
+
+
+def _image_part(part: dict[str, Any], pf: str, cache: dict[str, Any] | None) -> ImagePart:
+    image = part.get("image_url")
+    f = f"{pf}.image_url"
+    if image is None:
+        raise BadBody(f, f"`{f}` is required", "missing_field")
+    if isinstance(image, str):  # a bare URL, as some clients send it
+        image = {"url": image}
+    image = _want(image, dict, f, "an object")
+    url = _want(image.get("url"), str, f"{f}.url", "a string")
+    detail = image.get("detail")
+    if detail is not None and detail not in _DETAILS:
+        raise BadBody(f"{f}.detail", f"`{f}.detail` must be auto, low or high")
+    if url.startswith(("http://", "https://")):
+        return ImagePart(url=url, detail=detail, cache_control=cache)
+    if url.startswith("data:"):
+        media_type, data = _data_url(url, f"{f}.url")
+        if media_type is None or not media_type.startswith("image/"):
+            raise BadBody(f"{f}.url", f"`{f}.url` must be a data: URL of an image (image/...)")
+        return ImagePart(data=data, media_type=media_type, detail=detail, cache_control=cache)
+    raise BadBody(f"{f}.url", f"`{f}.url` must be an http(s) URL or a base64 data: URL")
+
+
+def _file_part(part: dict[str, Any], pf: str, cache: dict[str, Any] | None) -> FilePart:
+    f = f"{pf}.file"
+    file = _want(part.get("file"), dict, f, "an object")
+    data: str | None = None
+    media_type: str | None = None
+    file_data = file.get("file_data")
+    if file_data is not None:
+        file_data = _want(file_data, str, f"{f}.file_data", "a string")
+        if file_data.startswith("data:"):
+            media_type, data = _data_url(file_data, f"{f}.file_data")
+        else:  # bare base64: the protocol sniffs the type
+            data = _base64(file_data, f"{f}.file_data")
+    file_id = file.get("file_id")
+    if file_id is not None:
+        file_id = _want(file_id, str, f"{f}.file_id", "a string")
+    filename = file.get("filename")
+    if filename is not None:
+        filename = _want(filename, str, f"{f}.filename", "a string")
+    if data is None and not file_id:
+        raise BadBody(f, f"`{f}` needs `file_data` (a base64 data: URL) or `file_id`")
+    return FilePart(
+        data=data, media_type=media_type, file_id=file_id, filename=filename, cache_control=cache
+    )
+
+
+def _part(part: object, pf: str, role: str) -> ContentPart:
+    part = _want(part, dict, pf, "a content part object")
+    kind = part.get("type")
+    if kind is None:
+        raise BadBody(f"{pf}.type", f"`{pf}.type` is required", "missing_field")
+    kind = _want(kind, str, f"{pf}.type", "a string")
+    cache = _cache_control(part.get("cache_control"), f"{pf}.cache_control")
+    if kind == "text":
+        text = _want(part.get("text"), str, f"{pf}.text", "a string")
+        return TextPart(text=text, cache_control=cache)
+    if kind == "refusal" and role == "assistant":  # an earlier answer's refusal, as text
+        text = _want(part.get("refusal"), str, f"{pf}.refusal", "a string")
+        return TextPart(text=text, cache_control=cache)
+    if kind == "image_url":
+        return _image_part(part, pf, cache)
+    if kind == "file":
+        return _file_part(part, pf, cache)
+    if kind == "input_audio":
+        if cache is not None:
+            raise BadBody(f"{pf}.cache_control", f"`{pf}.cache_control`: audio is not cached")
+        audio = _want(part.get("input_audio"), dict, f"{pf}.input_audio", "an object")
+        data = _want(audio.get("data"), str, f"{pf}.input_audio.data", "a string of base64")
+        if data.startswith("data:"):
+            _, data = _data_url(data, f"{pf}.input_audio.data")
+        else:
+            _base64(data, f"{pf}.input_audio.data")
+        fmt = _want(audio.get("format"), str, f"{pf}.input_audio.format", "a string")
+        if not fmt:
+            raise BadBody(f"{pf}.input_audio.format", f"`{pf}.input_audio.format` is empty")
+        return AudioPart(data=data, format=fmt)
+    raise BadBody(
+        f"{pf}.type",
+        f"`{pf}.type` must be text, image_url, input_audio or file; got {kind!r}",
+    )
+
+
+def _content(value: object, field: str, nullable: bool, role: str) -> str | list[ContentPart]:
     if value is None:
         if nullable:
             return ""
@@ -241,23 +434,34 @@ def _content(value: object, field: str, nullable: bool) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        parts: list[str] = []
-        for i, part in enumerate(value):
-            pf = f"{field}[{i}]"
-            part = _want(part, dict, pf, "a content part object")
-            if part.get("type") != "text":
-                raise BadBody(
-                    f"{pf}.type", f"`{pf}.type` must be 'text' (only text content is supported)"
-                )
-            text = part.get("text")
-            text = _want(text, str, f"{pf}.text", "a string")
-            parts.append(text)
-        return "".join(parts)
+        return [_part(part, f"{field}[{i}]", role) for i, part in enumerate(value)]
     raise BadBody(
         field,
-        f"`{field}` must be a string or an array of text parts, got {_type_name(value)}",
+        f"`{field}` must be a string or an array of content parts, got {_type_name(value)}",
         "invalid_type",
     )
+
+
+def _thinking_blocks(value: object, field: str) -> list[ThinkingBlock] | None:
+    """LiteLLM's ``thinking_blocks``: Anthropic's signed thinking blocks, sent back."""
+    if value is None:
+        return None
+    value = _want(value, list, field, "an array of thinking blocks")
+    blocks: list[ThinkingBlock] = []
+    for i, raw in enumerate(value):
+        f = f"{field}[{i}]"
+        raw = _want(raw, dict, f, "an object")
+        kind = raw.get("type")
+        if kind == "thinking":
+            text = _want(raw.get("thinking"), str, f"{f}.thinking", "a string")
+            signature = _want(raw.get("signature"), str, f"{f}.signature", "a string")
+            blocks.append(ThinkingBlock(text=text, signature=signature, protocol="anthropic"))
+        elif kind == "redacted_thinking":
+            data = _want(raw.get("data"), str, f"{f}.data", "a string")
+            blocks.append(ThinkingBlock(redacted=data, protocol="anthropic"))
+        else:
+            raise BadBody(f"{f}.type", f"`{f}.type` must be thinking or redacted_thinking")
+    return blocks or None
 
 
 def _tool_calls(value: object, field: str) -> list[ToolCall] | None:
@@ -268,6 +472,8 @@ def _tool_calls(value: object, field: str) -> list[ToolCall] | None:
     for i, raw in enumerate(value):
         f = f"{field}[{i}]"
         raw = _want(raw, dict, f, "an object")
+        if raw.get("type", "function") != "function":
+            raise BadBody(f"{f}.type", f"`{f}.type` must be 'function'")
         call_id = raw.get("id")
         call_id = _want(call_id, str, f"{f}.id", "a string")
         fn = raw.get("function")
@@ -293,10 +499,41 @@ def _message(raw: object, i: int) -> Message:
             f"{field}.role",
             f"`{field}.role` must be one of system, developer, user, assistant, tool; got {role!r}",
         )
+    for key, value in raw.items():
+        if key not in _MESSAGE_KEYS and value is not None:
+            raise BadBody(
+                f"{field}.{key}",
+                f"`{field}.{key}` is not a message field the gateway can carry; remove it",
+                "unsupported_field",
+            )
+    if raw.get("function_call") is not None:
+        raise BadBody(
+            f"{field}.function_call",
+            f"`{field}.function_call` is the deprecated function-call shape; use `tool_calls`",
+            "unsupported_field",
+        )
+    if raw.get("audio") is not None:
+        raise BadBody(
+            f"{field}.audio",
+            f"`{field}.audio` (an earlier audio answer) cannot be sent back through the gateway",
+            "unsupported_field",
+        )
+    assistant = mapped == "assistant"
     tool_calls = _tool_calls(raw.get("tool_calls"), f"{field}.tool_calls")
+    refusal = raw.get("refusal")
+    if refusal is not None:
+        refusal = _want(refusal, str, f"{field}.refusal", "a string")
     content = _content(
-        raw.get("content"), f"{field}.content", nullable=mapped == "assistant" and bool(tool_calls)
+        raw.get("content"),
+        f"{field}.content",
+        nullable=assistant and bool(tool_calls or refusal),
+        role=mapped,
     )
+    if refusal and assistant:  # an earlier answer's refusal: carried as its text
+        if isinstance(content, str):
+            content = content + refusal if content else refusal
+        else:
+            content = [*content, TextPart(text=refusal)]
     name = raw.get("name")
     if name is not None:
         name = _want(name, str, f"{field}.name", "a string")
@@ -307,7 +544,33 @@ def _message(raw: object, i: int) -> Message:
         raise BadBody(
             f"{field}.tool_call_id", f"`{field}.tool_call_id` is required", "missing_field"
         )
-    return Message(mapped, content, name, tool_calls or None, tool_call_id)  # type: ignore[arg-type]
+    reasoning: str | None = None
+    for key in ("reasoning_content", "reasoning"):
+        value = raw.get(key)
+        if value is not None:
+            reasoning = _want(value, str, f"{field}.{key}", "a string")
+            break
+    thinking = _thinking_blocks(raw.get("thinking_blocks"), f"{field}.thinking_blocks")
+    if not assistant:
+        for key, given in (
+            ("reasoning_content", reasoning),
+            ("thinking_blocks", thinking),
+            ("refusal", refusal),
+        ):
+            if given is not None:
+                raise BadBody(
+                    f"{field}.{key}", f"`{field}.{key}` belongs to assistant messages only"
+                )
+    return Message(
+        mapped,  # type: ignore[arg-type]
+        content,
+        name=name,
+        tool_calls=tool_calls or None,
+        tool_call_id=tool_call_id,
+        reasoning=reasoning or None,
+        thinking=thinking,
+        cache_control=_cache_control(raw.get("cache_control"), f"{field}.cache_control"),
+    )
 
 
 def _tools(value: object) -> list[Tool] | None:
@@ -328,7 +591,19 @@ def _tools(value: object) -> list[Tool] | None:
         description = _want(description, str, f"{f}.function.description", "a string")
         parameters = fn.get("parameters", {})
         parameters = _want(parameters, dict, f"{f}.function.parameters", "a JSON schema object")
-        tools.append(Tool(name=name, description=description, parameters=parameters))
+        strict = fn.get("strict")
+        if strict is not None:
+            strict = _want(strict, bool, f"{f}.function.strict", "a boolean")
+        cache = _cache_control(raw.get("cache_control"), f"{f}.cache_control")
+        tools.append(
+            Tool(
+                name=name,
+                description=description,
+                parameters=parameters,
+                cache_control=cache,
+                strict=strict,
+            )
+        )
     return tools
 
 
@@ -360,6 +635,108 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | No
     return number
 
 
+def _response_format(value: object) -> ResponseFormat | None:
+    if value is None:
+        return None
+    value = _want(value, dict, "response_format", "an object")
+    for key in value:
+        if key not in ("type", "json_schema"):
+            raise BadBody(
+                f"response_format.{key}",
+                f"`response_format.{key}` is not a response_format field (type, json_schema)",
+            )
+    kind = value.get("type")
+    if kind is None:
+        raise BadBody("response_format.type", "`response_format.type` is required", "missing_field")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadBody(
+            "response_format.type",
+            "`response_format.type` must be text, json_object or json_schema",
+        )
+    if kind != "json_schema":
+        if value.get("json_schema") is not None:
+            raise BadBody(
+                "response_format.json_schema",
+                "`response_format.json_schema` goes with type json_schema only",
+            )
+        return ResponseFormat(type=kind)
+    f = "response_format.json_schema"
+    raw = value.get("json_schema")
+    if raw is None:
+        raise BadBody(f, f"`{f}` is required with type json_schema", "missing_field")
+    raw = _want(raw, dict, f, "an object")
+    schema: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key not in ("name", "schema", "strict", "description"):
+            raise BadBody(
+                f"{f}.{key}",
+                f"`{f}.{key}` is not a json_schema field (name, schema, strict, description)",
+            )
+        if item is None:
+            continue
+        if key == "schema":
+            item = _want(item, dict, f"{f}.schema", "a JSON schema object")
+        elif key == "strict":
+            item = _want(item, bool, f"{f}.strict", "a boolean")
+        else:
+            item = _want(item, str, f"{f}.{key}", "a string")
+        schema[key] = item
+    name = schema.get("name")
+    if name is None:
+        raise BadBody(f"{f}.name", f"`{f}.name` is required", "missing_field")
+    if not _SCHEMA_NAME.fullmatch(name):
+        raise BadBody(
+            f"{f}.name", f"`{f}.name` must be 1 to 64 letters, digits, underscores or dashes"
+        )
+    return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+def _optional(body: dict[str, Any], name: str, kind: type[T], what: str) -> T | None:
+    value = body.get(name)
+    return None if value is None else _want(value, kind, name, what)
+
+
+def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = _optional(body, name, int, "an integer")
+    if value is not None and not lo <= value <= hi:
+        raise BadBody(name, f"`{name}` must be an integer from {lo} to {hi}")
+    return value
+
+
+def _logit_bias(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    value = _want(value, dict, "logit_bias", "an object of token ids to numbers")
+    out: dict[str, float] = {}
+    for token, bias in value.items():
+        f = f"logit_bias.{token}" if _FIELD_NAME.fullmatch(token) else "logit_bias"
+        if not token.isdigit() or not token.isascii():
+            raise BadBody(f, "`logit_bias` keys must be token ids (decimal integers)")
+        number = _num(bias, f)
+        if not -100 <= number <= 100:
+            raise BadBody(f, f"`{f}` must be between -100 and 100")
+        out[token] = bias
+    return out or None
+
+
+def _extra(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields the gateway does not know, for OpenAI-compatible upstreams (a field
+    given as null is absent)."""
+    extra: dict[str, Any] = {}
+    for name, value in body.items():
+        if name in _KNOWN or value is None:
+            continue
+        if not _FIELD_NAME.fullmatch(name):
+            raise BadBody(
+                None,
+                "an unknown field's name must be 1 to 64 letters, digits, underscores, dots "
+                "or dashes",
+                "invalid_field_name",
+            )
+        extra[name] = value
+    return extra
+
+
 def _names(value: object, field: str) -> list[tuple[str, str]]:
     """(name, where it was given) for each non-empty name of a `fallbacks` array, or of
     the comma-separated `x-router-fallbacks` header when `value` is a str."""
@@ -386,6 +763,11 @@ def parse_chat_body(
     default_timeout: float | None = None,
 ) -> tuple[ChatRequest, ChatOptions]:
     """Validate an OpenAI chat-completions body; raise `BadBody` naming the field.
+
+    Every field is either consumed by the gateway (stream, stream_options, timeout,
+    fallbacks), validated into its `ChatRequest` field, or (when the gateway does not
+    know it) carried in `ChatRequest.extra` for OpenAI-compatible upstreams. A value that
+    asks for the default (``n`` 1, a penalty 0) is not forwarded.
 
     A `timeout` is clamped to `max_timeout`; without one the request gets `max_timeout`
     when that is shorter than `default_timeout` (the router's own deadline)."""
@@ -424,11 +806,9 @@ def parse_chat_body(
             raise BadBody(name, f"`{name}` must be an integer from 1 to {_MAX_TOKENS}")
         max_tokens = value
         break
-    n = body.get("n")
-    if n is not None:
-        n = _want(n, int, "n", "an integer")
-        if n != 1:
-            raise BadBody("n", "`n` must be 1 (the gateway returns one choice)")
+    n = _integer(body, "n", 1, _MAX_N)
+    if n is not None and n > 1 and stream:
+        raise BadBody("n", "`n` above 1 cannot be streamed; ask without `stream`")
     stop_raw = body.get("stop")
     stop: list[str] | None = None
     if stop_raw is not None:
@@ -438,7 +818,7 @@ def parse_chat_body(
             stop_raw = _want(stop_raw, list, "stop", "a string or an array of strings")
             for i, s in enumerate(stop_raw):
                 s = _want(s, str, f"stop[{i}]", "a string")
-            stop = list(stop_raw)
+            stop = list(stop_raw) or None
     timeout = body.get("timeout")
     if timeout is not None:
         timeout = _num(timeout, "timeout", "a number of seconds")
@@ -451,9 +831,11 @@ def parse_chat_body(
     fallbacks = _names(body.get("fallbacks"), "fallbacks")
     if header_fallbacks:
         fallbacks += _names(header_fallbacks, "x-router-fallbacks")
-    user = body.get("user")
-    if user is not None:
-        user = _want(user, str, "user", "a string")
+    logprobs = _optional(body, "logprobs", bool, "a boolean")
+    top_logprobs = _integer(body, "top_logprobs", 0, 20)
+    if top_logprobs is not None and not logprobs:
+        raise BadBody("top_logprobs", "`top_logprobs` needs `logprobs: true`")
+    prediction = _optional(body, "prediction", dict, "an object")
     request = ChatRequest(
         model=model,
         messages=parsed,
@@ -464,9 +846,23 @@ def parse_chat_body(
         stop=stop,
         timeout=float(timeout) if timeout is not None else None,
         tenant=tenant,
-        metadata={"user": user} if user else {},
         tools=_tools(body.get("tools")),
         tool_choice=_tool_choice(body.get("tool_choice")),
+        response_format=_response_format(body.get("response_format")),
+        seed=_integer(body, "seed", -(2**63), 2**63 - 1),
+        n=n if n != 1 else None,
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or None,
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or None,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        user=_optional(body, "user", str, "a string") or None,
+        parallel_tool_calls=_optional(body, "parallel_tool_calls", bool, "a boolean"),
+        reasoning_effort=_optional(body, "reasoning_effort", str, "a string") or None,
+        service_tier=_optional(body, "service_tier", str, "a string") or None,
+        prediction=prediction,
+        extra=_extra(body),
+        drop_params=_optional(body, "drop_params", bool, "a boolean"),
     )
     if request.top_p is not None and request.top_p <= 0:
         raise BadBody("top_p", "`top_p` must be in (0, 1]")
@@ -485,14 +881,23 @@ def completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def usage_json(usage: Usage | None) -> dict[str, int]:
+def usage_json(usage: Usage | None) -> dict[str, Any]:
+    """OpenAI's usage object; the cache and reasoning details only when non-zero, and
+    Anthropic's cache writes under its own name (an extension)."""
     u = usage or Usage()
     total = u.total_tokens or (u.prompt_tokens + u.completion_tokens)
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": total,
     }
+    if u.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
+    if u.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": u.reasoning_tokens}
+    if u.cache_creation_tokens:
+        out["cache_creation_input_tokens"] = u.cache_creation_tokens
+    return out
 
 
 def _tool_call_json(call: ToolCall) -> dict[str, Any]:
@@ -503,26 +908,104 @@ def _tool_call_json(call: ToolCall) -> dict[str, Any]:
     }
 
 
-def completion_json(response: ChatResponse) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": response.content}
-    if response.tool_calls:
-        message["tool_calls"] = [_tool_call_json(c) for c in response.tool_calls]
-        if not response.content:
+def thinking_blocks_json(blocks: list[ThinkingBlock] | None) -> list[dict[str, Any]]:
+    """Anthropic thinking blocks in LiteLLM's ``thinking_blocks`` shape (what a client
+    sends back, unchanged, with the assistant turn); other protocols' blocks are not
+    returned (their text is the reasoning)."""
+    out: list[dict[str, Any]] = []
+    for block in blocks or ():
+        if block.protocol != "anthropic":
+            continue
+        if block.redacted is not None:
+            out.append({"type": "redacted_thinking", "data": block.redacted})
+        else:
+            out.append({"type": "thinking", "thinking": block.text, "signature": block.signature})
+    return out
+
+
+def _split_fields(fields: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the provider fields OpenAI's shapes have a place for, the rest for `x_router`)."""
+    native: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for name, value in (fields or {}).items():
+        (native if name in _NATIVE_FIELDS else rest)[name] = value
+    return native, rest
+
+
+def _message_json(
+    content: str,
+    tool_calls: list[ToolCall],
+    reasoning: str | None,
+    refusal: str | None,
+    thinking: list[ThinkingBlock] | None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
+    if tool_calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in tool_calls]
+        if not content:
             message["content"] = None
-    return {
+    elif refusal and not content:
+        message["content"] = None
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    blocks = thinking_blocks_json(thinking)
+    if blocks:
+        message["thinking_blocks"] = blocks
+    return message
+
+
+def completion_json(response: ChatResponse) -> dict[str, Any]:
+    """``chat.completion``: every choice (``n > 1``), reasoning and Anthropic thinking
+    blocks, refusal, logprobs, system_fingerprint and usage details; provider fields
+    OpenAI has no place for (and the matched stop sequence) under ``x_router``."""
+    native, rest = _split_fields(response.provider_fields)
+    message = _message_json(
+        response.content,
+        response.tool_calls,
+        response.reasoning,
+        response.refusal,
+        response.thinking,
+    )
+    for name in ("annotations", "audio"):
+        if name in native:
+            message[name] = native[name]
+    choices = [
+        {
+            "index": 0,
+            "message": message,
+            "finish_reason": response.finish_reason,
+            "logprobs": response.logprobs,
+        }
+    ]
+    choices.extend(_choice_json(c) for c in (response.choices or ())[1:])
+    out: dict[str, Any] = {
         "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": response.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": response.finish_reason,
-                "logprobs": None,
-            }
-        ],
+        "choices": choices,
         "usage": usage_json(response.usage),
+    }
+    if response.system_fingerprint is not None:
+        out["system_fingerprint"] = response.system_fingerprint
+    if "service_tier" in native:
+        out["service_tier"] = native["service_tier"]
+    if response.stop_sequence is not None:
+        rest["stop_sequence"] = response.stop_sequence
+    if rest:
+        out["x_router"] = rest
+    return out
+
+
+def _choice_json(choice: Choice) -> dict[str, Any]:
+    message = _message_json(
+        choice.content, choice.tool_calls, choice.reasoning, choice.refusal, None
+    )
+    return {
+        "index": choice.index,
+        "message": message,
+        "finish_reason": choice.finish_reason,
+        "logprobs": choice.logprobs,
     }
 
 
@@ -550,6 +1033,13 @@ def chunk_json(
         delta["role"] = "assistant"
     if chunk.text or first:
         delta["content"] = chunk.text
+    if chunk.reasoning:
+        delta["reasoning_content"] = chunk.reasoning
+    blocks = thinking_blocks_json(chunk.thinking)
+    if blocks:
+        delta["thinking_blocks"] = blocks
+    if chunk.refusal:
+        delta["refusal"] = chunk.refusal
     if chunk.tool_calls:
         calls = []
         for d in chunk.tool_calls:
@@ -563,12 +1053,51 @@ def chunk_json(
             call["function"] = fn
             calls.append(call)
         delta["tool_calls"] = calls
+    native, rest = _split_fields(chunk.provider_fields)
+    for name in ("annotations", "audio"):
+        if name in native:
+            delta[name] = native[name]
     out["choices"] = [
-        {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}
+        {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": chunk.finish_reason,
+            "logprobs": chunk.logprobs,
+        }
     ]
+    for name in ("system_fingerprint", "service_tier"):
+        if name in native:
+            out[name] = native[name]
+    if chunk.stop_sequence is not None:
+        rest["stop_sequence"] = chunk.stop_sequence
+    if rest:
+        out["x_router"] = rest
     if include_usage:
         out["usage"] = None
     return out
+
+
+def has_news(chunk: StreamChunk) -> bool:
+    """Whether a chunk carries anything a client would see (not just usage)."""
+    return bool(
+        chunk.has_content
+        or chunk.finish_reason
+        or chunk.thinking
+        or chunk.logprobs is not None
+        or chunk.provider_fields
+        or chunk.stop_sequence is not None
+    )
+
+
+def dropped_header(dropped: list[str]) -> str:
+    """The ``x-router-dropped-params`` value: the dropped names, comma-separated."""
+    names: list[str] = []
+    for entry in dropped:
+        for name in entry.split(","):
+            name = name.strip()
+            if name and name.isprintable() and name.isascii() and name not in names:
+                names.append(name)
+    return ",".join(names)
 
 
 # -------------------------------------------------------------------------- errors
