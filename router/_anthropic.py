@@ -754,7 +754,11 @@ class AnthropicProtocol:
         if stream:
             body["stream"] = True
         accept = "text/event-stream" if stream else "application/json"
-        return _wire(base_url, "/v1/messages", body, secret, headers, accept)
+        wire = _wire(base_url, "/v1/messages", body, secret, headers, accept)
+        if request.reasoning_effort not in (None, "none") and thinking is None and effort is None:
+            # Thinking cannot begin inside a tool-use turn (module docstring): said so.
+            wire = msgspec.structs.replace(wire, dropped=("reasoning_effort",))
+        return wire
 
     def build_count(
         self,

@@ -260,9 +260,12 @@ class HttpProvider:
             response = await self._send(key, wire)
             with scrubbing(scrubber):
                 if 200 <= response.status_code < 300:
-                    return self._protocol.parse(
+                    answer = self._protocol.parse(
                         response.status_code, response.headers, response.content
                     )
+                    if wire.dropped:
+                        answer.dropped_params.extend(wire.dropped)
+                    return answer
                 raise self._failure(
                     response.status_code, response.headers, response.content, wire, key
                 )
@@ -309,6 +312,8 @@ class HttpProvider:
                 stream=True,
                 headers=self._headers,
             )
+            if wire.dropped:  # said before any content (`ChatStream.dropped_params`)
+                yield StreamChunk(provider_fields={"dropped_params": list(wire.dropped)})
             remaining = _remaining()
             decoder: StreamDecoder | None = None
             head = False

@@ -441,7 +441,7 @@ class Router:
                     result.key_id = actor.key_id
                     result.attempts = attempts
                     if dropped:
-                        result.dropped_params = list(dropped)
+                        result.dropped_params[:0] = dropped
                     return result
                 if type(result) is StreamStart:
                     if health is not None:

@@ -82,8 +82,13 @@ class ChatStream:
         dropped_params: list[str] | None = None,
     ) -> None:
         self.model = model
-        self.dropped_params = dropped_params or []
-        """Request fields dropped for the serving model (see `router._params`)."""
+        self.dropped_params = list(dropped_params or [])
+        """Request fields dropped for the serving model (see `router._params`), and any
+        its protocol had to leave out (`WireRequest.dropped`)."""
+        for chunk in start.first:
+            fields = chunk.provider_fields
+            if fields and "dropped_params" in fields:
+                self.dropped_params.extend(fields["dropped_params"])
         self.provider = provider
         self.key_id = key_id
         self.upstream_model = upstream_model

@@ -29,6 +29,9 @@ class WireRequest(msgspec.Struct, frozen=True, kw_only=True):
     url: str
     headers: dict[str, str]
     body: bytes
+    dropped: tuple[str, ...] = ()
+    """Request fields the protocol had to leave out by its upstream's own rules (the
+    response's `dropped_params` names them, so nothing vanishes unsaid)."""
 
     def __repr__(self) -> str:  # headers carry the secret; the URL may carry others
         return f"WireRequest(method={self.method!r}, url={mask_url(self.url)!r})"

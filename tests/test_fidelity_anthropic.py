@@ -1008,3 +1008,43 @@ async def test_e2e_spend_limit_cools_the_key_as_balance() -> None:
         snapshot = {k.key_id: k for k in router.snapshot().keys}
         assert snapshot["a"].cooling_reason == "balance"
         assert snapshot["a"].cooling_for > 600
+
+
+async def test_reasoning_left_off_mid_tool_turn_is_named_in_dropped_params() -> None:
+    from router import Router, RouterConfig, ToolCall
+    from router.emulator import Emulator
+
+    async with Emulator.serve(port=0) as emu:
+        config = RouterConfig.from_dict(
+            {
+                "providers": [
+                    {
+                        "name": "a",
+                        "kind": "anthropic",
+                        "base_url": emu.url,
+                        "keys": [{"id": "k", "secret": "sk-ant-test-000000"}],
+                    }
+                ],
+            }
+        )
+        # The tool-use turn began on another provider: no Anthropic thinking block.
+        messages = [
+            Message("user", "weather?"),
+            Message(
+                "assistant",
+                "",
+                tool_calls=[ToolCall(id="c1", name="weather", arguments="{}")],
+            ),
+            Message("tool", "sunny", tool_call_id="c1"),
+        ]
+        request = ChatRequest(
+            model="a/claude-sonnet-4-5", messages=messages, reasoning_effort="high"
+        )
+        async with Router.open(config) as router:
+            response = await router.submit(request)
+            assert response.dropped_params == ["reasoning_effort"]
+            assert "thinking" not in emu.calls[-1].body
+            async with router.stream(request) as stream:
+                async for _ in stream:
+                    pass
+            assert stream.dropped_params == ["reasoning_effort"]
