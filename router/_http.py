@@ -73,6 +73,8 @@ SHARD_SIZE = 8
 # Extra connections per pool: room for connections being torn down.
 _POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
+_DRAIN_GRACE = 0.5
+"""Seconds a finished stream's body may take to end (its connection is kept then)."""
 
 
 _LIVE: weakref.WeakSet[HttpProvider] = weakref.WeakSet()
@@ -336,13 +338,20 @@ class HttpProvider:
                             raise error
                         parser = SseParser()
                         decoder = self._protocol.stream_decoder()
-                        async for data in response.aiter_raw():
+                        raw = response.aiter_raw()
+                        async for data in raw:
                             for event in parser.feed(data):
                                 with scrubbing(scrubber):  # no await or yield inside
                                     chunks = decoder.feed(event)
                                 for chunk in chunks:
                                     yield chunk
                                 if decoder.done:
+                                    # Read the body to its end (briefly) so the
+                                    # connection goes back to the pool for the next
+                                    # request instead of being dropped.
+                                    with trio.move_on_after(_DRAIN_GRACE):
+                                        async for _ in raw:
+                                            pass
                                     return
                         if not decoder.finished:
                             raise ProviderError(

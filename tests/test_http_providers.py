@@ -1038,3 +1038,15 @@ async def test_no_secret_in_errors_logs_or_snapshot_after_401(
         for text in texts:
             assert secret not in text
             assert secret.removeprefix("sk-") not in text
+
+
+@by_kind
+async def test_sequential_streams_reuse_one_connection(kind: str) -> None:
+    async with rig(kind) as (emu, router):
+        await router.submit(req("warm up"))  # the pool's first connection
+        before = emu.connections_accepted
+        for i in range(20):
+            stream, chunks = await read_all(router, req(f"stream number {i}"))
+            assert stream.finish_reason == "stop"
+        # Every stream read its body to the end and gave the connection back.
+        assert emu.connections_accepted - before <= 1

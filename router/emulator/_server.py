@@ -185,6 +185,8 @@ class Emulator:
         self.html_404 = False
         """Answer a path that is no route with an HTML page instead of a JSON error."""
         self.errors: list[str] = []
+        self.connections_accepted = 0
+        """TCP connections accepted so far (to check that clients reuse them)."""
         """Tracebacks of unexpected server errors (a healthy run leaves this empty)."""
         self._scripts: dict[ScriptKey, deque[Fault]] = {}
         self._random = random.Random()
@@ -253,6 +255,7 @@ class Emulator:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections_accepted += 1
         conn = _Connection(stream)
         try:
             async with stream:
