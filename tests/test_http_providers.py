@@ -1046,7 +1046,7 @@ async def test_sequential_streams_reuse_one_connection(kind: str) -> None:
         await router.submit(req("warm up"))  # the pool's first connection
         before = emu.connections_accepted
         for i in range(20):
-            stream, chunks = await read_all(router, req(f"stream number {i}"))
+            stream, _chunks = await read_all(router, req(f"stream number {i}"))
             assert stream.finish_reason == "stop"
         # Every stream read its body to the end and gave the connection back.
         assert emu.connections_accepted - before <= 1
