@@ -28,7 +28,7 @@ _ROUTES_LIMIT = 4096
 class Route(Generic[P]):
     """One chain entry resolved: its name, its provider's runtime and upstream id."""
 
-    __slots__ = ("context_window", "drop_params", "name", "provider", "upstream")
+    __slots__ = ("context_window", "continuation", "drop_params", "name", "provider", "upstream")
 
     def __init__(
         self,
@@ -37,12 +37,14 @@ class Route(Generic[P]):
         upstream: str,
         context_window: int | None = None,
         drop_params: bool | None = None,
+        continuation: bool | None = None,
     ) -> None:
         self.name = name
         self.provider = provider
         self.upstream = upstream
         self.context_window = context_window
         self.drop_params = drop_params
+        self.continuation = continuation
 
     def __repr__(self) -> str:
         return f"Route({self.name!r} -> {self.upstream!r})"
@@ -68,6 +70,7 @@ class ModelChain(Generic[P]):
                 model.upstream,
                 model.context_window,
                 model.drop_params,
+                model.continuation,
             )
         else:
             prov, sep, upstream = name.partition("/")

@@ -239,6 +239,9 @@ class RouterSettings(_Section):
     """Drop, rather than refuse with 400, request fields and content parts the serving
     model's protocol cannot take (logged once, named in `dropped_params`); a model's
     own `drop_params` and a request's win over this."""
+    max_continuations: NonNegativeInt = 1
+    """Times one stream may be continued (or replayed) on another key or model after
+    an interruption past its first chunk (0: never; the caller gets the interruption)."""
     max_chain: PositiveInt = 8
     """Models a request's chain may hold (its model, its fallbacks, the model's and the
     global fallbacks); a longer one is refused before any upstream call."""
@@ -335,6 +338,10 @@ class ModelConfig(_Section):
     context_window: PositiveInt | None = None
     drop_params: bool | None = None
     """This model's `drop_params` (None: the router's)."""
+    continuation: bool | None = None
+    """Whether an interrupted stream may be continued on this model with the text so
+    far as an assistant prefill (None: only for ``anthropic`` providers, whose API
+    continues a prefill natively). Models without it get a replay instead."""
 
 
 _ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

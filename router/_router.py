@@ -17,6 +17,7 @@ in anything but exactly one response or one `RouterError`.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import random
@@ -47,7 +48,7 @@ from ._params import check as check_params
 from ._provider import Provider
 from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
-from ._stream import ChatStream, StreamStart
+from ._stream import ChatStream, Continuation, StreamStart
 from ._tokens import (
     CascadingTokenCounter,
     ExactTokenCounter,
@@ -446,6 +447,9 @@ class Router:
                 if type(result) is StreamStart:
                     if health is not None:
                         health.on_success()
+                    continuer = functools.partial(
+                        self._continuation, request, routes, index - 1, actor, deadline, tokens
+                    )
                     return ChatStream(
                         result,
                         model=route.name,
@@ -453,6 +457,8 @@ class Router:
                         key_id=actor.key_id,
                         upstream_model=upstream,
                         dropped_params=list(dropped),
+                        continuer=continuer if settings.max_continuations else None,
+                        max_continuations=settings.max_continuations,
                     )
                 if result is SKIPPED:
                     continue
@@ -490,6 +496,70 @@ class Router:
             self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    async def _continuation(
+        self,
+        request: ChatRequest,
+        routes: list[Route[_ProviderRuntime]],
+        index: int,
+        failed: KeyActor,
+        deadline: float,
+        tokens: int,
+        partial: str,
+    ) -> Continuation | None:
+        """Resume a stream that broke after `partial` reached the caller: on another key
+        of the same model first, then on the chain's later models. A model that takes a
+        prefill (`continuation`) gets the request plus `partial` as a trailing assistant
+        message and answers only the rest; any other gets a replay of the request, which
+        the stream accepts only if it begins with exactly `partial`. A candidate that
+        fails or refuses is passed over; None when none could start (the caller then
+        gets the original interruption)."""
+        clock = self._clock
+        tenant = request.tenant
+        candidates: list[tuple[Route[_ProviderRuntime], KeyActor]] = [
+            (routes[index], a) for a in routes[index].provider.actors if a is not failed
+        ]
+        for route in routes[index + 1 :]:
+            candidates += [(route, a) for a in route.provider.actors]
+        attempts: list[Attempt] = []
+        for route, actor in candidates:
+            now = clock.current_time()
+            if now >= deadline:
+                return None
+            health = self._health.get(route.name)
+            if health is not None and not health.is_callable(now):
+                continue
+            if not actor.is_available(now, tenant, tokens, route.upstream):
+                continue
+            prefill = (
+                route.continuation
+                if route.continuation is not None
+                else route.provider.kind == "anthropic"
+            )
+            messages = list(request.messages)
+            if prefill:
+                messages.append(Message("assistant", partial))
+            upstream_request = msgspec.structs.replace(
+                request, model=route.upstream, messages=messages
+            )
+            try:
+                upstream_request, _ = check_params(
+                    upstream_request,
+                    route.provider.kind,
+                    route.name,
+                    bool(request.drop_params or route.drop_params or self._settings.drop_params),
+                )
+            except InvalidRequestError:
+                continue  # this model cannot honour the request: never used
+            job = Job(upstream_request, route.name, deadline, attempts, True, tokens)
+            result = await actor.call(job)
+            if type(result) is StreamStart:
+                return Continuation(
+                    result, route.name, actor.provider_name, actor.key_id, route.upstream, prefill
+                )
+            if result is DEADLINE or isinstance(result, RouterClosedError):
+                return None
+        return None
 
     def _context_fallback(
         self, route: Route[_ProviderRuntime], routes: list[Route[_ProviderRuntime]], index: int

@@ -13,17 +13,27 @@ which closes the upstream connection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, NoReturn
 
+import msgspec
 import trio
 
-from ._errors import ProviderError, RouterClosedError, StreamInterruptedError
+from ._errors import ProviderError, RouterClosedError, RouterError, StreamInterruptedError
 from ._types import Attempt, StreamChunk, Usage
 
 if TYPE_CHECKING:
     from ._actor import Job
 
-__all__ = ["STREAM_END", "ChatStream", "StreamFailure", "StreamStart"]
+__all__ = [
+    "STREAM_END",
+    "ChatStream",
+    "Continuation",
+    "Continuer",
+    "Segment",
+    "StreamFailure",
+    "StreamStart",
+]
 
 
 class _End:
@@ -63,12 +73,67 @@ class StreamStart:
         self.job = job
 
 
+class Continuation:
+    """A stream resumed after an interruption (see `Router._continuation`): its start,
+    who serves it, and whether it continues a prefill (new text only) or replays the
+    request (the answer must begin with the text already sent)."""
+
+    __slots__ = ("key_id", "model", "prefill", "provider", "start", "upstream_model")
+
+    def __init__(
+        self,
+        start: StreamStart,
+        model: str,
+        provider: str,
+        key_id: str,
+        upstream_model: str,
+        prefill: bool,
+    ) -> None:
+        self.start = start
+        self.model = model
+        self.provider = provider
+        self.key_id = key_id
+        self.upstream_model = upstream_model
+        self.prefill = prefill
+
+
+class Segment:
+    """One upstream answer a stream relayed: who served it and how many characters of
+    the text came from it (a continued stream has several)."""
+
+    __slots__ = ("chars", "key_id", "mode", "model", "provider")
+
+    def __init__(self, model: str, provider: str, key_id: str, mode: str) -> None:
+        self.model = model
+        self.provider = provider
+        self.key_id = key_id
+        self.mode = mode
+        """"first", "prefill" (continued after a prefill) or "replay"."""
+        self.chars = 0
+
+    def __repr__(self) -> str:
+        return f"Segment({self.mode} {self.model} {self.key_id}: {self.chars} chars)"
+
+
+Continuer = Callable[[str], Awaitable[Continuation | None]]
+
+
 class ChatStream:
     """An answer arriving in chunks. Iterate it with ``async for chunk in stream``.
 
     `model`, `provider`, `key_id` and `attempts` say who serves it (the attempts
     before it include any failover that happened before the first chunk). `text`,
     `finish_reason` and `usage` accumulate as chunks arrive.
+
+    When the upstream breaks after text reached the caller, the stream is continued
+    (at most `max_continuations` times, within the request's deadline) on another key
+    or model: with the text so far as an assistant prefill where the model takes one
+    (only the new text is relayed), else by a replay of the request that is accepted
+    only if it begins with exactly the text already sent. The caller sees one answer;
+    `segments` says who served which part; `usage` sums them. A continuation that
+    cannot start, diverges or fails never hides the interruption: the caller gets the
+    original `StreamInterruptedError` with its partial text. Tool-call deltas cannot be
+    continued.
     """
 
     def __init__(
@@ -80,6 +145,8 @@ class ChatStream:
         key_id: str,
         upstream_model: str,
         dropped_params: list[str] | None = None,
+        continuer: Continuer | None = None,
+        max_continuations: int = 0,
     ) -> None:
         self.model = model
         self.dropped_params = list(dropped_params or [])
@@ -96,10 +163,20 @@ class ChatStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.segments: list[Segment] = [Segment(model, provider, key_id, "first")]
         self._pending = list(start.first)
         self._receive = start.receive
         self._job = start.job
         self._ended = False
+        self._continuer = continuer
+        self._continuations_left = max_continuations
+        self._tool_calls = False
+        self._skip = ""
+        """A replay's text still to match against what was already sent."""
+        self._usage_before: Usage | None = None
+        """The usage of the segments before this one."""
+        self._cause: RouterError | None = None
+        """The interruption a continuation is answering (raised if it fails)."""
 
     def __repr__(self) -> str:
         return (
@@ -111,43 +188,130 @@ class ChatStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
-        if self._pending:
-            return self._take(self._pending.pop(0))
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            item = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        while True:
+            if self._pending:
+                chunk = self._match(self._pending.pop(0))
+                if chunk is not None:
+                    return self._take(chunk)
+                continue
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                item = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                failure = self._job.failure  # a failure the full channel had no room for
+                cause: RouterError = (
+                    failure
+                    if failure is not None
+                    else RouterClosedError("the stream was closed before it finished")
+                )
+                await self._interrupted(cause)
+                continue
+            if isinstance(item, StreamChunk):
+                chunk = self._match(item)
+                if chunk is not None:
+                    return self._take(chunk)
+                continue
+            if isinstance(item, StreamFailure):
+                await self._interrupted(item.error)
+                continue
+            if self._skip:  # a replay that ended before it caught up: not the answer
+                self._diverged()
             self._ended = True
-            failure = self._job.failure  # a failure the full channel had no room for
-            raise StreamInterruptedError(
-                failure
-                if failure is not None
-                else RouterClosedError("the stream was closed before it finished"),
-                self.text,
-                self.attempts,
-            ) from None
-        if isinstance(item, StreamChunk):
-            return self._take(item)
+            raise StopAsyncIteration
+
+    async def _interrupted(self, cause: RouterError) -> None:
+        """The upstream broke: continue elsewhere if allowed, else raise the original
+        interruption (a failed continuation never replaces it)."""
+        if self._skip and self._cause is not None:
+            cause = self._cause  # a replay that broke before catching up: the original
+        if (
+            self._continuer is None
+            or self._continuations_left <= 0
+            or self._tool_calls
+            or not self.text
+            or not isinstance(cause, ProviderError)
+        ):
+            self._ended = True
+            raise StreamInterruptedError(cause, self.text, self.attempts)
+        self._continuations_left -= 1
+        self._stop_pump()
+        resumed = await self._continuer(self.text)
+        if resumed is None:
+            self._ended = True
+            raise StreamInterruptedError(cause, self.text, self.attempts)
+        self._cause = cause
+        if self.usage is not None:
+            self._usage_before = self.usage
+        start = resumed.start
+        self._receive = start.receive
+        self._job = start.job
+        self._pending = list(start.first)
+        self._skip = "" if resumed.prefill else self.text
+        mode = "prefill" if resumed.prefill else "replay"
+        self.segments.append(Segment(resumed.model, resumed.provider, resumed.key_id, mode))
+        self.attempts.extend(a for a in start.job.attempts if a not in self.attempts)
+
+    def _match(self, chunk: StreamChunk) -> StreamChunk | None:
+        """A replay's chunks must repeat the text already sent before anything new is
+        relayed; the first difference abandons the replay (the original interruption
+        stands). Returns what is left to relay of `chunk`, if anything."""
+        skip = self._skip
+        if not skip:
+            return chunk
+        if chunk.tool_calls:
+            self._diverged()
+        text = chunk.text
+        if len(text) <= len(skip):
+            if not skip.startswith(text):
+                self._diverged()
+            self._skip = skip[len(text) :]
+            if chunk.finish_reason or chunk.usage is not None:
+                return msgspec.structs.replace(chunk, text="") if not self._skip else None
+            return None
+        if not text.startswith(skip):
+            self._diverged()
+        self._skip = ""
+        return msgspec.structs.replace(chunk, text=text[len(skip) :])
+
+    def _diverged(self) -> NoReturn:
+        self._stop_pump()
         self._ended = True
-        if isinstance(item, StreamFailure):
-            raise StreamInterruptedError(item.error, self.text, self.attempts)
-        raise StopAsyncIteration
+        cause = self._cause or RouterClosedError("the replay did not repeat the answer")
+        raise StreamInterruptedError(cause, self.text, self.attempts)
+
+    def _stop_pump(self) -> None:
+        pump = self._job.scope
+        if pump is not None:
+            pump.cancel()
+        self._receive.close()
 
     def _take(self, chunk: StreamChunk) -> StreamChunk:
         if chunk.text:
             self.text += chunk.text
+            self.segments[-1].chars += len(chunk.text)
+        if chunk.tool_calls:
+            self._tool_calls = True
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
-            self.usage = chunk.usage
+            before = self._usage_before
+            self.usage = chunk.usage if before is None else _sum_usage(before, chunk.usage)
         return chunk
 
     async def aclose(self) -> None:
         """Stop reading: the worker stops pumping and closes the upstream connection."""
         self._ended = True
-        pump = self._job.scope
-        if pump is not None:
-            pump.cancel()
-        self._receive.close()
+        self._stop_pump()
         await trio.lowlevel.checkpoint()
+
+
+def _sum_usage(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        total_tokens=a.total_tokens + b.total_tokens,
+        cached_tokens=a.cached_tokens + b.cached_tokens,
+        cache_creation_tokens=a.cache_creation_tokens + b.cache_creation_tokens,
+        reasoning_tokens=a.reasoning_tokens + b.reasoning_tokens,
+    )

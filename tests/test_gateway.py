@@ -45,6 +45,7 @@ retry_backoff = [0.01]
 retry_jitter = 0.0
 seed = 3
 per_tenant_breakers = true
+max_continuations = 0  # interruptions as such (tests/test_gateway_fidelity.py continues)
 
 [router.breaker]
 failure_threshold = 1000

@@ -27,9 +27,10 @@ from test_gateway import Proc, script
 KEY = "fid-secret-0001"
 ADMIN = "fid-admin-0002"
 UP_KEY = "sk-fid-openai-0003"
+UP_KEY2 = "sk-fid-openai-0006"
 ANT_KEY = "sk-fid-anthropic-0004"
 GEM_KEY = "fid-gemini-0005"
-SECRETS = (KEY, ADMIN, UP_KEY, ANT_KEY, GEM_KEY)
+SECRETS = (KEY, ADMIN, UP_KEY, UP_KEY2, ANT_KEY, GEM_KEY)
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
 PNG_B64 = base64.b64encode(PNG).decode()
@@ -65,6 +66,12 @@ base_url = "{emulator_url}/v1"
 keys = [{{ id = "k1", secret = "{UP_KEY}" }}]
 
 [[providers]]
+name = "emu2"
+kind = "openai"
+base_url = "{emulator_url}/v1"
+keys = [{{ id = "k2", secret = "{UP_KEY2}" }}]
+
+[[providers]]
 name = "ant"
 kind = "anthropic"
 base_url = "{emulator_url}"
@@ -80,6 +87,12 @@ keys = [{{ id = "g1", secret = "{GEM_KEY}" }}]
 name = "smart"
 provider = "emu"
 upstream = "gpt-main"
+
+[[models]]
+name = "replayable"
+provider = "emu"
+upstream = "gpt-replay"
+fallbacks = ["emu2/gpt-replay"]
 
 [[models]]
 name = "claude"
@@ -532,3 +545,39 @@ def test_an_unknown_field_name_must_be_plain(gateway: Proc, emu: httpx.Client) -
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_field_name"
     assert json.dumps(calls(emu)) == "[]"
+
+
+def test_a_stream_cut_mid_answer_is_replayed_on_the_fallback_and_traced(
+    emu: httpx.Client, gateway: Proc
+) -> None:
+    faults = [{"cut_after_chunks": 2}]
+    emu.post(
+        "/_emulator/script", json={"key": UP_KEY, "model": "gpt-replay", "faults": faults}
+    ).raise_for_status()
+    text = "one two three four five six seven"
+    body = {
+        "model": "replayable",
+        "messages": [{"role": "user", "content": text}],
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        events = [
+            line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")
+        ]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    content = "".join(
+        (c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"]
+    )
+    assert content == f"echo: {text}"  # one whole answer: no gap, no repetition
+    traces = [c["x_router"] for c in chunks if "x_router" in c]
+    segments = traces[-1]["segments"]
+    assert [(s["key_id"], s["mode"]) for s in segments] == [("k1", "first"), ("k2", "replay")]
+    assert [c["model"] for c in calls(emu)] == ["gpt-replay", "gpt-replay"]

@@ -582,7 +582,7 @@ async def test_stream_failover_before_the_first_chunk_is_invisible(kind: str, fa
 
 @by_kind
 async def test_stream_cut_after_two_chunks_is_interrupted_with_partial_text(kind: str) -> None:
-    async with rig(kind) as (emu, router):
+    async with rig(kind, max_continuations=0) as (emu, router):
         emu.script(Fault(reply=LONG, cut_after_chunks=2), key=SECRET_A, model=UP)
         got: list[str] = []
         with pytest.raises(StreamInterruptedError) as info:
@@ -598,7 +598,7 @@ async def test_stream_cut_after_two_chunks_is_interrupted_with_partial_text(kind
 
 @by_kind
 async def test_stream_stall_is_interrupted_after_the_idle_timeout(kind: str) -> None:
-    async with rig(kind) as (emu, router):
+    async with rig(kind, max_continuations=0) as (emu, router):
         emu.script(
             Fault(reply=LONG, stall_after_chunks=2, stall_seconds=2.0), key=SECRET_A, model=UP
         )
@@ -708,7 +708,7 @@ def _malformed_sse(kind: str) -> str:
 
 @by_kind
 async def test_stream_malformed_json_after_the_first_chunk_is_interrupted(kind: str) -> None:
-    async with rig(kind) as (emu, router):
+    async with rig(kind, max_continuations=0) as (emu, router):
         emu.script(Fault(body=_malformed_sse(kind)), key=SECRET_A, model=UP)
         got: list[str] = []
         with pytest.raises(StreamInterruptedError) as info:
@@ -729,7 +729,7 @@ IN_STREAM_ERRORS = [("openai", 500), ("anthropic", 529), ("gemini", 503)]
 async def test_stream_error_event_after_the_first_chunk_is_interrupted(
     kind: str, status: int
 ) -> None:
-    async with rig(kind) as (emu, router):
+    async with rig(kind, max_continuations=0) as (emu, router):
         emu.script(Fault(status=status, reply=LONG, cut_after_chunks=2), key=SECRET_A, model=UP)
         got: list[str] = []
         with pytest.raises(StreamInterruptedError) as info:

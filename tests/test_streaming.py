@@ -301,7 +301,8 @@ async def test_cut_after_first_chunk_raises_stream_interrupted_without_failover(
 ):
     p, q = StreamingScriptedProvider(), StreamingScriptedProvider()
     p.set_default("a", StreamScript(pieces=("alpha ", "beta "), interval=1.0, ending="cut"))
-    async with Router.open(config(), providers=providers(p, q)) as router:
+    # (Continuation is off here: tests/test_continuation.py covers it.)
+    async with Router.open(config(max_continuations=0), providers=providers(p, q)) as router:
         received = []
         async with router.stream(req()) as stream:
             with pytest.raises(StreamInterruptedError) as info:
@@ -325,7 +326,7 @@ async def test_cut_after_first_chunk_raises_stream_interrupted_without_failover(
 async def test_idle_timeout_interrupts_after_exactly_idle_timeout(autojump_clock):
     p = StreamingScriptedProvider()
     p.set_default("a", StreamScript(pieces=("x ", "y ", "z "), interval=1.0, ending="stall"))
-    async with Router.open(config(), providers=providers(p)) as router:
+    async with Router.open(config(max_continuations=0), providers=providers(p)) as router:
         t0 = trio.current_time()
         times = []
         async with router.stream(req()) as stream:
@@ -386,7 +387,7 @@ class BrokenMidStream(StreamingScriptedProvider):
 
 async def test_provider_bug_after_first_chunk_is_an_unknown_interruption(autojump_clock):
     p = BrokenMidStream()
-    async with Router.open(config(), providers=providers(p)) as router:
+    async with Router.open(config(max_continuations=0), providers=providers(p)) as router:
         async with router.stream(req()) as stream:
             with pytest.raises(StreamInterruptedError) as info:
                 async for _ in stream:

@@ -912,6 +912,23 @@ class GatewayApp:
                 watch.finishing = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return 200
+            if len(stream.segments) > 1:  # continued: say who served which part
+                trace = chunk_json(
+                    cid, created, stream.model, None, first=False, include_usage=False
+                )
+                trace["x_router"] = {
+                    "segments": [
+                        {
+                            "model": s.model,
+                            "provider": s.provider,
+                            "key_id": s.key_id,
+                            "mode": s.mode,
+                            "chars": s.chars,
+                        }
+                        for s in stream.segments
+                    ]
+                }
+                await send(_event(trace))
             if include_usage:
                 tail = chunk_json(cid, created, stream.model, None, first=False, include_usage=True)
                 tail["usage"] = usage_json(stream.usage)
