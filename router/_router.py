@@ -538,7 +538,9 @@ class Router:
             )
             messages = list(request.messages)
             if prefill:
-                messages.append(Message("assistant", partial))
+                # Anthropic refuses a prefill that ends in whitespace; the stream
+                # drops that whitespace from the continuation's start instead.
+                messages.append(Message("assistant", partial.rstrip()))
             upstream_request = msgspec.structs.replace(
                 request, model=route.upstream, messages=messages
             )

@@ -177,6 +177,9 @@ class ChatStream:
         """The usage of the segments before this one."""
         self._cause: RouterError | None = None
         """The interruption a continuation is answering (raised if it fails)."""
+        self._trim = ""
+        """Whitespace the text so far ends with, left out of a prefill: a continuation
+        that starts with it again does not repeat it."""
 
     def __repr__(self) -> str:
         return (
@@ -248,6 +251,7 @@ class ChatStream:
         self._job = start.job
         self._pending = list(start.first)
         self._skip = "" if resumed.prefill else self.text
+        self._trim = self.text[len(self.text.rstrip()) :] if resumed.prefill else ""
         mode = "prefill" if resumed.prefill else "replay"
         self.segments.append(Segment(resumed.model, resumed.provider, resumed.key_id, mode))
         self.attempts.extend(a for a in start.job.attempts if a not in self.attempts)
@@ -258,6 +262,11 @@ class ChatStream:
         stands). Returns what is left to relay of `chunk`, if anything."""
         skip = self._skip
         if not skip:
+            trim = self._trim
+            if trim and chunk.text:
+                self._trim = ""
+                if chunk.text.startswith(trim):
+                    return msgspec.structs.replace(chunk, text=chunk.text[len(trim) :])
             return chunk
         if chunk.tool_calls:
             self._diverged()

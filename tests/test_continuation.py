@@ -46,6 +46,9 @@ class Answering:
         last = request.messages[-1]
         prefill = last.content if last.role == "assistant" else ""
         assert isinstance(prefill, str)
+        assert prefill == prefill.rstrip()  # never a prefill ending in whitespace
+        if prefill:
+            prefill += " "  # the model goes on after the space the prefill left out
         self.calls.append((key.id, prefill))
         steps = self.plan.get(key.id) or ["ok"]
         how = steps.pop(0) if len(steps) > 1 else steps[0]
@@ -127,7 +130,7 @@ async def test_a_cut_after_40_chunks_is_continued_exactly_after_a_prefill(autoju
             ("a", "first", _chars(40)),
             ("b", "prefill", len(REFERENCE) - _chars(40)),
         ]
-        assert p.calls == [("a", ""), ("b", "".join(PIECES[:40]))]
+        assert p.calls == [("a", ""), ("b", "".join(PIECES[:40]))]  # (as the model saw it)
         # The usage of both segments is summed (the cut one reported its prompt only).
         assert stream.usage.total_tokens == 5 + 15  # type: ignore[attr-defined]
 
@@ -214,3 +217,22 @@ async def test_continuation_can_be_switched_off(autojump_clock):
         _, error, _ = await read(router)
         assert isinstance(error, StreamInterruptedError)
         assert [k for k, _ in p.calls] == ["a"]
+
+
+async def test_a_continuation_that_restores_the_trailing_space_does_not_double_it(
+    autojump_clock,
+):
+    class SpaceFirst(Answering):
+        async def stream(self, request, key):  # type: ignore[no-untyped-def]
+            prefilled = request.messages[-1].role == "assistant"
+            first = True
+            async for chunk in super().stream(request, key):
+                if prefilled and first and chunk.text:
+                    first = False
+                    chunk = StreamChunk(text=" " + chunk.text)
+                yield chunk
+
+    p = SpaceFirst({"a": ["cut@25"]})
+    async with Router.open(make_config(CFG), providers={"p": p, "q": Answering({})}) as router:
+        text, _, _ = await read(router)
+        assert text == REFERENCE
