@@ -28,7 +28,15 @@ _ROUTES_LIMIT = 4096
 class Route(Generic[P]):
     """One chain entry resolved: its name, its provider's runtime and upstream id."""
 
-    __slots__ = ("context_window", "continuation", "drop_params", "name", "provider", "upstream")
+    __slots__ = (
+        "context_window",
+        "continuation",
+        "drop_params",
+        "hedge_after",
+        "name",
+        "provider",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -38,6 +46,7 @@ class Route(Generic[P]):
         context_window: int | None = None,
         drop_params: bool | None = None,
         continuation: bool | None = None,
+        hedge_after: float | str | None = None,
     ) -> None:
         self.name = name
         self.provider = provider
@@ -45,6 +54,7 @@ class Route(Generic[P]):
         self.context_window = context_window
         self.drop_params = drop_params
         self.continuation = continuation
+        self.hedge_after = hedge_after
 
     def __repr__(self) -> str:
         return f"Route({self.name!r} -> {self.upstream!r})"
@@ -71,6 +81,7 @@ class ModelChain(Generic[P]):
                 model.context_window,
                 model.drop_params,
                 model.continuation,
+                model.hedge_after,
             )
         else:
             prov, sep, upstream = name.partition("/")

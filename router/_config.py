@@ -239,6 +239,14 @@ class RouterSettings(_Section):
     """Drop, rather than refuse with 400, request fields and content parts the serving
     model's protocol cannot take (logged once, named in `dropped_params`); a model's
     own `drop_params` and a request's win over this."""
+    hedge_after: Positive | Literal["auto"] | None = None
+    """Hedging (off by default: it spends money): when an attempt has no answer (or no
+    first content, for a stream) after this many seconds, race another attempt on the
+    next candidate. "auto": the 95th percentile of the lane's recent latencies, never
+    under `hedge_floor` (no hedge until the lane has some history)."""
+    hedge_floor: Positive = 1.0
+    max_hedges: NonNegativeInt = 1
+    """Attempts raced against the first one, at most."""
     max_continuations: NonNegativeInt = 1
     """Times one stream may be continued (or replayed) on another key or model after
     an interruption past its first chunk (0: never; the caller gets the interruption)."""
@@ -338,6 +346,8 @@ class ModelConfig(_Section):
     context_window: PositiveInt | None = None
     drop_params: bool | None = None
     """This model's `drop_params` (None: the router's)."""
+    hedge_after: Positive | Literal["auto"] | None = None
+    """This model's `hedge_after` (None: the router's)."""
     continuation: bool | None = None
     """Whether an interrupted stream may be continued on this model with the text so
     far as an assistant prefill (None: only for ``anthropic`` providers, whose API

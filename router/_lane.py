@@ -21,6 +21,7 @@ Rules every change here must keep:
 from __future__ import annotations
 
 import random
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from ._breaker import CircuitBreaker
@@ -34,6 +35,8 @@ __all__ = ["Lane"]
 
 _LATENCY_WEIGHT: Final = 0.2
 """Weight of the newest sample in the latency moving average."""
+_RECENT: Final = 64
+_MIN_SAMPLES: Final = 8
 _TENANTS: Final = 1024
 """Per-tenant breakers a lane keeps (tenants are a caller's strings: bounded)."""
 
@@ -52,6 +55,7 @@ class Lane:
         "failures",
         "latency",
         "model",
+        "recent",
         "requests",
         "successes",
         "tenant_breakers",
@@ -74,6 +78,8 @@ class Lane:
         self.failures = 0
         self.latency = 0.0
         """Moving average of successful attempts' durations, seconds (0: none yet)."""
+        self.recent: deque[float] = deque(maxlen=_RECENT)
+        """The latest successful latencies (for "auto" hedging)."""
         self.cooling_source: Source = "local"
         self.breaker_source: Source = "local"
 
@@ -123,6 +129,15 @@ class Lane:
             self.latency += _LATENCY_WEIGHT * (seconds - self.latency)
         else:
             self.latency = seconds
+        self.recent.append(seconds)
+
+    def latency_percentile(self, q: float) -> float | None:
+        """The `q` quantile of the recent successful latencies (None: too few yet)."""
+        recent = self.recent
+        if len(recent) < _MIN_SAMPLES:
+            return None
+        ordered = sorted(recent)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def reset(self) -> None:
         self.breaker.reset()

@@ -28,7 +28,7 @@ from typing import Final
 import msgspec
 import trio
 
-from ._actor import DEADLINE, SKIPPED, Job, KeyActor
+from ._actor import DEADLINE, SKIPPED, Job, JobResult, KeyActor
 from ._chain import ModelChain, Route
 from ._config import ProviderConfig, RouterConfig, resolve_secret
 from ._errors import (
@@ -431,7 +431,19 @@ class Router:
                     tokens,
                     alternatives=alternatives,
                 )
-                result = await actor.call(job)
+                hedge_after = self._hedge_after(route, actor)
+                if hedge_after is None:
+                    result = await actor.call(job)
+                else:
+                    won = await self._hedged(
+                        job, actor, route, routes, index - 1, hedge_after, tokens, drop_default
+                    )
+                    assert won.result is not None
+                    result, job = won.result, won.job
+                    if won.actor is not actor:  # the hedge answered first
+                        actor, route, upstream = won.actor, won.route, won.route.upstream
+                        dropped = won.dropped
+                        health = self._health.get(route.name)
                 if type(result) is ChatResponse:
                     if health is not None:
                         health.on_success()
@@ -496,6 +508,125 @@ class Router:
             self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    def _hedge_after(self, route: Route[_ProviderRuntime], actor: KeyActor) -> float | None:
+        """Seconds after which a second attempt races the first (None: no hedging).
+        "auto": a high percentile of the lane's recent latencies, never under
+        `hedge_floor`; with too few samples, no hedge yet."""
+        setting = route.hedge_after if route.hedge_after is not None else self._settings.hedge_after
+        if setting is None or not self._settings.max_hedges:
+            return None
+        if setting != "auto":
+            return float(setting)
+        lane = actor.lane_state(route.upstream)
+        if lane is None:
+            return None
+        high = lane.latency_percentile(0.95)
+        return None if high is None else max(self._settings.hedge_floor, high)
+
+    async def _hedged(
+        self,
+        job: Job,
+        actor: KeyActor,
+        route: Route[_ProviderRuntime],
+        routes: list[Route[_ProviderRuntime]],
+        index: int,
+        hedge_after: float,
+        tokens: int,
+        drop_default: bool,
+    ) -> _Won:
+        """Run `job` on `actor`; while it has no answer (a response, or a stream's first
+        content) `hedge_after` seconds on, race it against another attempt on the next
+        candidate (another key of the model, then later models), up to `max_hedges`.
+        The first answer wins and the others are cancelled at once (a cancelled attempt
+        is the caller's doing: never counted against its key or lane). When every racer
+        fails, the first attempt's result stands and the router goes on from it."""
+        clock = self._clock
+        candidates = [(route, a) for a in route.provider.actors if a is not actor]
+        for later in routes[index + 1 :]:
+            candidates += [(later, a) for a in later.provider.actors]
+        primary = _Won(job, actor, route, (), None)
+        racers = [primary]
+        scopes: list[trio.CancelScope] = []
+        state = _Race()
+
+        async def run(entry: _Won, scope: trio.CancelScope) -> None:
+            with scope:
+                entry.result = await entry.actor.call(entry.job)
+                state.finished += 1
+                if state.winner is None and type(entry.result) in (ChatResponse, StreamStart):
+                    state.winner = entry
+            state.wake.set()
+
+        max_hedges = self._settings.max_hedges
+        hedges = 0
+        async with trio.open_nursery() as nursery:
+            scopes.append(trio.CancelScope())
+            nursery.start_soon(run, primary, scopes[0])
+            next_hedge = clock.current_time() + hedge_after
+            while state.winner is None and state.finished < len(racers):
+                state.wake = trio.Event()
+                with trio.move_on_at(next_hedge if hedges < max_hedges else math.inf):
+                    await state.wake.wait()
+                if state.winner is not None or state.finished == len(racers):
+                    break
+                if clock.current_time() < next_hedge:
+                    continue  # a racer failed; the others are still running
+                hedges += 1
+                entry = self._hedge_entry(candidates, job, tokens, drop_default)
+                if entry is None:
+                    hedges = max_hedges  # nobody left to hedge on
+                    continue
+                racers.append(entry)
+                scopes.append(trio.CancelScope())
+                nursery.start_soon(run, entry, scopes[-1])
+                next_hedge = clock.current_time() + hedge_after
+            for racer, scope in zip(racers, scopes, strict=True):
+                if racer is not state.winner:
+                    scope.cancel()
+        winner = state.winner
+        for racer in racers:
+            if racer is not winner and type(racer.result) is StreamStart:
+                _close_stream(racer.result)
+        if len(racers) > 1:
+            _relabel_hedges(job.attempts, [r for r in racers if r is not winner])
+        return winner if winner is not None else primary
+
+    def _hedge_entry(
+        self,
+        candidates: list[tuple[Route[_ProviderRuntime], KeyActor]],
+        job: Job,
+        tokens: int,
+        drop_default: bool,
+    ) -> _Won | None:
+        """The next candidate that can take the request now, as a racer."""
+        now = self._clock.current_time()
+        request = job.request
+        tenant = request.tenant
+        while candidates:
+            route, actor = candidates.pop(0)
+            health = self._health.get(route.name)
+            if health is not None and not health.is_callable(now):
+                continue
+            if not actor.is_available(now, tenant, tokens, route.upstream):
+                continue
+            drop = request.drop_params
+            if drop is None:
+                drop = route.drop_params if route.drop_params is not None else drop_default
+            try:
+                upstream_request, dropped = check_params(
+                    msgspec.structs.replace(request, model=route.upstream),
+                    route.provider.kind,
+                    route.name,
+                    drop,
+                )
+            except InvalidRequestError:
+                continue
+            hedge = Job(
+                upstream_request, route.name, job.deadline, job.attempts, job.stream, tokens
+            )
+            return _Won(hedge, actor, route, dropped, None)
+        return None
 
     async def _continuation(
         self,
@@ -863,6 +994,52 @@ class Router:
     def provider(self, name: str) -> Provider:
         """The provider instance serving `name` (the simulated one, or a custom one)."""
         return self._runtimes[name].provider
+
+
+class _Won:
+    """One racer of a hedged request: its job, where it runs, and its result."""
+
+    __slots__ = ("actor", "dropped", "job", "result", "route")
+
+    def __init__(
+        self,
+        job: Job,
+        actor: KeyActor,
+        route: Route[_ProviderRuntime],
+        dropped: tuple[str, ...],
+        result: JobResult | None,
+    ) -> None:
+        self.job = job
+        self.actor = actor
+        self.route = route
+        self.dropped = dropped
+        self.result = result
+
+
+class _Race:
+    __slots__ = ("finished", "wake", "winner")
+
+    def __init__(self) -> None:
+        self.finished = 0
+        self.wake = trio.Event()
+        self.winner: _Won | None = None
+
+
+def _close_stream(start: StreamStart) -> None:
+    """A stream that lost a hedge race: stop its pump (closing the upstream)."""
+    pump = start.job.scope
+    if pump is not None:
+        pump.cancel()
+    start.receive.close()
+
+
+def _relabel_hedges(attempts: list[Attempt], losers: list[_Won]) -> None:
+    """The losers' cut attempts read "hedge_cancelled" (not a failure of theirs)."""
+    for i, attempt in enumerate(attempts):
+        if attempt.outcome in ("cancelled", "ok") and any(
+            attempt.key_id == r.actor.key_id and attempt.model == r.route.name for r in losers
+        ):
+            attempts[i] = msgspec.structs.replace(attempt, outcome="hedge_cancelled")
 
 
 def _lane_snapshot(lane: Lane, now: float) -> LaneSnapshot:
