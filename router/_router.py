@@ -439,8 +439,9 @@ class Router:
                         job, actor, route, routes, index - 1, hedge_after, tokens, drop_default
                     )
                     assert won.result is not None
+                    hedge_won = won.job is not job
                     result, job = won.result, won.job
-                    if won.actor is not actor:  # the hedge answered first
+                    if hedge_won:  # the hedge answered first
                         actor, route, upstream = won.actor, won.route, won.route.upstream
                         dropped = won.dropped
                         health = self._health.get(route.name)
@@ -589,7 +590,7 @@ class Router:
             if racer is not winner and type(racer.result) is StreamStart:
                 _close_stream(racer.result)
         if len(racers) > 1:
-            _relabel_hedges(job.attempts, [r for r in racers if r is not winner])
+            _relabel_hedges(job.attempts, winner, [r for r in racers if r is not winner])
         return winner if winner is not None else primary
 
     def _hedge_entry(
@@ -1033,13 +1034,21 @@ def _close_stream(start: StreamStart) -> None:
     start.receive.close()
 
 
-def _relabel_hedges(attempts: list[Attempt], losers: list[_Won]) -> None:
-    """The losers' cut attempts read "hedge_cancelled" (not a failure of theirs)."""
+def _relabel_hedges(attempts: list[Attempt], winner: _Won | None, losers: list[_Won]) -> None:
+    """After a race: the losers' cut attempts read "hedge_cancelled" (no failure of
+    theirs), the winner's answer "hedge_won"."""
     for i, attempt in enumerate(attempts):
         if attempt.outcome in ("cancelled", "ok") and any(
             attempt.key_id == r.actor.key_id and attempt.model == r.route.name for r in losers
         ):
             attempts[i] = msgspec.structs.replace(attempt, outcome="hedge_cancelled")
+        elif (
+            winner is not None
+            and attempt.outcome == "ok"
+            and attempt.key_id == winner.actor.key_id
+            and attempt.model == winner.route.name
+        ):
+            attempts[i] = msgspec.structs.replace(attempt, outcome="hedge_won")
 
 
 def _lane_snapshot(lane: Lane, now: float) -> LaneSnapshot:

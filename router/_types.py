@@ -35,7 +35,8 @@ __all__ = [
 Role = Literal["system", "user", "assistant", "tool"]
 
 # An attempt's outcome: "ok", one of the error kinds, "timeout" folded into
-# "transient", or "cancelled" (the caller went away) / "deadline".
+# "transient", "cancelled" (the caller went away) / "deadline", or after a hedge race
+# "hedge_won" / "hedge_cancelled".
 AttemptOutcome = str
 
 

@@ -58,7 +58,7 @@ async def test_a_slow_first_token_is_beaten_by_the_hedge(autojump_clock):
         assert (actor.failures, lane.failures, lane.breaker.state) == (0, 0, "closed")
         assert sorted((x.key_id, x.outcome) for x in stream.attempts) == [
             ("a", "hedge_cancelled"),
-            ("b", "ok"),
+            ("b", "hedge_won"),
         ]
 
 

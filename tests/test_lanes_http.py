@@ -116,3 +116,21 @@ async def test_a_503_burst_opens_the_lane_and_the_fallback_keeps_answering() -> 
         resp = await router.submit(req("smart"))
         assert [a.model for a in resp.attempts] == ["cheap"]
         assert len(emu.calls) == calls + 1
+
+
+async def test_a_hedge_answers_a_slow_model_and_the_slow_connection_is_closed() -> None:
+    async with newcomer(hedge_after=0.5) as (emu, router):
+        emu.script(Fault(latency=5.0), model="gpt-big")
+        start = trio.current_time()
+        resp = await router.submit(req("smart"))
+        assert resp.model == "cheap"
+        assert trio.current_time() - start < 2.0
+        slow = [c for c in emu.calls if c.model == "gpt-big"]
+        assert len(slow) == 1
+        with trio.fail_after(2):
+            while not slow[0].disconnected:
+                await trio.sleep(0.05)
+        (key,) = router.snapshot().keys
+        lanes = {x.model: x for x in key.lanes}
+        assert (lanes["gpt-big"].failures, lanes["gpt-big"].breaker) == (0, "closed")
+        assert sorted(a.outcome for a in resp.attempts) == ["hedge_cancelled", "hedge_won"]
