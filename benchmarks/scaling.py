@@ -49,9 +49,25 @@ from typing import Any
 import _common as c
 import trio
 
-from router import ApiKey, ChatRequest, ChatResponse, Message, Router, RouterConfig
+from router import (
+    ApiKey,
+    ChatRequest,
+    ChatResponse,
+    Message,
+    Router,
+    RouterConfig,
+    StreamInterruptedError,
+)
 
-SECTIONS = ("dispatch", "inflight", "stream", "failover", "gateway_overhead")
+SECTIONS = (
+    "dispatch",
+    "inflight",
+    "stream",
+    "failover",
+    "gateway_overhead",
+    "hedging",
+    "continuation",
+)
 REQUEST = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
 
 
@@ -393,6 +409,123 @@ def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- tails
+
+
+def tail_config(emu: str, hedge_after: float | None, continuations: int) -> RouterConfig:
+    """One OpenAI-compatible provider with two keys; model m on it."""
+    hedge = f"hedge_after = {hedge_after}" if hedge_after is not None else ""
+    return RouterConfig.from_toml(f"""
+[router]
+timeout = 30.0
+attempt_timeout = 20.0
+first_token_timeout = 20.0
+transient_retries = 0
+max_continuations = {continuations}
+{hedge}
+[[providers]]
+name = "emu"
+kind = "openai"
+base_url = "{emu}/v1"
+max_concurrency = 128
+keys = [{{ id = "a", secret = "sk-a" }}, {{ id = "b", secret = "sk-b" }}]
+[[models]]
+name = "m"
+provider = "emu"
+upstream = "gpt-4o-mini"
+""")
+
+
+def script_tail(emu: str, total: int, latency: float, share: float, fault: dict[str, Any]) -> None:
+    """Key a (every request's first choice): `share` of its answers get `fault`; the
+    others, and key b's, answer after `latency`."""
+    _admin(emu, "/_emulator/reset", {})
+    rng = random.Random(14)
+    faults = [{**fault} if rng.random() < share else {"latency": latency} for _ in range(total)]
+    _admin(emu, "/_emulator/script", {"key": "sk-a", "faults": faults})
+    normal = [{"latency": latency}] * (total * 2)
+    _admin(emu, "/_emulator/script", {"key": "sk-b", "faults": normal})
+
+
+def _emulator_calls(emu: str) -> int:
+    with urllib.request.urlopen(emu + "/_emulator/calls", timeout=30) as r:  # loopback only
+        return len(json.loads(r.read()))
+
+
+async def tail_run(
+    emu: str, config: RouterConfig, conc: int, total: int, stream: bool
+) -> dict[str, Any]:
+    words = " ".join(f"w{i}" for i in range(24))
+    request = ChatRequest(model="m", messages=[Message("user", words)])
+    complete = 0
+    cut = 0
+    async with Router.open(config) as router:
+
+        async def call(i: int) -> None:
+            nonlocal complete, cut
+            if not stream:
+                await router.submit(request)
+                return
+            try:
+                async with router.stream(request) as s:
+                    text = "".join([chunk.text async for chunk in s])
+            except StreamInterruptedError:
+                cut += 1
+                raise
+            if text == f"echo: {words}":
+                complete += 1
+
+        lat, elapsed, errors = await c.closed_loop(call, conc, total, 120)
+    res = c.summarize(lat, elapsed, 0.0, errors)
+    del res["cpu_us"]
+    res["max_ms"] = max(lat, default=0.0) * 1e3
+    res["upstream_calls"] = _emulator_calls(emu)
+    res["requests_done"] = len(lat) + errors
+    if stream:
+        res["complete_share"] = complete / max(1, len(lat) + errors)
+        res["interrupted"] = cut
+    return res
+
+
+def run_hedging(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    total, share = args.tail_requests, 0.05
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-emu-") as tmp,
+        emulator_process(tmp) as (emu, _),
+    ):
+        for label, hedge in (("without hedging", None), ("hedge_after = 1 s", 1.0)):
+            script_tail(emu, total, args.latency, share, {"latency": 10.0})
+            config = tail_config(emu, hedge, 0)
+            res = trio.run(tail_run, emu, config, args.tail_concurrency, total, False)
+            res["scenario"] = label
+            res["extra_calls"] = res["upstream_calls"] - res["requests_done"]
+            rows.append(res)
+            print(f"hedging {label:18s} p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:8.1f} ms  "
+                  f"upstream calls {res['upstream_calls']} for {res['requests_done']} requests",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def run_continuation(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    total, share = args.tail_requests, 0.05
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-emu-") as tmp,
+        emulator_process(tmp) as (emu, _),
+    ):
+        for label, continuations in (("without continuation", 0), ("max_continuations = 1", 1)):
+            script_tail(emu, total, args.latency, share, {"cut_after_chunks": 8})
+            config = tail_config(emu, None, continuations)
+            res = trio.run(tail_run, emu, config, args.tail_concurrency, total, True)
+            res["scenario"] = label
+            rows.append(res)
+            print(f"continuation {label:22s} complete {res['complete_share'] * 100:6.2f}%  "
+                  f"interrupted {res['interrupted']}  p99 {res['p99_ms']:7.1f} ms",
+                  flush=True)  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------------------- gateway overhead
 
 
@@ -624,6 +757,39 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
                     "of a core",
                     "met" if r["overhead_p50_ms"] < 1.0 else "not met",
                 ])  # fmt: skip
+    if "hedging" in p:
+        lines += [
+            "## Tail latency: hedging",
+            "",
+            f"{args.tail_requests} requests at {args.tail_concurrency} concurrent; 5% of the "
+            "first choice's answers (key a) take 10 s, the rest and key b's "
+            f"{args.latency * 1000:.0f} ms (emulator).",
+            "",
+            c.markdown_table(
+                ["scenario", "p50 (ms)", "p99 (ms)", "max (ms)", "upstream calls", "extra calls"],
+                [[r["scenario"], c.fmt(r["p50_ms"], 1), c.fmt(r["p99_ms"], 1),
+                  c.fmt(r["max_ms"], 1), str(r["upstream_calls"]), str(r["extra_calls"])]
+                 for r in p["hedging"]],
+            ),
+            "",
+        ]  # fmt: skip
+    if "continuation" in p:
+        lines += [
+            "## Streams cut mid-answer: continuation",
+            "",
+            f"{args.tail_requests} streams at {args.tail_concurrency} concurrent; 5% of the "
+            "first choice's streams (key a) are cut after 8 chunks (no finish reason). "
+            "Key b replays the request (OpenAI-compatible: no prefill) and the answer is "
+            "spliced on the exact prefix.",
+            "",
+            c.markdown_table(
+                ["scenario", "complete answers", "interrupted", "p50 (ms)", "p99 (ms)"],
+                [[r["scenario"], f"{r['complete_share'] * 100:.2f}%", str(r["interrupted"]),
+                  c.fmt(r["p50_ms"], 1), c.fmt(r["p99_ms"], 1)]
+                 for r in p["continuation"]],
+            ),
+            "",
+        ]  # fmt: skip
     if targets:
         table = c.markdown_table(["target", "measured", "status"], targets, "lll")
         lines += ["## Targets (issue #6)", "", table, ""]
@@ -650,6 +816,9 @@ def main() -> None:
     parser.add_argument("--failover-requests", type=int, default=1000)
     parser.add_argument("--failover-concurrency", type=int, default=16)
     parser.add_argument("--latency", type=float, default=0.02, help="emulator latency (s)")
+    parser.add_argument("--tail-requests", type=int, default=1000,
+                        help="requests (streams) of hedging and continuation")  # fmt: skip
+    parser.add_argument("--tail-concurrency", type=int, default=50)
     parser.add_argument("--overhead-levels", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--overhead-latency", type=float, default=0.5,
                         help="emulator latency for gateway_overhead (s)")  # fmt: skip
@@ -683,6 +852,10 @@ def main() -> None:
         payload["failover"] = run_failover(args)
     if "gateway_overhead" in args.sections:
         payload["gateway_overhead"] = run_gateway_overhead(args)
+    if "hedging" in args.sections:
+        payload["hedging"] = run_hedging(args)
+    if "continuation" in args.sections:
+        payload["continuation"] = run_continuation(args)
     markdown = build_markdown(payload, args)
     c.write_results("scaling", payload, markdown)
     if "inflight" in payload:
