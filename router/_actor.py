@@ -83,7 +83,16 @@ from ._lane import Lane
 from ._provider import Provider
 from ._secrets import scrubber_for
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
-from ._types import ApiKey, Attempt, ChatRequest, ChatResponse, StreamChunk, ToolCallDelta
+from ._types import (
+    ApiKey,
+    Attempt,
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    StreamChunk,
+    ToolCallDelta,
+)
 
 if TYPE_CHECKING:
     from ._shared import SharedState, Source
@@ -112,7 +121,15 @@ DEADLINE: Final = _Signal("DEADLINE")
 STREAMED: Final = _Signal("STREAMED")
 """A stream job handed its stream to the caller and pumped it to the end."""
 
-JobResult = ChatResponse | ProviderError | RouterClosedError | StreamStart | _Signal | int
+JobResult = (
+    ChatResponse
+    | EmbeddingResponse
+    | ProviderError
+    | RouterClosedError
+    | StreamStart
+    | _Signal
+    | int
+)
 
 
 def _no_alternatives(same_model: bool, later: bool) -> bool:
@@ -166,6 +183,7 @@ class Job:
         "deadline",
         "done",
         "dropped_max_tokens",
+        "embed",
         "failure",
         "in_attempt",
         "key_ticket",
@@ -190,7 +208,7 @@ class Job:
 
     def __init__(
         self,
-        request: ChatRequest,
+        request: ChatRequest | EmbeddingRequest,
         model: str,
         deadline: float,
         attempts: list[Attempt],
@@ -200,6 +218,9 @@ class Job:
         alternatives: Callable[[bool, bool], bool] = _no_alternatives,
     ) -> None:
         self.stream = stream
+        self.embed = type(request) is EmbeddingRequest
+        """An embedding request (the provider's `embed`), not a chat request: it takes
+        the same path (lanes, breakers, cooldowns, budgets, failure table)."""
         self.alternatives = alternatives
         """Asked only after a failure (see `router._failover.Situation.alternatives`):
         could another key of the model, or a later model, take the request now?"""
@@ -574,7 +595,7 @@ class KeyActor:
         assert breaker is not None
         key_breaker = self.breaker
         while True:
-            response: ChatResponse | None = None
+            response: ChatResponse | EmbeddingResponse | None = None
             error: ProviderError | None = None
             if job.in_attempt:
                 # The previous attempt was cut by the worker's scope.
@@ -646,7 +667,12 @@ class KeyActor:
                         if watch is not None and attempt_deadline < watch.deadline:
                             watch.deadline = attempt_deadline
                     try:
-                        response = await self.provider.complete(job.request, self.key)
+                        request = job.request
+                        if type(request) is EmbeddingRequest:
+                            response = await self._embed(request)
+                        else:
+                            assert type(request) is ChatRequest
+                            response = await self.provider.complete(request, self.key)
                     except ProviderError as exc:
                         error = exc
                     except Exception as exc:  # a provider bug is an unknown failure
@@ -663,7 +689,8 @@ class KeyActor:
                     job.in_attempt = False
                 end = clock.current_time()
             if error is None:
-                if type(response) is ChatResponse:
+                if type(response) is (EmbeddingResponse if job.embed else ChatResponse):
+                    assert response is not None
                     if job.reservation is not None and response.usage.total_tokens:
                         self._reconcile(job, response.usage.total_tokens, end)
                     self._succeeded(job, end, end - now)
@@ -678,8 +705,9 @@ class KeyActor:
                         )
                     )
                     return response
+                wanted = "EmbeddingResponse" if job.embed else "ChatResponse"
                 error = ProviderError(
-                    "unknown", f"provider returned {type(response).__name__}, not ChatResponse"
+                    "unknown", f"provider returned {type(response).__name__}, not {wanted}"
                 )
             error = self._own(error, job)
             self._log(job, error.kind, end - now, error.status)
@@ -696,6 +724,7 @@ class KeyActor:
                 job.backoff = clock.current_time() - end
                 continue
             if step is RETRY_WITHOUT_MAX_TOKENS:
+                assert type(job.request) is ChatRequest
                 job.request = msgspec.structs.replace(job.request, max_tokens=None)
                 job.dropped_max_tokens = True
                 continue
@@ -746,7 +775,8 @@ class KeyActor:
                 ),
                 rate_limit_wait=settings.rate_limit_wait,
                 waited=job.waited,
-                max_tokens_droppable=job.request.max_tokens is not None
+                max_tokens_droppable=type(job.request) is ChatRequest
+                and job.request.max_tokens is not None
                 and not job.dropped_max_tokens,
                 alternatives=job.alternatives,
                 attempts_left=settings.max_attempts - len(job.attempts),
@@ -867,6 +897,7 @@ class KeyActor:
             return ProviderError("bad_request", f"{self.provider_name} cannot count tokens")
         with trio.CancelScope(deadline=min(now + self.settings.attempt_timeout, job.deadline)):
             try:
+                assert type(job.request) is ChatRequest
                 tokens: int = await count(job.request, self.key)
             except ProviderError as exc:
                 return self._own(exc, job)
@@ -876,6 +907,14 @@ class KeyActor:
                 )
             return tokens
         return ProviderError("transient", "count-tokens call timed out")
+
+    async def _embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """An embedding attempt: the provider's optional `embed(request, key)`."""
+        embed = getattr(self.provider, "embed", None)
+        if embed is None:
+            raise ProviderError("bad_request", f"{self.provider_name} cannot embed")
+        response: EmbeddingResponse = await embed(request, self.key)
+        return response
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -908,6 +947,7 @@ class KeyActor:
         Returns None once the stream has been handed over and pumped to its end."""
         settings = self.settings
         clock = self._clock
+        assert type(job.request) is ChatRequest
         upstream = self._open_stream(job.request)
         try:
             first: list[StreamChunk] = []

@@ -33,6 +33,7 @@ class Route(Generic[P]):
         "continuation",
         "drop_params",
         "hedge_after",
+        "mode",
         "name",
         "provider",
         "upstream",
@@ -47,6 +48,7 @@ class Route(Generic[P]):
         drop_params: bool | None = None,
         continuation: bool | None = None,
         hedge_after: float | str | None = None,
+        mode: str | None = None,
     ) -> None:
         self.name = name
         self.provider = provider
@@ -55,6 +57,9 @@ class Route(Generic[P]):
         self.drop_params = drop_params
         self.continuation = continuation
         self.hedge_after = hedge_after
+        self.mode = mode
+        """"chat" or "embedding" for a configured model; None for a `provider/upstream`
+        name (it may serve either kind)."""
 
     def __repr__(self) -> str:
         return f"Route({self.name!r} -> {self.upstream!r})"
@@ -82,6 +87,7 @@ class ModelChain(Generic[P]):
                 model.drop_params,
                 model.continuation,
                 model.hedge_after,
+                model.mode,
             )
         else:
             prov, sep, upstream = name.partition("/")

@@ -352,6 +352,9 @@ class ModelConfig(_Section):
     """Whether an interrupted stream may be continued on this model with the text so
     far as an assistant prefill (None: only for ``anthropic`` providers, whose API
     continues a prefill natively). Models without it get a replay instead."""
+    mode: Literal["chat", "embedding"] = "chat"
+    """What the model serves: chat requests (`Router.submit`, `Router.stream`) or
+    embedding requests (`Router.embed`); a request of the other kind is a 400."""
 
 
 _ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

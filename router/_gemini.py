@@ -6,6 +6,7 @@
 GenerateContentResponse, classifies errors (google.rpc.Status bodies) with the shared
 table of `_classify`, and decodes the SSE stream, whose every event is a whole
 GenerateContentResponse.
+`build_embed` / `parse_embed` speak ``:batchEmbedContents`` for embeddings.
 
 Translation choices:
 
@@ -91,6 +92,8 @@ from ._types import (
     ChatResponse,
     Choice,
     ContentPart,
+    EmbeddingRequest,
+    EmbeddingResponse,
     FilePart,
     ImagePart,
     Message,
@@ -710,6 +713,67 @@ class GeminiProtocol:
 
     def stream_decoder(self) -> GeminiStreamDecoder:
         return GeminiStreamDecoder()
+
+    def build_embed(
+        self,
+        request: EmbeddingRequest,
+        *,
+        base_url: str,
+        secret: str,
+        headers: Mapping[str, str],
+    ) -> WireRequest:
+        """``POST {base_url}/v1beta/models/{model}:batchEmbedContents``: one request per
+        input, ``dimensions`` as ``outputDimensionality`` (``user`` has no equivalent
+        and is not sent)."""
+        model = request.model.removeprefix("models/")
+        one: dict[str, Any] = {"model": f"models/{model}"}
+        if request.dimensions is not None:
+            one["outputDimensionality"] = request.dimensions
+        body = {"requests": [{**one, "content": {"parts": [{"text": t}]}} for t in request.inputs]}
+        wire_headers = {
+            "x-goog-api-key": secret,
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+        wire_headers.update({name.lower(): value for name, value in headers.items()})
+        path = f"/v1beta/models/{quote(model, safe='-._~')}:batchEmbedContents"
+        return WireRequest(
+            method="POST",
+            url=base_url.rstrip("/") + path,
+            headers=wire_headers,
+            body=_encode(body),
+        )
+
+    def parse_embed(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> EmbeddingResponse:
+        """A batchEmbedContents answer: ``embeddings[i].values``, in request order. It
+        reports no usage (the router estimates it)."""
+        try:
+            answer = _decode_embeddings.decode(body)
+        except msgspec.DecodeError as exc:
+            raise _malformed(
+                "embeddings body", exc, body.decode("utf-8", "replace"), status
+            ) from None
+        if answer.error is not None:
+            raise _classified(None, {}, body, 0.0, "error in a 2xx body")
+        if not answer.embeddings:
+            raise ProviderError(
+                "transient", "gemini: malformed embeddings body (no embeddings)", status=status
+            )
+        return EmbeddingResponse(embeddings=[e.values for e in answer.embeddings])
+
+
+class _Embedding(msgspec.Struct):
+    values: list[float]
+
+
+class _Embeddings(msgspec.Struct):
+    embeddings: list[_Embedding] | None = None
+    error: Any = None
+
+
+_decode_embeddings: Final = msgspec.json.Decoder(_Embeddings)
 
 
 class GeminiStreamDecoder:

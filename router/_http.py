@@ -61,7 +61,14 @@ from ._secrets import (
     url_secrets,
 )
 from ._sse import SseParser
-from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk
+from ._types import (
+    ApiKey,
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    StreamChunk,
+)
 from ._wire import StreamDecoder, WireProtocol, WireRequest
 
 __all__ = ["HttpProvider", "protocol_for"]
@@ -141,6 +148,24 @@ class _CountingProtocol(Protocol):
     ) -> WireRequest: ...
 
     def parse_count(self, status: int, headers: Mapping[str, str], body: bytes) -> int: ...
+
+
+@runtime_checkable
+class _EmbeddingProtocol(Protocol):
+    """A wire protocol with an embeddings endpoint (OpenAI's, Gemini's)."""
+
+    def build_embed(
+        self,
+        request: EmbeddingRequest,
+        *,
+        base_url: str,
+        secret: str,
+        headers: Mapping[str, str],
+    ) -> WireRequest: ...
+
+    def parse_embed(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> EmbeddingResponse: ...
 
 
 _SSL: list[ssl.SSLContext] = []
@@ -293,6 +318,32 @@ class HttpProvider:
             with scrubbing(scrubber):
                 if 200 <= response.status_code < 300:
                     return protocol.parse_count(
+                        response.status_code, response.headers, response.content
+                    )
+                raise self._failure(
+                    response.status_code, response.headers, response.content, wire, key
+                )
+        except ProviderError as exc:
+            raise self._scrubbed(exc, scrubber) from None
+
+    async def embed(self, request: EmbeddingRequest, key: ApiKey) -> EmbeddingResponse:
+        """The vectors of `request`'s inputs from the protocol's embeddings endpoint
+        (a protocol without one raises ``bad_request``); failures are classified as for
+        `complete`."""
+        protocol = self._protocol
+        if not isinstance(protocol, _EmbeddingProtocol):
+            raise ProviderError(
+                "bad_request", f"{self.name}: the {protocol.name} protocol has no embeddings"
+            )
+        scrubber = self._scrubber(key)
+        try:
+            wire = protocol.build_embed(
+                request, base_url=self._base_url, secret=key.secret, headers=self._headers
+            )
+            response = await self._send(key, wire)
+            with scrubbing(scrubber):
+                if 200 <= response.status_code < 300:
+                    return protocol.parse_embed(
                         response.status_code, response.headers, response.content
                     )
                 raise self._failure(

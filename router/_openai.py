@@ -4,7 +4,8 @@ servers: vLLM, Groq, Together, OpenRouter, DeepSeek, ...).
 `OpenAIProtocol` builds ``POST {base_url}/chat/completions`` (base_url like
 ``https://api.openai.com/v1``) with ``Authorization: Bearer``, parses the answer,
 classifies errors with the shared table of `_classify`, and decodes the SSE stream
-(``data: {chunk}`` ... ``data: [DONE]``).
+(``data: {chunk}`` ... ``data: [DONE]``). `build_embed` / `parse_embed` do the same for
+``POST {base_url}/embeddings`` (float vectors asked for; base64 ones decoded too).
 
 Choices made here:
 
@@ -47,7 +48,10 @@ What this module must never do: put the secret anywhere but the Authorization he
 
 from __future__ import annotations
 
+import array
+import base64
 import binascii
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -65,6 +69,9 @@ from ._types import (
     ChatResponse,
     Choice,
     ContentPart,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     FilePart,
     ImagePart,
     Message,
@@ -486,6 +493,122 @@ class OpenAIProtocol:
 
     def stream_decoder(self) -> OpenAIStreamDecoder:
         return OpenAIStreamDecoder()
+
+    def build_embed(
+        self,
+        request: EmbeddingRequest,
+        *,
+        base_url: str,
+        secret: str,
+        headers: Mapping[str, str],
+    ) -> WireRequest:
+        """``POST {base_url}/embeddings``. Floats are asked for (every compatible
+        server speaks them; base64 is the gateway's own business on the way out)."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "input": request.input,
+            "encoding_format": "float",
+        }
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        if request.user is not None:
+            body["user"] = request.user
+        wire_headers = {
+            "authorization": f"Bearer {secret}",
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+        wire_headers.update({name.lower(): value for name, value in headers.items()})
+        return WireRequest(
+            method="POST",
+            url=base_url.rstrip("/") + "/embeddings",
+            headers=wire_headers,
+            body=_encode(body),
+        )
+
+    def parse_embed(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> EmbeddingResponse:
+        """An embeddings answer: its vectors in `index` order (float arrays, or base64
+        little-endian float32 from a server that sends those anyway)."""
+        try:
+            answer = _decode_embeddings.decode(body)
+        except msgspec.DecodeError as exc:
+            snippet = error_snippet(body.decode("utf-8", "replace"), 120)
+            raise ProviderError(
+                "transient", f"openai: malformed embeddings body ({exc}): {snippet}", status=status
+            ) from None
+        if answer.error is not None:
+            raise _classified(None, {}, body, 0.0, "error in a 2xx body")
+        if not answer.data:
+            raise ProviderError(
+                "transient", "openai: malformed embeddings body (no data)", status=status
+            )
+        items = sorted(answer.data, key=lambda d: d.index)
+        vectors: list[list[float]] = []
+        for item in items:
+            raw = item.embedding
+            if isinstance(raw, str):
+                try:
+                    vectors.append(decode_float32(raw))
+                except ValueError as exc:
+                    raise ProviderError(
+                        "transient", f"openai: malformed base64 embedding: {exc}", status=status
+                    ) from None
+            else:
+                vectors.append(raw)
+        usage = answer.usage
+        prompt = usage.prompt_tokens if usage is not None else 0
+        total = usage.total_tokens if usage is not None and usage.total_tokens else prompt
+        return EmbeddingResponse(
+            embeddings=vectors,
+            usage=EmbeddingUsage(prompt_tokens=prompt, total_tokens=total),
+            upstream_model=answer.model or "",
+        )
+
+
+class _EmbeddingItem(msgspec.Struct):
+    embedding: list[float] | str
+    index: int = 0
+
+
+class _EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_EmbeddingItem] | None = None
+    model: str | None = None
+    usage: _EmbeddingUsage | None = None
+    error: Any = None
+
+
+_decode_embeddings: Final = msgspec.json.Decoder(_Embeddings)
+
+
+def decode_float32(data: str) -> list[float]:
+    """A base64 string of little-endian float32 values (OpenAI's base64 embedding
+    encoding) as floats."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} bytes is not a whole number of float32 values")
+    values = array.array("f")
+    values.frombytes(raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tolist()
+
+
+def encode_float32(vector: list[float]) -> str:
+    """`vector` as base64 little-endian float32 (the inverse of `decode_float32`)."""
+    values = array.array("f", vector)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode("ascii")
 
 
 def _answer(choice: _Choice, position: int) -> Choice:

@@ -27,7 +27,10 @@ class Provider(Protocol):
     error message.
 
     A provider may also define ``async def aclose(self) -> None``; the router calls
-    it once when it closes.
+    it once when it closes, and ``async def embed(self, request: EmbeddingRequest,
+    key: ApiKey) -> EmbeddingResponse`` to serve `Router.embed` (one vector per input,
+    in order; failures raised as for `complete`). Without it, an embedding request
+    sent to the provider fails as ``bad_request``.
     """
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse: ...

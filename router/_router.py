@@ -62,6 +62,9 @@ from ._types import (
     AudioPart,
     ChatRequest,
     ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     FilePart,
     ImagePart,
     Message,
@@ -203,6 +206,7 @@ class Router:
         for m in config.models:
             self._health_of(m.name)
         self._any_windows = any(m.context_window for m in config.models)
+        self._any_embedding = any(m.mode == "embedding" for m in config.models)
         self._any_tpm = any(
             a.budget is not None and a.budget.tpm is not None
             for rt in runtimes.values()
@@ -347,6 +351,8 @@ class Router:
                 f"max_chain = {settings.max_chain} models",
             )
         chain = self._chain.build(request.model, request.fallbacks, settings.max_chain)
+        if self._any_embedding:
+            chain = _of_mode(chain, "chat")
         max_attempts = settings.max_attempts
         drop_default = settings.drop_params
         tenant = request.tenant
@@ -510,6 +516,109 @@ class Router:
             chain_length=len(chain),
         )
 
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """Embed `request`'s input (a text or a batch) along its model chain, with the
+        same key actors as chat: lanes, cooldowns, breakers, budgets (TPM counts the
+        input tokens), the failure table and the end-to-end deadline. The chain's first
+        model must be an embedding model (``mode = "embedding"``, or a
+        `provider/upstream` name); later chat models are passed over. Returns one
+        vector per input, in order, or raises one `RouterError`."""
+        if not self._open:
+            raise RouterClosedError()
+        _check_embedding(request)
+        settings = self._settings
+        clock = self._clock
+        timeout = request.timeout if request.timeout is not None else settings.timeout
+        deadline = clock.current_time() + timeout
+        if len(request.fallbacks) > settings.max_chain:
+            raise InvalidRequestError(
+                "fallbacks",
+                f"{len(request.fallbacks)} fallbacks; a chain holds at most "
+                f"max_chain = {settings.max_chain} models",
+            )
+        chain = _of_mode(
+            self._chain.build(request.model, request.fallbacks, settings.max_chain), "embedding"
+        )
+        texts = request.inputs
+        tokens = 0
+        if self._any_tpm:
+            tokens = sum(self._offline_counter.count_text(t) for t in texts)
+        tenant = request.tenant
+        attempts: list[Attempt] = []
+        last_error: RouterError | None = None
+        now = clock.current_time()
+        for route in chain:
+            health = self._health.get(route.name)
+            if health is not None and not health.is_callable(now):
+                continue
+            upstream_request = msgspec.structs.replace(request, model=route.upstream)
+            for actor in self._key_order(route.provider, tenant):
+                now = clock.current_time()
+                if now >= deadline:
+                    raise DeadlineExceededError(timeout, attempts)
+                if len(attempts) >= settings.max_attempts:
+                    raise ChainExhaustedError(
+                        len({a.model for a in attempts}),
+                        attempts,
+                        last_error,
+                        None,
+                        chain_length=len(chain),
+                        gave_up=f"stopped at max_attempts = {settings.max_attempts}",
+                    )
+                if not actor.is_available(now, tenant, tokens, route.upstream):
+                    continue
+                job = Job(upstream_request, route.name, deadline, attempts, tokens=tokens)
+                result = await actor.call(job)
+                if type(result) is EmbeddingResponse:
+                    if health is not None:
+                        health.on_success()
+                    if len(result.embeddings) != len(texts):
+                        raise ProviderError(
+                            "unknown",
+                            f"{actor.provider_name} returned {len(result.embeddings)} vectors "
+                            f"for {len(texts)} inputs",
+                        )
+                    if not result.usage.prompt_tokens:
+                        estimate = sum(self._offline_counter.count_text(t) for t in texts)
+                        result.usage = EmbeddingUsage(prompt_tokens=estimate, total_tokens=estimate)
+                    result.model = route.name
+                    if not result.upstream_model:
+                        result.upstream_model = route.upstream
+                    result.provider = actor.provider_name
+                    result.key_id = actor.key_id
+                    result.attempts = attempts
+                    return result
+                if result is SKIPPED:
+                    continue
+                if result is DEADLINE:
+                    raise DeadlineExceededError(timeout, attempts)
+                if isinstance(result, RouterClosedError):
+                    raise result
+                assert isinstance(result, ProviderError)
+                last_error = result
+                step = job.step
+                if step is NEXT_KEY:
+                    continue
+                if step is PROPAGATE or step is CONTEXT_FALLBACK:
+                    result.attempts = attempts
+                    raise result
+                if result.kind == "model_missing":  # NEXT_MODEL
+                    health = self._health_of(route.name)
+                    health.on_model_missing(clock.current_time())
+                    if self._shared is not None:
+                        self._shared.health_changed(route.name, health)
+                break
+            now = clock.current_time()
+        if now >= deadline:
+            raise DeadlineExceededError(timeout, attempts)
+        raise ChainExhaustedError(
+            len({a.model for a in attempts}),
+            attempts,
+            last_error,
+            self._retry_after(chain, tenant, tokens),
+            chain_length=len(chain),
+        )
+
     def _hedge_after(self, route: Route[_ProviderRuntime], actor: KeyActor) -> float | None:
         """Seconds after which a second attempt races the first (None: no hedging).
         "auto": a high percentile of the lane's recent latencies, never under
@@ -603,6 +712,7 @@ class Router:
         """The next candidate that can take the request now, as a racer."""
         now = self._clock.current_time()
         request = job.request
+        assert type(request) is ChatRequest
         tenant = request.tenant
         while candidates:
             route, actor = candidates.pop(0)
@@ -1123,6 +1233,62 @@ def _propagated(
 
 
 _PARTS: Final = (TextPart, ImagePart, FilePart, AudioPart)
+
+
+def _of_mode(
+    chain: tuple[Route[_ProviderRuntime], ...], mode: str
+) -> tuple[Route[_ProviderRuntime], ...]:
+    """The chain without the models configured for the other kind of request; its
+    first model of the other kind is a clear 400 (before any upstream call)."""
+    first = chain[0]
+    if first.mode is not None and first.mode != mode:
+        if mode == "chat":
+            what = "an embedding model: send it embedding requests (`Router.embed`)"
+        else:
+            what = 'a chat model: embedding requests need a model with mode = "embedding"'
+        raise InvalidRequestError("model", f"model {first.name!r} is {what}")
+    if all(r.mode is None or r.mode == mode for r in chain):
+        return chain
+    return tuple(r for r in chain if r.mode is None or r.mode == mode)
+
+
+def _check_embedding(request: EmbeddingRequest) -> None:
+    if type(request) is not EmbeddingRequest:
+        raise InvalidRequestError(
+            "<request>", f"expected EmbeddingRequest, got {type(request).__name__}"
+        )
+    if type(request.model) is not str or not request.model.strip():
+        raise InvalidRequestError("model", "must be a non-empty string")
+    raw = request.input
+    if isinstance(raw, list):
+        if not raw:
+            raise InvalidRequestError("input", "must not be an empty list")
+        for i, item in enumerate(raw):
+            if type(item) is not str:
+                what = (
+                    "token arrays are not supported: send the text"
+                    if isinstance(item, int | list)
+                    else "must be a string"
+                )
+                raise InvalidRequestError(f"input[{i}]", what)
+            if not item:
+                raise InvalidRequestError(f"input[{i}]", "must not be empty")
+    elif type(raw) is not str:
+        raise InvalidRequestError("input", "must be a string or a list of strings")
+    elif not raw:
+        raise InvalidRequestError("input", "must not be empty")
+    if request.dimensions is not None and (
+        type(request.dimensions) is not int or request.dimensions < 1
+    ):
+        raise InvalidRequestError("dimensions", "must be a positive integer")
+    if request.encoding_format not in ("float", "base64"):
+        raise InvalidRequestError("encoding_format", 'must be "float" or "base64"')
+    if request.timeout is not None and not (
+        type(request.timeout) in (int, float) and 0 < request.timeout < math.inf
+    ):
+        raise InvalidRequestError("timeout", "must be a positive, finite number of seconds")
+    if not isinstance(request.fallbacks, list):
+        raise InvalidRequestError("fallbacks", "must be a list of model names")
 
 
 def _check_request(request: ChatRequest) -> None:

@@ -2,7 +2,8 @@
 
 It answers after a configured latency, or fails with a configured mix of faults
 (transient 503, 429 with Retry-After, 401, 402, 404 model-missing, a hang with no
-answer, an unclassified error, or a provider that is down), per key. It is the
+answer, an unclassified error, or a provider that is down), per key. It embeds too
+(`embed`: deterministic vectors seeded by the text, after the same latency and faults). It is the
 default for the demo and for tests that need many requests, and needs no network.
 
 Deterministic under a seed: every key has its own random stream seeded from
@@ -12,6 +13,9 @@ from it, so the n-th call to a key always meets the same fault and latency.
 
 from __future__ import annotations
 
+import array
+import hashlib
+import math
 import random
 import zlib
 from collections.abc import AsyncIterator
@@ -20,9 +24,19 @@ import trio
 
 from ._config import ProviderConfig, SimulationConfig
 from ._errors import ProviderError
-from ._types import ApiKey, ChatRequest, ChatResponse, StreamChunk, Usage, message_text
+from ._types import (
+    ApiKey,
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    StreamChunk,
+    Usage,
+    message_text,
+)
 
-__all__ = ["SimulatedProvider"]
+__all__ = ["SimulatedProvider", "embed_vector"]
 
 
 class _SimKey:
@@ -66,6 +80,42 @@ class SimulatedProvider:
             )
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
+        await self._fault(request.model, key)
+        last = message_text(request.messages[-1]) if request.messages else ""
+        content = f"[{self.name}/{key.id}] {request.model} says: {last[:48]}"
+        prompt_tokens = sum(len(message_text(m).split()) + 4 for m in request.messages)
+        completion_tokens = len(content.split())
+        if request.max_tokens is not None and completion_tokens > request.max_tokens:
+            completion_tokens = request.max_tokens
+            finish = "length"
+        else:
+            finish = "stop"
+        return ChatResponse(
+            content=content,
+            finish_reason=finish,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+            upstream_model=request.model,
+        )
+
+    async def embed(self, request: EmbeddingRequest, key: ApiKey) -> EmbeddingResponse:
+        """Deterministic vectors of the inputs (`embed_vector`), after the same
+        simulated latency and faults as `complete`."""
+        await self._fault(request.model, key)
+        texts = request.inputs
+        size = request.dimensions or 16
+        tokens = sum(len(t.split()) for t in texts)
+        return EmbeddingResponse(
+            embeddings=[embed_vector(t, size) for t in texts],
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+            upstream_model=request.model,
+        )
+
+    async def _fault(self, model: str, key: ApiKey) -> None:
+        """The simulated latency, then the key's simulated failure (raised), if any."""
         sim = self._keys[key.id]
         cfg = sim.cfg
         sim.calls += 1
@@ -75,10 +125,8 @@ class SimulatedProvider:
             await trio.lowlevel.checkpoint()
             raise ProviderError("transient", f"{self.name}: connection refused", key_wide=True)
         await trio.sleep(cfg.latency + cfg.jitter * u_latency)
-        if cfg.models is not None and request.model not in cfg.models:
-            raise ProviderError(
-                "model_missing", f"model {request.model!r} does not exist", status=404
-            )
+        if cfg.models is not None and model not in cfg.models:
+            raise ProviderError("model_missing", f"model {model!r} does not exist", status=404)
         edge = cfg.transient
         if u_fault < edge:
             raise ProviderError("transient", "503 service unavailable (simulated)", status=503)
@@ -99,7 +147,7 @@ class SimulatedProvider:
         edge += cfg.model_missing
         if u_fault < edge:
             raise ProviderError(
-                "model_missing", f"model {request.model!r} not found (simulated)", status=404
+                "model_missing", f"model {model!r} not found (simulated)", status=404
             )
         edge += cfg.hang
         if u_fault < edge:
@@ -107,22 +155,13 @@ class SimulatedProvider:
         edge += cfg.unknown
         if u_fault < edge:
             raise ProviderError("unknown", "unexpected upstream answer (simulated)", status=520)
-        last = message_text(request.messages[-1]) if request.messages else ""
-        content = f"[{self.name}/{key.id}] {request.model} says: {last[:48]}"
-        prompt_tokens = sum(len(message_text(m).split()) + 4 for m in request.messages)
-        completion_tokens = len(content.split())
-        if request.max_tokens is not None and completion_tokens > request.max_tokens:
-            completion_tokens = request.max_tokens
-            finish = "length"
-        else:
-            finish = "stop"
-        return ChatResponse(
-            content=content,
-            finish_reason=finish,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
-            upstream_model=request.model,
-        )
+
+
+def embed_vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector for `text`: seeded by its SHA-256, every value exactly
+    representable as a float32 (so float and base64 encodings carry the same numbers)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    rng = random.Random(seed)
+    raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return array.array("f", [v / norm for v in raw]).tolist()

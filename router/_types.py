@@ -18,6 +18,9 @@ __all__ = [
     "ChatResponse",
     "Choice",
     "ContentPart",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "EmbeddingUsage",
     "FilePart",
     "ImagePart",
     "Message",
@@ -317,6 +320,52 @@ class StreamChunk(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def has_content(self) -> bool:
         return bool(self.text or self.tool_calls or self.reasoning or self.refusal)
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """An embedding request: one text (`input` a string) or a batch (a list of strings).
+
+    `model`, `fallbacks`, `timeout` and `tenant` mean what they mean for `ChatRequest`;
+    the chain's models must be configured with ``mode = "embedding"`` (or named as
+    `provider/upstream-id`). `dimensions` asks for shorter vectors where the model
+    can give them. `encoding_format` is how the gateway writes the vectors back
+    ("float", or "base64": little-endian float32); the library always returns floats.
+    Token-array inputs are refused.
+    """
+
+    model: str
+    input: str | list[str]
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    timeout: float | None = None
+    tenant: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """`input` as a list (a single string is a batch of one)."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class EmbeddingUsage(msgspec.Struct, kw_only=True):
+    """Input tokens an embedding request used (an embedding has no output tokens)."""
+
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    """The vectors, one per input and in input order. Providers fill `embeddings` and
+    `usage`; the router fills `model`, `provider`, `key_id` and `attempts`."""
+
+    embeddings: list[list[float]]
+    usage: EmbeddingUsage = msgspec.field(default_factory=EmbeddingUsage)
+    model: str = ""
+    upstream_model: str = ""
+    provider: str = ""
+    key_id: str = ""
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
 
 
 class ApiKey:

@@ -80,7 +80,8 @@ class EmulatorCall(msgspec.Struct, kw_only=True):
     """One API request the emulator received (admin requests are not recorded)."""
 
     protocol: str
-    """"openai", "anthropic", "anthropic_count" or "gemini"."""
+    """"openai", "anthropic", "anthropic_count", "gemini", "openai_embed" or
+    "gemini_embed"."""
     path: str
     key: str | None
     """The API key string received, or None when the request carried none."""

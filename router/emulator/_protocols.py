@@ -16,11 +16,14 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from router._simulated import embed_vector
 from router._types import ToolCall, Usage
 from router.emulator._faults import Fault
 
 Json = dict[str, Any]
-Protocol = Literal["openai", "anthropic", "anthropic_count", "gemini"]
+Protocol = Literal[
+    "openai", "anthropic", "anthropic_count", "gemini", "openai_embed", "gemini_embed"
+]
 FrameKind = Literal["meta", "content", "finish", "usage", "end"]
 
 _encode = msgspec.json.Encoder().encode
@@ -48,6 +51,9 @@ class Parsed(NamedTuple):
     last_user_text: str
     max_tokens: int | None
     stop: list[str]
+    inputs: tuple[str, ...] = ()
+    """An embedding request's texts."""
+    dimensions: int | None = None
 
 
 class Answer(NamedTuple):
@@ -1069,11 +1075,92 @@ def error_body(
 ) -> Json:
     """A realistic error body for the protocol, HTTP status and error kind."""
     kind = kind or error_kind(status)
-    if protocol == "openai":
+    if protocol in ("openai", "openai_embed"):
         return _openai_error(kind, model, message)
     if protocol in ("anthropic", "anthropic_count"):
         return _anthropic_error(kind, status, model, message)
     return _gemini_error(kind, status, model, message)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+EMBED_DIMENSIONS = 16
+"""Vector length when the request asks for none."""
+
+
+def _dimensions(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise BadRequest("Invalid value for 'dimensions': expected an integer in [1, 4096].")
+    return value
+
+
+def parse_openai_embed(body: Json) -> Parsed:
+    model = _model(body)
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        inputs = list(raw)
+    else:
+        raise BadRequest("'input' must be a non-empty string or array of strings.")
+    if any(not t for t in inputs):
+        raise BadRequest("'input' cannot contain an empty string.")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise BadRequest("'encoding_format' must be 'float' or 'base64'.")
+    tokens = sum(max(1, words(t)) for t in inputs)
+    return Parsed(
+        model,
+        False,
+        False,
+        tokens,
+        "",
+        None,
+        [],
+        tuple(inputs),
+        _dimensions(body.get("dimensions")),
+    )
+
+
+def parse_gemini_embed(body: Json, model: str) -> Parsed:
+    requests = body.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise BadRequest("* BatchEmbedContentsRequest.requests: requests is required.")
+    inputs: list[str] = []
+    dimensions: int | None = None
+    for i, one in enumerate(requests):
+        if not isinstance(one, dict):
+            raise BadRequest(f"* requests[{i}]: must be an object.")
+        if one.get("model") not in (f"models/{model}", None):
+            raise BadRequest(
+                f"* BatchEmbedContentsRequest.requests[{i}].model: the model must match "
+                f"the model of the URL (models/{model})."
+            )
+        content = one.get("content")
+        text = _gemini_text(content) if isinstance(content, dict) else ""
+        if not text:
+            raise BadRequest(f"* requests[{i}].content: content must have text parts.")
+        inputs.append(text)
+        dimensions = _dimensions(one.get("outputDimensionality"))
+    tokens = sum(max(1, words(t)) for t in inputs)
+    return Parsed(model, False, False, tokens, "", None, [], tuple(inputs), dimensions)
+
+
+def embed_json(protocol: Protocol, parsed: Parsed) -> Json:
+    size = parsed.dimensions or EMBED_DIMENSIONS
+    vectors = [embed_vector(t, size) for t in parsed.inputs]
+    if protocol == "gemini_embed":
+        return {"embeddings": [{"values": v} for v in vectors]}
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+        ],
+        "model": parsed.model,
+        "usage": {"prompt_tokens": parsed.prompt_tokens, "total_tokens": parsed.prompt_tokens},
+    }
 
 
 def reason(status: int) -> bytes:

@@ -40,12 +40,15 @@ from router.emulator._protocols import (
     Protocol,
     answer_json,
     build_answer,
+    embed_json,
     error_body,
     error_frame,
     next_id,
     parse_anthropic,
     parse_gemini,
+    parse_gemini_embed,
     parse_openai,
+    parse_openai_embed,
     reason,
     stream_frames,
 )
@@ -59,12 +62,15 @@ _READ_SIZE = 65536
 _MAX_BODY = 64 * 1024 * 1024
 _NO_FAULT = Fault()
 _JSON = b"application/json"
-_GEMINI_PATH = re.compile(r"/models/([^:]+):(generateContent|streamGenerateContent)$")
+_GEMINI_PATH = re.compile(
+    r"/models/([^:]+):(generateContent|streamGenerateContent|batchEmbedContents)$"
+)
 _STRICT_GEMINI_PATH = re.compile(
-    r"/v1(?:beta)?/models/([^:/]+):(generateContent|streamGenerateContent)"
+    r"/v1(?:beta)?/models/([^:/]+):(generateContent|streamGenerateContent|batchEmbedContents)"
 )
 _STRICT_ROUTES: dict[str, Protocol] = {
     "/v1/chat/completions": "openai",
+    "/v1/embeddings": "openai_embed",
     "/v1/messages": "anthropic",
     "/v1/messages/count_tokens": "anthropic_count",
 }
@@ -121,17 +127,25 @@ def _route(path: str, *, strict: bool = False) -> tuple[Protocol, str, bool] | N
         match = _STRICT_GEMINI_PATH.fullmatch(path)
         if match is None:
             return None
-        return "gemini", match.group(1), match.group(2) == "streamGenerateContent"
+        return _gemini_route(match)
     if path.endswith("/chat/completions"):
         return "openai", "", False
+    if path.endswith("/embeddings"):
+        return "openai_embed", "", False
     if path.endswith("/v1/messages/count_tokens"):
         return "anthropic_count", "", False
     if path.endswith("/v1/messages"):
         return "anthropic", "", False
     match = _GEMINI_PATH.search(path)
     if match is not None:
-        return "gemini", match.group(1), match.group(2) == "streamGenerateContent"
+        return _gemini_route(match)
     return None
+
+
+def _gemini_route(match: re.Match[str]) -> tuple[Protocol, str, bool]:
+    if match.group(2) == "batchEmbedContents":
+        return "gemini_embed", match.group(1), False
+    return "gemini", match.group(1), match.group(2) == "streamGenerateContent"
 
 
 def _not_found_page(method: str, path: str) -> bytes:
@@ -155,10 +169,10 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 
 def _key(protocol: Protocol, headers: dict[str, str], query: dict[str, list[str]]) -> str | None:
-    if protocol == "openai":
+    if protocol in ("openai", "openai_embed"):
         key = _bearer(headers)
         return key if key is not None else headers.get("api-key")
-    if protocol == "gemini":
+    if protocol in ("gemini", "gemini_embed"):
         key = headers.get("x-goog-api-key")
         if key is None and query.get("key"):
             key = query["key"][0]
@@ -371,7 +385,11 @@ class Emulator:
         model = path_model or body_json.get("model") or ""
         if not isinstance(model, str):
             model = ""
-        stream = gemini_stream if protocol == "gemini" else body_json.get("stream") is True
+        stream = (
+            gemini_stream
+            if protocol in ("gemini", "gemini_embed")
+            else body_json.get("stream") is True and protocol != "openai_embed"
+        )
         call = EmulatorCall(
             protocol=protocol,
             path=path,
@@ -393,15 +411,19 @@ class Emulator:
         if not isinstance(decoded, dict):
             message = (
                 "We could not parse the JSON body of your request: expected a JSON object."
-                if protocol == "openai"
+                if protocol in ("openai", "openai_embed")
                 else "There was an error parsing the body of your request: invalid JSON."
-                if protocol != "gemini"
+                if protocol not in ("gemini", "gemini_embed")
                 else "Invalid JSON payload received."
             )
             return await self._error(conn, call, protocol, 400, "bad_request", message)
         try:
             if protocol == "openai":
                 parsed = parse_openai(body_json)
+            elif protocol == "openai_embed":
+                parsed = parse_openai_embed(body_json)
+            elif protocol == "gemini_embed":
+                parsed = parse_gemini_embed(body_json, model)
             elif protocol == "gemini":
                 parsed = parse_gemini(body_json, model, stream=stream)
             else:
@@ -415,7 +437,7 @@ class Emulator:
         return await self._answer(conn, call, protocol, parsed, fault, sse)
 
     def _base_headers(self, protocol: Protocol) -> Headers:
-        if protocol == "openai":
+        if protocol in ("openai", "openai_embed"):
             return [(b"x-request-id", b"req_emu%d" % next_id())]
         if protocol in ("anthropic", "anthropic_count"):
             return [(b"request-id", b"req_emu%d" % next_id())]
@@ -479,6 +501,8 @@ class Emulator:
 
         if protocol == "anthropic_count":
             payload = {"input_tokens": parsed.prompt_tokens}
+        elif protocol in ("openai_embed", "gemini_embed"):
+            payload = embed_json(protocol, parsed)
         else:
             answer = build_answer(parsed, fault)
             if parsed.stream:
