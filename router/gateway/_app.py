@@ -28,6 +28,7 @@ way, an error event) rather than a dropped connection.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hmac
 import logging
 import math
@@ -39,9 +40,23 @@ import msgspec
 import trio
 
 from .._config import RouterConfig, resolve_secret
-from .._errors import InvalidRequestError, RouterError, StreamInterruptedError
+from .._errors import (
+    InvalidRequestError,
+    RouterError,
+    StreamInterruptedError,
+    UnknownModelError,
+)
 from .._router import Router, RouterSnapshot
-from .._types import Attempt, ChatRequest, ChatResponse
+from .._types import Attempt, ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse
+from ._embeddings import embeddings_json, parse_embeddings_body
+from ._messages import (
+    MessageEvents,
+    MessagesOptions,
+    anthropic_error,
+    error_event,
+    message_json,
+    parse_messages_body,
+)
 from ._metrics import CONTENT_TYPE, GatewayMetrics
 from ._shapes import (
     BadBody,
@@ -80,6 +95,12 @@ _DONE: Final = b"data: [DONE]\n\n"
 _CLOSE: Final = ("connection", "close")
 _LOOP_TICK: Final = 0.05
 """How often `watch_event_loop` measures how late the event loop runs a ready task."""
+_MESSAGES_PATHS: Final = ("/v1/messages", "/v1/messages/count_tokens")
+_anthropic_shape: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "anthropic_shape", default=False
+)
+"""Set while serving an Anthropic Messages endpoint: `_error` (and `_cut_short`) answer
+in Anthropic's error shape and statuses."""
 
 
 class _TooLarge(Exception):
@@ -226,6 +247,7 @@ class GatewayApp:
         self.shutdown_grace = gw.shutdown_grace
         self._configured = {m.name: m.provider for m in config.models}
         self._providers = {p.name for p in config.providers}
+        self._kinds = {p.name: p.kind for p in config.providers}
         self._fallback_policy = gw.allow_request_fallbacks
         self._max_chain = config.router.max_chain
         self._default_timeout = config.router.timeout
@@ -336,6 +358,13 @@ class GatewayApp:
                     status = await self._method_not_allowed(send, started)
                 else:
                     status = await self._chat(scope, receive, send, raw_send, started, exchange)
+            elif path == "/v1/embeddings":
+                if method != "POST":
+                    status = await self._method_not_allowed(send, started)
+                else:
+                    status = await self._embeddings(scope, receive, send, raw_send, started)
+            elif path in _MESSAGES_PATHS:
+                status = await self._messages(scope, receive, send, raw_send, started, exchange)
             elif path == "/v1/models":
                 status = await self._authed(scope, send, started, self._list_models, method)
             elif path == "/healthz":
@@ -398,7 +427,12 @@ class GatewayApp:
                 body = error_body(message, "service_unavailable", None, "shutting_down")
                 headers = [("retry-after", "1"), _CLOSE]
                 return await self._error(send, 503, body, _NOBODY, started, headers)
-            event = _event(error_body(message, "service_unavailable", None, "shutting_down"))
+            cut = error_body(message, "service_unavailable", None, "shutting_down")
+            event: Event
+            if _anthropic_shape.get():
+                event = {"type": "http.response.body", "body": error_event(503, cut)}
+            else:
+                event = _event(cut)
             event["more_body"] = False
             await send(event)
         except Exception:  # the client is gone, or the server would take nothing more
@@ -494,6 +528,8 @@ class GatewayApp:
         started: float,
         headers: list[tuple[str, str]] | None = None,
     ) -> int:
+        if _anthropic_shape.get():
+            status, body, headers = anthropic_error(status, body, headers)
         extra = [(k.encode(), v.encode()) for k, v in headers or ()]
         return await self._send(send, status, [_JSON, *extra], _encode(body), served, started)
 
@@ -508,10 +544,10 @@ class GatewayApp:
         key is None when the gateway has no keys (no auth)."""
         if not self._keys:
             return True, None
-        token = _bearer(scope)
-        if token is None:
+        token = _bearer(scope) or _header(scope, b"x-api-key")
+        if not token:
             return False, None
-        given = token.encode()
+        given = token.strip().encode()
         found: _GatewayKey | None = None
         for key in self._keys:  # compare against every key: no early exit
             if hmac.compare_digest(given, key.secret) and found is None:
@@ -520,7 +556,8 @@ class GatewayApp:
 
     async def _unauthorized(self, send: Send, started: float, what: str = "API key") -> int:
         body = error_body(
-            f"missing or invalid {what} (send it as `Authorization: Bearer <key>`)",
+            f"missing or invalid {what} (send it as `Authorization: Bearer <key>`"
+            + (")" if what != "API key" else " or `x-api-key: <key>`)"),
             "invalid_request_error",
             None,
             "invalid_api_key",
@@ -692,7 +729,10 @@ class GatewayApp:
         raw_send: Send,
         started: float,
         exchange: _Exchange,
+        anthropic: bool = False,
     ) -> int:
+        """Serve a chat request: OpenAI's chat completions, or (`anthropic`) Anthropic's
+        Messages through the same admission control, limits and model checks."""
         if self.draining:
             return await self._unavailable(
                 send, started, "draining", "the gateway is shutting down; retry", close=True
@@ -708,7 +748,8 @@ class GatewayApp:
         raw = await self._read_body(scope, receive)
         try:
             data = decode_body(raw)
-            request, options = parse_chat_body(
+            parse = parse_messages_body if anthropic else parse_chat_body
+            request, options = parse(
                 data,
                 key.tenant if key is not None else None,
                 _header(scope, b"x-router-fallbacks"),
@@ -731,11 +772,76 @@ class GatewayApp:
         metrics.in_flight.inc()
         try:
             if options.stream:
-                return await self._chat_stream(router, request, options, receive, send, started)
-            return await self._chat_once(router, request, receive, send, started)
+                pump = self._pump_messages if anthropic else self._pump_stream
+                return await self._chat_stream(
+                    router, request, options, receive, send, started, pump
+                )
+            return await self._chat_once(
+                router, request, receive, send, started, options, anthropic
+            )
         finally:
             self.in_flight -= 1
             metrics.in_flight.dec()
+
+    async def _embeddings(
+        self, scope: Scope, receive: Receive, send: Send, raw_send: Send, started: float
+    ) -> int:
+        """``POST /v1/embeddings``: the same auth, admission, body limits and model /
+        fallback policy as chat, then `Router.embed` (see `router.gateway._embeddings`)."""
+        if self.draining:
+            return await self._unavailable(
+                send, started, "draining", "the gateway is shutting down; retry", close=True
+            )
+        ok, key = self._tenant(scope)
+        if not ok:
+            return await self._unauthorized(send, started)
+        if self.in_flight >= self.max_in_flight:
+            return await self._overloaded(send, started, "in_flight")
+        if self.queue_delay(raw_send) > self.max_queue_delay:
+            return await self._overloaded(send, started, "queue_delay")
+        raw = await self._read_body(scope, receive)
+        try:
+            request, options = parse_embeddings_body(
+                decode_body(raw),
+                key.tenant if key is not None else None,
+                _header(scope, b"x-router-fallbacks"),
+                max_timeout=self._max_timeout,
+                default_timeout=self._default_timeout,
+            )
+            self._check_models(request, options, key)
+        except (BadBody, NotAllowed) as exc:
+            reply = error_reply(exc)
+            return await self._error(send, reply.status, reply.body, _NOBODY, started)
+        router = self.router
+        if router is None:
+            body = error_body("router is not running", "service_unavailable", None, "closed")
+            return await self._error(send, 503, body, _NOBODY, started)
+        if self.in_flight >= self.max_in_flight:
+            return await self._overloaded(send, started, "in_flight")
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            watch = _Watch()
+            result: EmbeddingResponse | RouterError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.run, receive, nursery.cancel_scope)
+                try:
+                    result = await router.embed(request)
+                except RouterError as exc:
+                    result = exc
+                nursery.cancel_scope.cancel()
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        if watch.gone or result is None:
+            self._record(request, _NOBODY, "cancelled", started)
+            return 499
+        if isinstance(result, RouterError):
+            return await self._fail(request, result, send, started)
+        served = _Served(result.model, result.provider, result.key_id, result.attempts, [])
+        self._record(request, served, "ok", started)
+        answer = embeddings_json(result, request.encoding_format)
+        return await self._json(send, 200, answer, served, started)
 
     async def _overloaded(self, send: Send, started: float, reason: str) -> int:
         if reason == "in_flight":
@@ -751,7 +857,10 @@ class GatewayApp:
         return await self._unavailable(send, started, reason, message, close=True)
 
     def _check_models(
-        self, request: ChatRequest, options: ChatOptions, key: _GatewayKey | None
+        self,
+        request: ChatRequest | EmbeddingRequest,
+        options: ChatOptions,
+        key: _GatewayKey | None,
     ) -> None:
         """What a tenant may name: request fallbacks as `allow_request_fallbacks` says,
         and only the models of its key's `models` list (if it has one)."""
@@ -790,7 +899,13 @@ class GatewayApp:
                 if name not in allowed:
                     raise NotAllowed(field, name)
 
-    def _record(self, request: ChatRequest, served: _Served, outcome: str, started: float) -> None:
+    def _record(
+        self,
+        request: ChatRequest | EmbeddingRequest,
+        served: _Served,
+        outcome: str,
+        started: float,
+    ) -> None:
         m = self.metrics
         model = served.model or request.model
         m.requests.labels(model, served.provider, served.key_id, outcome).inc()
@@ -805,7 +920,7 @@ class GatewayApp:
 
     async def _fail(
         self,
-        request: ChatRequest,
+        request: ChatRequest | EmbeddingRequest,
         exc: RouterError,
         send: Send,
         started: float,
@@ -825,6 +940,8 @@ class GatewayApp:
         receive: Receive,
         send: Send,
         started: float,
+        options: ChatOptions | None = None,
+        anthropic: bool = False,
     ) -> int:
         watch = _Watch()
         result: ChatResponse | RouterError | None = None
@@ -841,10 +958,11 @@ class GatewayApp:
         if isinstance(result, RouterError):
             return await self._fail(request, result, send, started)
         served = _Served(
-            result.model, result.provider, result.key_id, result.attempts, result.dropped_params
+            result.model, result.provider, result.key_id, result.attempts, _dropped(result, options)
         )
         self._record(request, served, "ok", started)
-        return await self._json(send, 200, completion_json(result), served, started)
+        payload = message_json(result) if anthropic else completion_json(result)
+        return await self._json(send, 200, payload, served, started)
 
     async def _chat_stream(
         self,
@@ -854,13 +972,15 @@ class GatewayApp:
         receive: Receive,
         send: Send,
         started: float,
+        pump: _Pump | None = None,
     ) -> int:
         watch = _Watch()
         status = 499
+        pump = pump or self._pump_stream
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run, receive, nursery.cancel_scope)
             try:
-                status = await self._pump_stream(router, request, options, send, started, watch)
+                status = await pump(router, request, options, send, started, watch)
             except RouterError as exc:  # before the first chunk: a plain error answer
                 status = await self._fail(request, exc, send, started)
             nursery.cancel_scope.cancel()
@@ -938,18 +1058,141 @@ class GatewayApp:
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             return 200
 
+    # ------------------------------------------------------------------ Anthropic Messages
+
+    async def _messages(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_send: Send,
+        started: float,
+        exchange: _Exchange,
+    ) -> int:
+        """``POST /v1/messages`` and ``/v1/messages/count_tokens``: Anthropic's shapes
+        (see `_messages`), errors included (`_error` reads `_anthropic_shape`)."""
+        token = _anthropic_shape.set(True)
+        try:
+            if scope["method"] != "POST":
+                return await self._method_not_allowed(send, started)
+            if scope["path"] == "/v1/messages":
+                return await self._chat(
+                    scope, receive, send, raw_send, started, exchange, anthropic=True
+                )
+            return await self._count_tokens(scope, receive, send, started)
+        finally:
+            _anthropic_shape.reset(token)
+
+    async def _count_tokens(
+        self, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> int:
+        """The router's token count for a Messages body's prompt (the model's counter:
+        exact where `[router.tokens]` configures it, else the offline estimate)."""
+        ok, key = self._tenant(scope)
+        if not ok:
+            return await self._unauthorized(send, started)
+        raw = await self._read_body(scope, receive)
+        try:
+            request, options = parse_messages_body(
+                decode_body(raw), key.tenant if key is not None else None, None, count_only=True
+            )
+            self._check_models(request, options, key)
+        except (BadBody, NotAllowed) as exc:
+            reply = error_reply(exc)
+            return await self._error(send, reply.status, reply.body, _NOBODY, started)
+        prov, sep, upstream = request.model.partition("/")
+        if request.model not in self._configured and not (
+            sep and upstream and prov in self._providers
+        ):
+            reply = error_reply(UnknownModelError(request.model))
+            return await self._error(send, reply.status, reply.body, _NOBODY, started)
+        router = self.router
+        if router is None:
+            body = error_body("router is not running", "service_unavailable", None, "closed")
+            return await self._error(send, 503, body, _NOBODY, started)
+        try:
+            counter = router.token_counter(request.model)
+            count = await counter.count_messages(request.model, request.messages, request.tools)
+        except RouterError as exc:
+            reply = error_reply(exc)
+            return await self._error(send, reply.status, reply.body, _NOBODY, started)
+        return await self._json(send, 200, {"input_tokens": count}, _NOBODY, started)
+
+    async def _pump_messages(
+        self,
+        router: Router,
+        request: ChatRequest,
+        options: ChatOptions,
+        send: Send,
+        started: float,
+        watch: _Watch,
+    ) -> int:
+        """A stream as Anthropic's SSE events; after a cut an ``error`` event and no
+        ``message_stop``."""
+        async with router.stream(request) as stream:
+            served = _Served(
+                stream.model,
+                stream.provider,
+                stream.key_id,
+                stream.attempts,
+                _dropped(stream, options),
+            )
+            self.metrics.ttft.labels(stream.model).observe(time.perf_counter() - started)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*_SSE_HEADERS, *served.headers(started)],
+                }
+            )
+            thinking = self._kinds.get(stream.provider) == "anthropic"
+            events = MessageEvents(stream.model, thinking=thinking)
+            await send({"type": "http.response.body", "body": events.start(), "more_body": True})
+            try:
+                async for chunk in stream:
+                    out = events.chunk(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+            except StreamInterruptedError as exc:
+                reply = error_reply(exc)
+                served.attempts = exc.attempts
+                self._record(request, served, exc.kind, started)
+                log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
+                watch.finishing = True
+                body = error_event(reply.status, reply.body)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return 200
+            self._record(request, served, "ok", started)
+            watch.finishing = True
+            tail = events.end(stream.usage)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return 200
+
 
 _ENDPOINTS: Final = frozenset(
     {
         "/v1/chat/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/healthz",
         "/readyz",
         "/metrics",
         "/v1/router/state",
         "/v1/router/reset",
+        *_MESSAGES_PATHS,
     }
 )
+
+
+_Pump = Callable[[Router, ChatRequest, ChatOptions, Send, float, _Watch], Awaitable[int]]
+
+
+def _dropped(source: ChatResponse | Any, options: ChatOptions | None) -> list[str]:
+    """What the serving provider dropped, and (Messages) the top-level fields ignored."""
+    dropped = list(source.dropped_params or [])
+    if isinstance(options, MessagesOptions):
+        dropped += options.ignored
+    return dropped
 
 
 def _tracked(send: Send, exchange: _Exchange) -> Send:
