@@ -176,6 +176,9 @@ class GatewayConfig(_Section):
     max_queue_delay: Positive = 2.0
     """A request that waited longer than this before the gateway could start on it is
     refused with 503 rather than served late."""
+    access_log: Literal["json", "text", "off"] = "json"
+    """One line per request on the ``router.access`` logger (stderr under `serve`): JSON,
+    a readable line, or none. `serve --access-log` overrides it."""
 
     def __repr__(self) -> str:
         return (

@@ -47,7 +47,17 @@ from .._errors import (
     UnknownModelError,
 )
 from .._router import Router, RouterSnapshot
-from .._types import Attempt, ChatRequest, ChatResponse, EmbeddingRequest, EmbeddingResponse
+from .._stream import Segment
+from .._types import (
+    Attempt,
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    Usage,
+)
+from . import _access
 from ._embeddings import embeddings_json, parse_embeddings_body
 from ._messages import (
     MessageEvents,
@@ -136,9 +146,11 @@ class _Exchange:
     """What one HTTP exchange has sent so far (kept by `_tracked`), so a request cut
     short by draining can still be answered properly."""
 
-    __slots__ = ("done", "request", "started", "status")
+    __slots__ = ("done", "request", "request_id", "started", "status")
 
     def __init__(self) -> None:
+        self.request_id: bytes | None = None
+        """Sent as ``x-request-id`` with the response head (logged endpoints)."""
         self.status = 0
         self.started = False
         """The response head is out."""
@@ -211,6 +223,9 @@ class _Served:
         overhead = max(0.0, time.perf_counter() - started - upstream)
         if self is not _NOBODY:
             self.overhead = overhead
+        entry = _access.current.get()
+        if entry is not None:
+            entry.overhead = overhead
         headers = [
             (b"x-router-model", self.model.encode()),
             (b"x-router-provider", self.provider.encode()),
@@ -279,6 +294,7 @@ class GatewayApp:
         self._lag_due = math.inf
         self.metrics = GatewayMetrics(self._snapshot)
         self._models = self._models_json([m.name for m in config.models])
+        self._access_format = gw.access_log
 
     def _models_json(self, names: list[str]) -> bytes:
         data = []
@@ -318,18 +334,36 @@ class GatewayApp:
         started = time.perf_counter()
         path = scope["path"]
         exchange = _Exchange()
+        entry: _access.Access | None = None
+        if path not in _UNLOGGED:
+            rid = _access.request_id(_header(scope, b"x-request-id"))
+            exchange.request_id = rid.encode()
+            entry = _access.Access(rid, scope["method"], path, time.time())
+        token = _access.current.set(entry)
         send = _tracked(raw_send, exchange)
         status = 500
-        with trio.CancelScope(deadline=self._drain_deadline) as cut:
-            self._active.add(cut)
-            try:
-                status = await self._route(scope, receive, send, raw_send, started, exchange)
-            finally:
-                self._active.discard(cut)
-        if cut.cancelled_caught:  # shutdown_grace ended while this request was running
-            status = await self._cut_short(send, exchange, started)
+        try:
+            with trio.CancelScope(deadline=self._drain_deadline) as cut:
+                self._active.add(cut)
+                try:
+                    status = await self._route(scope, receive, send, raw_send, started, exchange)
+                finally:
+                    self._active.discard(cut)
+            if cut.cancelled_caught:  # shutdown_grace ended while this request was running
+                status = await self._cut_short(send, exchange, started)
+        finally:
+            _access.current.reset(token)
         endpoint = path if path in _ENDPOINTS else "other"
         self.metrics.http_responses.labels(endpoint, str(status)).inc()
+        if (
+            entry is not None
+            and self._access_format != "off"
+            and _access.access_log.isEnabledFor(logging.INFO)
+        ):
+            if entry.error is None and status >= 400:
+                entry.error = "cancelled" if status == 499 else "http_error"
+            latency = time.perf_counter() - started
+            _access.access_log.info(_access.line(entry, status, latency, self._access_format))
 
     async def _route(
         self,
@@ -528,6 +562,11 @@ class GatewayApp:
         started: float,
         headers: list[tuple[str, str]] | None = None,
     ) -> int:
+        entry = _access.current.get()
+        if entry is not None and entry.error is None:
+            error = body.get("error")
+            if isinstance(error, dict):
+                entry.error = error.get("code") or error.get("type")
         if _anthropic_shape.get():
             status, body, headers = anthropic_error(status, body, headers)
         extra = [(k.encode(), v.encode()) for k, v in headers or ()]
@@ -552,6 +591,10 @@ class GatewayApp:
         for key in self._keys:  # compare against every key: no early exit
             if hmac.compare_digest(given, key.secret) and found is None:
                 found = key
+        if found is not None:
+            entry = _access.current.get()
+            if entry is not None:
+                entry.tenant = found.tenant
         return found is not None, found
 
     async def _unauthorized(self, send: Send, started: float, what: str = "API key") -> int:
@@ -768,6 +811,10 @@ class GatewayApp:
             return await self._overloaded(send, started, "in_flight")
         metrics = self.metrics
         exchange.request = request
+        entry = _access.current.get()
+        if entry is not None:
+            entry.model_asked = request.model
+            entry.stream = options.stream
         self.in_flight += 1
         metrics.in_flight.inc()
         try:
@@ -839,7 +886,7 @@ class GatewayApp:
         if isinstance(result, RouterError):
             return await self._fail(request, result, send, started)
         served = _Served(result.model, result.provider, result.key_id, result.attempts, [])
-        self._record(request, served, "ok", started)
+        self._record(request, served, "ok", started, result.usage)
         answer = embeddings_json(result, request.encoding_format)
         return await self._json(send, 200, answer, served, started)
 
@@ -905,7 +952,22 @@ class GatewayApp:
         served: _Served,
         outcome: str,
         started: float,
+        usage: Usage | EmbeddingUsage | None = None,
+        segments: list[Segment] | None = None,
     ) -> None:
+        entry = _access.current.get()
+        if entry is not None:
+            entry.model_asked = request.model
+            if served is not _NOBODY:
+                entry.model = served.model
+                entry.provider = served.provider
+                entry.key_id = served.key_id
+                entry.attempts = served.attempts
+                entry.dropped = served.dropped
+            if outcome != "ok":
+                entry.error = outcome
+            entry.usage = usage
+            entry.segments = segments
         m = self.metrics
         model = served.model or request.model
         m.requests.labels(model, served.provider, served.key_id, outcome).inc()
@@ -960,7 +1022,7 @@ class GatewayApp:
         served = _Served(
             result.model, result.provider, result.key_id, result.attempts, _dropped(result, options)
         )
-        self._record(request, served, "ok", started)
+        self._record(request, served, "ok", started, result.usage)
         payload = message_json(result) if anthropic else completion_json(result)
         return await self._json(send, 200, payload, served, started)
 
@@ -1026,7 +1088,7 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started)
+                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 await send(_event(reply.body))
                 watch.finishing = True
@@ -1053,7 +1115,7 @@ class GatewayApp:
                 tail = chunk_json(cid, created, stream.model, None, first=False, include_usage=True)
                 tail["usage"] = usage_json(stream.usage)
                 await send(_event(tail))
-            self._record(request, served, "ok", started)
+            self._record(request, served, "ok", started, stream.usage, stream.segments)
             watch.finishing = True
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             return 200
@@ -1156,13 +1218,13 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started)
+                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 watch.finishing = True
                 body = error_event(reply.status, reply.body)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return 200
-            self._record(request, served, "ok", started)
+            self._record(request, served, "ok", started, stream.usage, stream.segments)
             watch.finishing = True
             tail = events.end(stream.usage)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -1184,6 +1246,12 @@ _ENDPOINTS: Final = frozenset(
 )
 
 
+_UNLOGGED: Final = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset"}
+)
+"""Paths without an access-log line or ``x-request-id`` (probes, metrics, admin)."""
+
+
 _Pump = Callable[[Router, ChatRequest, ChatOptions, Send, float, _Watch], Awaitable[int]]
 
 
@@ -1201,6 +1269,9 @@ def _tracked(send: Send, exchange: _Exchange) -> Send:
     (Hypercorn shields its socket writes the same way)."""
 
     async def tracked(event: Event) -> None:
+        if event["type"] == "http.response.start" and exchange.request_id is not None:
+            rid = (b"x-request-id", exchange.request_id)
+            event = {**event, "headers": [*event["headers"], rid]}
         with trio.CancelScope(shield=True):
             await send(event)
         if event["type"] == "http.response.start":

@@ -323,6 +323,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="worker processes serving one port (share state with [router.shared])",
     )
+    parser.add_argument(
+        "--access-log",
+        choices=["json", "text", "off"],
+        default=None,
+        help="one line per request on stderr (default: [gateway] access_log, json)",
+    )
     parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -395,6 +401,8 @@ async def _supervise(args: argparse.Namespace, config: RouterConfig, workers: in
         str(args.config),
         "--log-level",
         args.log_level,
+        "--access-log",
+        config.gateway.access_log,
         "--worker-fd",
         str(sock.fileno()),
     ]
@@ -443,6 +451,10 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     try:
         config = RouterConfig.load(args.config)
+        if args.access_log is not None:
+            gateway = msgspec.structs.replace(config.gateway, access_log=args.access_log)
+            config = msgspec.structs.replace(config, gateway=gateway)
+        _setup_access_log(config.gateway.access_log)
         if args.workers < 1:
             raise ConfigError("--workers", "must be at least 1")
         if args.workers > 1 and args.worker_fd is None:
@@ -457,6 +469,20 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"llm-router: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _setup_access_log(fmt: str) -> None:
+    """The ``router.access`` logger: its own lines on stderr, bare (each line is the
+    whole record), at INFO whatever `--log-level` says; none with "off"."""
+    access = logging.getLogger("router.access")
+    access.propagate = False
+    if fmt == "off":
+        access.disabled = True
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
 
 
 def _mask(raw: str) -> str:
