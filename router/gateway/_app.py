@@ -776,39 +776,11 @@ class GatewayApp:
     ) -> int:
         """Serve a chat request: OpenAI's chat completions, or (`anthropic`) Anthropic's
         Messages through the same admission control, limits and model checks."""
-        if self.draining:
-            return await self._unavailable(
-                send, started, "draining", "the gateway is shutting down; retry", close=True
-            )
-        ok, key = self._tenant(scope)
-        if not ok:
-            return await self._unauthorized(send, started)
-        # Shed load before reading the body: an overloaded gateway does the least work.
-        if self.in_flight >= self.max_in_flight:
-            return await self._overloaded(send, started, "in_flight")
-        if self.queue_delay(raw_send) > self.max_queue_delay:
-            return await self._overloaded(send, started, "queue_delay")
-        raw = await self._read_body(scope, receive)
-        try:
-            data = decode_body(raw)
-            parse = parse_messages_body if anthropic else parse_chat_body
-            request, options = parse(
-                data,
-                key.tenant if key is not None else None,
-                _header(scope, b"x-router-fallbacks"),
-                max_timeout=self._max_timeout,
-                default_timeout=self._default_timeout,
-            )
-            self._check_models(request, options, key)
-        except (BadBody, NotAllowed) as exc:
-            reply = error_reply(exc)
-            return await self._error(send, reply.status, reply.body, _NOBODY, started)
-        router = self.router
-        if router is None:
-            body = error_body("router is not running", "service_unavailable", None, "closed")
-            return await self._error(send, 503, body, _NOBODY, started)
-        if self.in_flight >= self.max_in_flight:  # others got in while the body arrived
-            return await self._overloaded(send, started, "in_flight")
+        parse = parse_messages_body if anthropic else parse_chat_body
+        admitted = await self._admit(scope, receive, send, raw_send, started, parse)
+        if isinstance(admitted, int):
+            return admitted
+        router, request, options = admitted
         metrics = self.metrics
         exchange.request = request
         entry = _access.current.get()
@@ -835,36 +807,11 @@ class GatewayApp:
     ) -> int:
         """``POST /v1/embeddings``: the same auth, admission, body limits and model /
         fallback policy as chat, then `Router.embed` (see `router.gateway._embeddings`)."""
-        if self.draining:
-            return await self._unavailable(
-                send, started, "draining", "the gateway is shutting down; retry", close=True
-            )
-        ok, key = self._tenant(scope)
-        if not ok:
-            return await self._unauthorized(send, started)
-        if self.in_flight >= self.max_in_flight:
-            return await self._overloaded(send, started, "in_flight")
-        if self.queue_delay(raw_send) > self.max_queue_delay:
-            return await self._overloaded(send, started, "queue_delay")
-        raw = await self._read_body(scope, receive)
-        try:
-            request, options = parse_embeddings_body(
-                decode_body(raw),
-                key.tenant if key is not None else None,
-                _header(scope, b"x-router-fallbacks"),
-                max_timeout=self._max_timeout,
-                default_timeout=self._default_timeout,
-            )
-            self._check_models(request, options, key)
-        except (BadBody, NotAllowed) as exc:
-            reply = error_reply(exc)
-            return await self._error(send, reply.status, reply.body, _NOBODY, started)
-        router = self.router
-        if router is None:
-            body = error_body("router is not running", "service_unavailable", None, "closed")
-            return await self._error(send, 503, body, _NOBODY, started)
-        if self.in_flight >= self.max_in_flight:
-            return await self._overloaded(send, started, "in_flight")
+        admitted = await self._admit(scope, receive, send, raw_send, started, parse_embeddings_body)
+        if isinstance(admitted, int):
+            return admitted
+        router, request, _ = admitted
+        assert isinstance(request, EmbeddingRequest)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -889,6 +836,52 @@ class GatewayApp:
         self._record(request, served, "ok", started, result.usage)
         answer = embeddings_json(result, request.encoding_format)
         return await self._json(send, 200, answer, served, started)
+
+    async def _admit(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_send: Send,
+        started: float,
+        parse: Callable[..., tuple[Any, ChatOptions]],
+    ) -> tuple[Router, Any, ChatOptions] | int:
+        """Admission for every model endpoint: draining, auth, load shedding (before the
+        body is read: an overloaded gateway does the least work), the body within its
+        limits, `parse` (a body parser of `_shapes`, `_messages` or `_embeddings`), the
+        key's model and fallback policy. Returns the router and the parsed request, or
+        the status of the error answer already sent."""
+        if self.draining:
+            return await self._unavailable(
+                send, started, "draining", "the gateway is shutting down; retry", close=True
+            )
+        ok, key = self._tenant(scope)
+        if not ok:
+            return await self._unauthorized(send, started)
+        if self.in_flight >= self.max_in_flight:
+            return await self._overloaded(send, started, "in_flight")
+        if self.queue_delay(raw_send) > self.max_queue_delay:
+            return await self._overloaded(send, started, "queue_delay")
+        raw = await self._read_body(scope, receive)
+        try:
+            request, options = parse(
+                decode_body(raw),
+                key.tenant if key is not None else None,
+                _header(scope, b"x-router-fallbacks"),
+                max_timeout=self._max_timeout,
+                default_timeout=self._default_timeout,
+            )
+            self._check_models(request, options, key)
+        except (BadBody, NotAllowed) as exc:
+            reply = error_reply(exc)
+            return await self._error(send, reply.status, reply.body, _NOBODY, started)
+        router = self.router
+        if router is None:
+            body = error_body("router is not running", "service_unavailable", None, "closed")
+            return await self._error(send, 503, body, _NOBODY, started)
+        if self.in_flight >= self.max_in_flight:  # others got in while the body arrived
+            return await self._overloaded(send, started, "in_flight")
+        return router, request, options
 
     async def _overloaded(self, send: Send, started: float, reason: str) -> int:
         if reason == "in_flight":
