@@ -41,8 +41,8 @@ import math
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Protocol, TypeVar, runtime_checkable
 
 import httpx
 import trio
@@ -80,6 +80,7 @@ SHARD_SIZE = 8
 # Extra connections per pool: room for connections being torn down.
 _POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
+T = TypeVar("T")
 _DRAIN_GRACE = 0.5
 """Seconds a finished stream's body may take to end (its connection is kept then)."""
 
@@ -275,29 +276,22 @@ class HttpProvider:
         return shards
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
-        scrubber = self._scrubber(key)
-        try:
-            wire = self._protocol.build(
+        protocol = self._protocol
+
+        def build() -> WireRequest:
+            return protocol.build(
                 request,
                 base_url=self._base_url,
                 secret=key.secret,
                 stream=False,
                 headers=self._headers,
             )
-            response = await self._send(key, wire)
-            with scrubbing(scrubber):
-                if 200 <= response.status_code < 300:
-                    answer = self._protocol.parse(
-                        response.status_code, response.headers, response.content
-                    )
-                    if wire.dropped:
-                        answer.dropped_params.extend(wire.dropped)
-                    return answer
-                raise self._failure(
-                    response.status_code, response.headers, response.content, wire, key
-                )
-        except ProviderError as exc:
-            raise self._scrubbed(exc, scrubber) from None
+
+        answer: ChatResponse
+        answer, wire = await self._exchange(key, build, protocol.parse)
+        if wire.dropped:
+            answer.dropped_params.extend(wire.dropped)
+        return answer
 
     async def count_tokens(self, request: ChatRequest, key: ApiKey) -> int:
         """The upstream's exact prompt-token count for `request` (its model, system,
@@ -309,22 +303,15 @@ class HttpProvider:
             raise ProviderError(
                 "bad_request", f"{self.name}: the {protocol.name} protocol cannot count tokens"
             )
-        scrubber = self._scrubber(key)
-        try:
-            wire = protocol.build_count(
+
+        def build() -> WireRequest:
+            return protocol.build_count(
                 request, base_url=self._base_url, secret=key.secret, headers=self._headers
             )
-            response = await self._send(key, wire)
-            with scrubbing(scrubber):
-                if 200 <= response.status_code < 300:
-                    return protocol.parse_count(
-                        response.status_code, response.headers, response.content
-                    )
-                raise self._failure(
-                    response.status_code, response.headers, response.content, wire, key
-                )
-        except ProviderError as exc:
-            raise self._scrubbed(exc, scrubber) from None
+
+        count: int
+        count, _ = await self._exchange(key, build, protocol.parse_count)
+        return count
 
     async def embed(self, request: EmbeddingRequest, key: ApiKey) -> EmbeddingResponse:
         """The vectors of `request`'s inputs from the protocol's embeddings endpoint
@@ -335,17 +322,32 @@ class HttpProvider:
             raise ProviderError(
                 "bad_request", f"{self.name}: the {protocol.name} protocol has no embeddings"
             )
-        scrubber = self._scrubber(key)
-        try:
-            wire = protocol.build_embed(
+
+        def build() -> WireRequest:
+            return protocol.build_embed(
                 request, base_url=self._base_url, secret=key.secret, headers=self._headers
             )
+
+        vectors: EmbeddingResponse
+        vectors, _ = await self._exchange(key, build, protocol.parse_embed)
+        return vectors
+
+    async def _exchange(
+        self,
+        key: ApiKey,
+        build: Callable[[], WireRequest],
+        parse: Callable[[int, Mapping[str, str], bytes], T],
+    ) -> tuple[T, WireRequest]:
+        """Build and send one request and `parse` a 2xx answer; any other answer
+        becomes its classified `ProviderError`. The protocol runs inside `scrubbing`,
+        and every error leaving is scrubbed of the key's and the provider's secrets."""
+        scrubber = self._scrubber(key)
+        try:
+            wire = build()
             response = await self._send(key, wire)
             with scrubbing(scrubber):
                 if 200 <= response.status_code < 300:
-                    return protocol.parse_embed(
-                        response.status_code, response.headers, response.content
-                    )
+                    return parse(response.status_code, response.headers, response.content), wire
                 raise self._failure(
                     response.status_code, response.headers, response.content, wire, key
                 )
