@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -53,7 +53,6 @@ from .._types import (
     ChatRequest,
     ChatResponse,
     EmbeddingRequest,
-    EmbeddingResponse,
     EmbeddingUsage,
     Usage,
 )
@@ -90,6 +89,7 @@ log = logging.getLogger("router.gateway")
 
 Scope = dict[str, Any]
 Event = dict[str, Any]
+T = TypeVar("T")
 Receive = Callable[[], Awaitable[Event]]
 Send = Callable[[Event], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
@@ -165,6 +165,24 @@ class _ResetBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: str | None = None
     upstream: str | None = None
     """One lane: the upstream model id on `key_id` (or on every key of `provider`)."""
+
+
+async def _unless_gone(
+    receive: Receive, call: Callable[[], Awaitable[T]]
+) -> T | RouterError | None:
+    """`call()`'s result (or the `RouterError` it raised) while watching the client:
+    None when the client went away first (the call is cancelled then, which the router
+    never counts against a key)."""
+    watch = _Watch()
+    result: T | RouterError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run, receive, nursery.cancel_scope)
+        try:
+            result = await call()
+        except RouterError as exc:
+            result = exc
+        nursery.cancel_scope.cancel()
+    return None if watch.gone else result
 
 
 class _Watch:
@@ -815,19 +833,11 @@ class GatewayApp:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            watch = _Watch()
-            result: EmbeddingResponse | RouterError | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch.run, receive, nursery.cancel_scope)
-                try:
-                    result = await router.embed(request)
-                except RouterError as exc:
-                    result = exc
-                nursery.cancel_scope.cancel()
+            result = await _unless_gone(receive, lambda: router.embed(request))
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-        if watch.gone or result is None:
+        if result is None:
             self._record(request, _NOBODY, "cancelled", started)
             return 499
         if isinstance(result, RouterError):
@@ -998,16 +1008,8 @@ class GatewayApp:
         options: ChatOptions | None = None,
         anthropic: bool = False,
     ) -> int:
-        watch = _Watch()
-        result: ChatResponse | RouterError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.run, receive, nursery.cancel_scope)
-            try:
-                result = await router.submit(request)
-            except RouterError as exc:
-                result = exc
-            nursery.cancel_scope.cancel()
-        if watch.gone or result is None:
+        result = await _unless_gone(receive, lambda: router.submit(request))
+        if result is None:
             self._record(request, _NOBODY, "cancelled", started)
             return 499
         if isinstance(result, RouterError):
