@@ -500,10 +500,7 @@ class Router:
                     break
                 # NEXT_MODEL
                 if result.kind == "model_missing":
-                    health = self._health_of(route.name)
-                    health.on_model_missing(clock.current_time())
-                    if self._shared is not None:
-                        self._shared.health_changed(route.name, health)
+                    self._disable(route.name)
                 break
             now = clock.current_time()
         if now >= deadline:
@@ -603,10 +600,7 @@ class Router:
                     result.attempts = attempts
                     raise result
                 if result.kind == "model_missing":  # NEXT_MODEL
-                    health = self._health_of(route.name)
-                    health.on_model_missing(clock.current_time())
-                    if self._shared is not None:
-                        self._shared.health_changed(route.name, health)
+                    self._disable(route.name)
                 break
             now = clock.current_time()
         if now >= deadline:
@@ -949,6 +943,14 @@ class Router:
         except RouterError:
             return None
         return self._health_of(name)
+
+    def _disable(self, name: str) -> None:
+        """The provider says model `name` does not exist: disable it (and say so to
+        the other instances)."""
+        health = self._health_of(name)
+        health.on_model_missing(self._clock.current_time())
+        if self._shared is not None:
+            self._shared.health_changed(name, health)
 
     def _health_of(self, name: str) -> ModelHealth:
         """The health of `name`, made when it is first written. `provider/upstream`
