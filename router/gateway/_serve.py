@@ -46,6 +46,7 @@ import msgspec
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -97,6 +98,7 @@ async def serve(
     # at once measured 15 errors and a 56 s p99); the kernel caps it at somaxconn.
     hc.backlog = gw.backlog
     _protocol_errors_as_json()
+    _one_write_per_response_head()
     sockets = hc.create_sockets().insecure_sockets
     try:
         for sock in sockets:
@@ -296,6 +298,44 @@ def _protocol_errors_as_json() -> None:
 
     send_error_response._router_json = True  # type: ignore[attr-defined]
     setattr(H11Protocol, "_send_error_response", send_error_response)  # noqa: B010
+
+
+def _one_write_per_response_head() -> None:
+    """Send a response's head with its first body bytes, in one socket write.
+
+    Hypercorn writes every h11 event on its own: the head, then the body, then the
+    end of the message (nothing at all for a Content-Length body), each behind the
+    connection's send lock, a shielded cancel scope and a `send_all`. A plain JSON
+    answer thus cost three writes; measured at 64 concurrent requests these writes
+    were a fifth of the gateway's CPU. This replacement of `H11Protocol._send_h11_event`
+    (process-wide, once, only when it has the expected shape) holds the final response
+    head until the next event of the same response, which Hypercorn always sends right
+    after it (the body, or the end of the message), and skips empty writes. A stream
+    still gets every chunk written as it comes: only the head waits, for the first one.
+    """
+    current = getattr(H11Protocol, "_send_h11_event", None)
+    if current is None or getattr(current, "_router_coalesced", False):
+        return
+
+    async def send_h11_event(self: Any, event: Any) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        held: bytes | None = getattr(self, "_router_head", None)
+        if type(event) is h11.Response:
+            self._router_head = data
+            return
+        if held is not None:
+            self._router_head = None
+            data = held + (data or b"")
+        if data:
+            await self.send(RawData(data=data))
+
+    send_h11_event._router_coalesced = True  # type: ignore[attr-defined]
+    setattr(H11Protocol, "_send_h11_event", send_h11_event)  # noqa: B010
 
 
 def _bind_address(host: str, port: int) -> str:
