@@ -67,6 +67,29 @@ LAST = (
 )
 
 
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-held",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello!"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    },
+    separators=(",", ":"),
+).encode()
+HELD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(COMPLETION),
+    COMPLETION,
+)
+
+
 class _Conn:
     __slots__ = ("inbuf", "left", "outbuf", "sock")
 
@@ -77,7 +100,7 @@ class _Conn:
         self.left = 0  # token events still to send on the current stream
 
 
-def upstream(port: int, events: int, interval: float) -> None:
+def upstream(port: int, events: int, interval: float, hold: float) -> None:
     sel = selectors.DefaultSelector()
     lsock = socket.socket()
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,7 +110,7 @@ def upstream(port: int, events: int, interval: float) -> None:
     sel.register(lsock, selectors.EVENT_READ, None)
     timers: list[tuple[float, int, _Conn]] = []
     seq = 0
-    stats = {"connections": 0, "streams": 0}
+    stats = {"connections": 0, "streams": 0, "held": 0}
 
     def close(conn: _Conn) -> None:
         if conn.sock.fileno() >= 0:
@@ -123,6 +146,7 @@ def upstream(port: int, events: int, interval: float) -> None:
                     length = int(value.strip())
             if len(conn.inbuf) < end + 4 + length:
                 return
+            body = conn.inbuf[end + 4 : end + 4 + length]
             conn.inbuf = conn.inbuf[end + 4 + length :]
             if head.startswith("GET /stats"):
                 body = json.dumps(stats).encode()
@@ -131,6 +155,12 @@ def upstream(port: int, events: int, interval: float) -> None:
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\n\r\n%s" % (len(body), body),
                 )
+                continue
+            if b'"stream":true' not in body.replace(b" ", b""):
+                stats["held"] += 1
+                conn.left = -1  # one fixed answer when its timer fires
+                seq += 1
+                heapq.heappush(timers, (time.monotonic() + hold, seq, conn))
                 continue
             stats["streams"] += 1
             conn.left = events
@@ -180,6 +210,10 @@ def upstream(port: int, events: int, interval: float) -> None:
         while timers and timers[0][0] <= now:
             due, _, conn = heapq.heappop(timers)
             if conn.sock.fileno() < 0:
+                continue
+            if conn.left < 0:
+                conn.left = 0
+                send(conn, HELD)
                 continue
             conn.left -= 1
             if conn.left > 0:
@@ -284,6 +318,7 @@ def main() -> None:
     up.add_argument("--port", type=int, required=True)
     up.add_argument("--events", type=int, default=200)
     up.add_argument("--interval", type=float, default=0.1)
+    up.add_argument("--hold", type=float, default=1.5)
     cl = sub.add_parser("client")
     cl.add_argument("--url", required=True)
     cl.add_argument("--streams", type=int, required=True)
@@ -292,7 +327,7 @@ def main() -> None:
     cl.add_argument("--model", default="m")
     args = parser.parse_args()
     if args.role == "upstream":
-        upstream(args.port, args.events, args.interval)
+        upstream(args.port, args.events, args.interval, args.hold)
     else:
         import trio
 

@@ -78,6 +78,8 @@ SECTIONS = (
     "streams",
 )
 REQUEST = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
+PACED = c.BENCH / "_paced.py"
+HTTP_MODES = {"raw": "raw httpx", "router": "router.submit"}
 
 
 def custom_config(keys: int, per_key: int, balancing: str) -> RouterConfig:
@@ -214,6 +216,64 @@ def run_inflight(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"inflight {n:6d}  {routed['rps']:8.0f} req/s  p50 {routed['p50_ms']:7.1f} ms  "
               f"p99 {routed['p99_ms']:7.1f} ms  {mem_routed / 1024:6.1f} KiB/request "
               f"(router's share {share:5.1f} KiB)", flush=True)  # fmt: skip
+    return rows
+
+
+async def inflight_http_wave(base: str, n: int, mode: str) -> dict[str, Any]:
+    """N requests in flight at once over real HTTP to an upstream holding each 1.5 s:
+    memory per request while all are parked (tracemalloc), for `router.submit` and for
+    raw httpx on the same upstream."""
+    import httpx
+
+    per_key = 256
+    config = RouterConfig.from_toml(c.router_config(base, -(-n // per_key), per_key))
+    body = json.dumps({"model": c.UPSTREAM_MODEL, "messages": c.PROMPT}).encode()
+    headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+    async with contextlib.AsyncExitStack() as stack:
+        if mode == "router":
+            router = await stack.enter_async_context(Router.open(config))
+
+            async def call() -> object:
+                return await router.submit(REQUEST)
+
+        else:
+            limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
+
+            async def call() -> object:
+                r = await client.post(base + "/chat/completions", content=body, headers=headers)
+                return r.json()
+
+        async def wave() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(call)
+
+        await wave()  # warm: connections open and pooled
+        gc.collect()
+        tracemalloc.start()
+        base_mem = tracemalloc.get_traced_memory()[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wave)
+            await trio.sleep(0.8)  # every request is parked upstream now
+            mem = (tracemalloc.get_traced_memory()[0] - base_mem) / n
+        tracemalloc.stop()
+    return {"mode": mode, "in_flight": n, "bytes_per_request": mem}
+
+
+def run_inflight_http(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    port = c.free_port()
+    argv = [sys.executable, str(PACED), "upstream", "--port", str(port), "--hold", "1.5"]
+    with c.spawned(argv) as proc:
+        c.wait_port(port, proc, 10)
+        base = f"http://127.0.0.1:{port}/v1"
+        for n in args.inflight_http:
+            for mode in ("raw", "router"):
+                r = trio.run(inflight_http_wave, base, n, mode)
+                rows.append(r)
+                print(f"inflight http {mode:8s} {n:6d}  {r['bytes_per_request'] / 1024:6.1f} "
+                      "KiB/request", flush=True)  # fmt: skip
     return rows
 
 
@@ -536,8 +596,6 @@ def run_continuation(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- streams
-
-PACED = c.BENCH / "_paced.py"
 
 
 def _upstream_stats(base: str) -> dict[str, int]:
@@ -894,6 +952,19 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             ),
             "",
         ]  # fmt: skip
+        if p.get("inflight_http"):
+            lines += [
+                "Over real HTTP: N requests in flight at once to the `_paced.py` upstream, "
+                "which holds each 1.5 s; tracemalloc's traced bytes per request while all are "
+                "parked upstream, connections already open (the same measure for each row).",
+                "",
+                c.markdown_table(
+                    ["path", "in flight", "KiB/request"],
+                    [[HTTP_MODES.get(r["mode"], r["mode"]), str(r["in_flight"]),
+                      f"{r['bytes_per_request'] / 1024:.1f}"] for r in p["inflight_http"]],
+                ),
+                "",
+            ]  # fmt: skip
         worst = max(r["bytes_per_request"] for r in p["inflight"])
         targets.append(["under 20 KB memory per in-flight request", f"{worst / 1000:.1f} KB "
                         "(whole request incl. caller task)",
@@ -1080,6 +1151,8 @@ def main() -> None:
     parser.add_argument("--dispatch-requests", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--inflight", type=int, nargs="+", default=[100, 1000, 10_000])
+    parser.add_argument("--inflight-http", type=int, nargs="+", default=[1000],
+                        help="requests in flight over real HTTP (memory per request)")  # fmt: skip
     parser.add_argument("--stream-levels", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--streams", type=int, default=300, help="streams per level")
     parser.add_argument("--shard-size", type=int, default=8)
@@ -1122,6 +1195,7 @@ def main() -> None:
         payload["dispatch"] = run_dispatch(args)
     if "inflight" in args.sections:
         payload["inflight"] = run_inflight(args)
+        payload["inflight_http"] = run_inflight_http(args)
     if "stream" in args.sections:
         payload["stream"] = run_stream(args)
     if "failover" in args.sections:
