@@ -218,6 +218,7 @@ _UNKNOWN: Final = "no equivalent in llm-router"
 
 _ENV_PREFIX: Final = "os.environ/"
 _SLUG: Final = re.compile(r"[^a-z0-9]+")
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ImportResult:
@@ -271,8 +272,12 @@ class _Reader:
             yield f"{self.path}.{name}" if self.path else name, why or _UNKNOWN
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    """Text from the input made safe for one TOML comment line."""
+    return _CONTROL.sub("?", " ".join(str(text).split()))
 
 
 class _Out:
@@ -562,8 +567,8 @@ def _deployment(i: int, entry: Any, out: _Out, pre_call_checks: bool) -> _Deploy
     d.kind = spec.kind
     if spec.note:
         d.notes.append(f"{d.prefix}/: {spec.note}")
-    params.get("api_version")  # Azure's v1 API takes none
     if d.prefix == "azure":
+        params.get("api_version")  # Azure's v1 API takes none (the note says so)
         for field in ("azure_ad_token", "tenant_id", "client_id", "client_secret"):
             if field in params and params.get(field) is not None and "api_key" not in params:
                 out.drop(out.header, label, "Microsoft Entra ID auth: llm-router sends API keys")
@@ -655,6 +660,10 @@ def _toml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -667,7 +676,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        inner = ", ".join(f"{_toml_str(str(k))} = {_toml(v)}" for k, v in value.items())
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml(v)}" for k, v in value.items())
         return "{ " + inner + " }" if inner else "{}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
@@ -836,9 +845,16 @@ def _build(
         model.mode = mode
         model.extra = [f"{p.name}/{u}" for p, u in routes[1:]]
         if len(routes) > 1:
+            orders = [group[0].order for group in endpoints.values()]
+            tiers = all(math.isfinite(o) for o in orders) and len(set(orders)) == len(orders)
             model.notes.append(
                 f"{model_name}: its deployments on other endpoints are its first fallbacks, "
-                "in LiteLLM's `order` (approximate: LiteLLM balances across them)"
+                "in LiteLLM's `order` ("
+                + (
+                    "as in LiteLLM, a higher order serves only when the lower ones fail)"
+                    if tiers
+                    else "approximate: LiteLLM balances across them)"
+                )
             )
         windows = [d.context_window for d in deps if d.context_window is not None]
         if windows:
@@ -925,7 +941,7 @@ def _fallbacks(
     raw, where = both("context_window_fallbacks")
     windows: dict[str, str] = {}
     for name, targets in _fallback_map(raw, where).items():
-        usable = [t for t in targets if t in by_name]
+        usable = [t for t in targets if t in by_name and t != name]
         if name not in by_name or not usable:
             out.drop(router.notes, f"{where}: {name}", "no carried-over model of that name")
             continue

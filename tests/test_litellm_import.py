@@ -252,6 +252,7 @@ def test_local_servers_ollama_lm_studio_wildcards_order_and_literal_secrets() ->
     deepseek = model(config, "deepseek")
     assert provider(config, deepseek.provider).base_url == "https://api.groq.com/openai/v1"
     assert deepseek.fallbacks == ["deepseek/deepseek-chat"]
+    assert "as in LiteLLM, a higher order serves only when the lower ones fail" in toml
     r = config.router
     assert (r.attempt_timeout, r.first_token_timeout, r.idle_timeout, r.timeout) == (
         120.0, 15.0, 15.0, 360.0,
@@ -499,7 +500,10 @@ def deployments(draw: st.DrawFn) -> dict[str, Any]:
             params[limit] = draw(st.integers(1, 100_000))
     if draw(st.booleans()):
         params["order"] = draw(st.integers(0, 3))
-    name = draw(st.sampled_from(["alpha", "beta", "gamma", "delta"]))
+    name = draw(
+        st.sampled_from(["alpha", "beta", "gamma", "delta"])
+        | st.text(min_size=1, max_size=6).filter(lambda t: t.strip() and "*" not in t)
+    )
     return {"model_name": name, "litellm_params": params}
 
 
@@ -550,7 +554,7 @@ def test_any_valid_model_list_imports_to_a_config_that_loads_with_every_deployme
     models = {m.name: m for m in config.models}
     for entry in data["model_list"]:
         params = entry["litellm_params"]
-        m = models[entry["model_name"]]
+        m = models[entry["model_name"].strip()]
         routes = [(m.provider, m.upstream)] + [
             (f.partition("/")[0], f.partition("/")[2])
             for f in m.fallbacks
