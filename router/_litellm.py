@@ -213,6 +213,11 @@ _WHY: Final[dict[str, str]] = {
     "environment_variables": "LiteLLM sets these variables itself; set them in the "
     "environment of llm-router",
     "include": "included files: import each file and merge the TOML by hand",
+    "turn_off_message_logging": "nothing to turn off: llm-router never logs message content",
+    "redact_user_api_key_info": "nothing to redact: no secret appears in llm-router's logs",
+    "background_health_checks": "llm-router learns health from live traffic (breakers, "
+    "cooldowns, /readyz) rather than probe calls",
+    "health_check_interval": "llm-router learns health from live traffic rather than probes",
 }
 _UNKNOWN: Final = "no equivalent in llm-router"
 

@@ -270,6 +270,40 @@ def test_local_servers_ollama_lm_studio_wildcards_order_and_literal_secrets() ->
     assert any("model_list[3].litellm_params.api_key is a literal secret" in w for w in warnings)
 
 
+def test_production_limits_shared_redis_and_what_a_proxy_database_did() -> None:
+    toml, config, warnings = imported("production.yaml")
+    mini = model(config, "gpt-4o-mini")
+    azure = provider(config, mini.provider)
+    assert azure.base_url == "https://fabrikam-prod.openai.azure.com/openai/v1"
+    assert [(k.id, k.secret, k.max_concurrency) for k in azure.keys] == [
+        ("prod-mini", "env:AZURE_PROD_KEY", 50)
+    ]
+    embed = model(config, "embeddings")
+    assert (embed.provider, embed.upstream, embed.mode) == (
+        mini.provider, "text-embedding-3-large", "embedding",
+    )  # fmt: skip
+    assert {m.name for m in config.models} == {"gpt-4o-mini", "embeddings"}
+    assert config.router.shared is not None and config.router.shared.redis_url == "env:REDIS_URL"
+    assert config.gateway.max_in_flight == 400
+    assert config.gateway.admin_key == "env:PROXY_MASTER_KEY"
+    notes = comments(toml)
+    for setting in (
+        "model_list[2] (model_name 'dall-e-3') (model_info.mode 'image_generation')",
+        "litellm_settings.cache: response caching",
+        "litellm_settings.cache_params: response caching",
+        "litellm_settings.callbacks: logging callbacks",
+        "router_settings.max_fallbacks",
+        "router_settings.disable_cooldowns",
+        "general_settings.store_model_in_db",
+        "general_settings.background_health_checks: llm-router learns health",
+        "model_list[0].litellm_params.timeout: a per-deployment timeout",
+        "model_list[0].litellm_params.stream_timeout: a per-deployment timeout",
+        "model_list[0].model_info.base_model",
+    ):
+        assert f"not carried over: {setting}" in notes
+    assert warnings == []
+
+
 def test_unknown_settings_everywhere_are_named_with_their_path() -> None:
     text = """
 model_list:
