@@ -45,6 +45,7 @@ from urllib.parse import quote, urlsplit
 import yaml
 
 from ._errors import ConfigError
+from ._secrets import header_is_secret
 
 __all__ = ["ImportResult", "import_litellm"]
 
@@ -601,16 +602,20 @@ def _deployment(i: int, entry: Any, out: _Out, pre_call_checks: bool) -> _Deploy
         if not isinstance(hdrs, Mapping):
             raise ConfigError(f"{where}.litellm_params.{hdr_field}", "must be a mapping")
         for h, v in hdrs.items():
-            d.headers[str(h)] = _env_ref(v)
+            value = d.headers[str(h)] = _env_ref(v)
+            if header_is_secret(str(h), value) and not value.startswith("env:"):
+                out.warnings.append(
+                    f"{where}.litellm_params.{hdr_field}.{h} is a literal credential in the "
+                    "LiteLLM file; it is carried over as is, but `env:VAR` is safer"
+                )
     for limit in ("rpm", "tpm"):
-        raw = params.get(limit)
+        raw, outer = params.get(limit), top.get(limit)
         if raw is None:
-            raw = top.get(limit)
-        else:
-            top.get(limit)
+            raw = outer
+        elif outer is not None and outer != raw:
+            out.drop(d.notes, f"{where}.{limit}", f"{where}.litellm_params.{limit} wins")
         if raw is not None:
-            value = int(_number(raw, f"{where}.{limit}", integer=True, minimum=1))
-            setattr(d.key, limit, value)
+            setattr(d.key, limit, int(_number(raw, f"{where}.{limit}", integer=True, minimum=1)))
     conc = params.get("max_parallel_requests")
     if conc is not None:
         d.key.max_concurrency = int(

@@ -330,6 +330,28 @@ frobnicate_g: 7
         assert f"# not carried over: {path}: no equivalent in llm-router" in toml
 
 
+def test_headers_and_organization_carry_over_with_env_references() -> None:
+    text = """
+model_list:
+  - model_name: m
+    litellm_params:
+      model: openai/gpt-4o
+      organization: os.environ/OPENAI_ORG
+      extra_headers: {X-Team: search, X-Gateway-Token: tok-literal-77, X-Api-Key: os.environ/GW}
+"""
+    result = import_litellm(text)
+    config = RouterConfig.from_toml(result.toml)
+    assert config.providers[0].headers == {
+        "OpenAI-Organization": "env:OPENAI_ORG",
+        "X-Team": "search",
+        "X-Gateway-Token": "tok-literal-77",
+        "X-Api-Key": "env:GW",
+    }
+    (warning,) = result.warnings
+    assert "extra_headers.X-Gateway-Token is a literal credential" in warning
+    assert "tok-literal-77" not in warning
+
+
 def test_router_settings_win_over_litellm_settings_and_say_so() -> None:
     text = """
 model_list: [{model_name: m, litellm_params: {model: openai/gpt-4o}}]
