@@ -10,9 +10,9 @@ How LiteLLM's shapes map onto ours:
 
 - **Deployments.** A LiteLLM deployment is (model_name, endpoint, upstream model, key).
   Ours: a model names one provider (kind + base_url + headers) and one upstream, and a
-  provider holds keys. Deployments of one `model_name` on the same endpoint and upstream
-  become the keys of one provider (balanced by `[router] balancing`); deployments on
-  other endpoints become the model's first fallbacks, as `provider/upstream` names, in
+  provider holds keys. Deployments of one `model_name` on the same endpoint, upstream
+  and `order` become the keys of one provider (balanced by `[router] balancing`); the
+  others become the model's first fallbacks, as `provider/upstream` names, in
   LiteLLM's `order`. A provider is shared between models only when its keys carry no
   rpm/tpm: LiteLLM counts those per deployment, we count them per key.
 - **Fallbacks.** LiteLLM's `fallbacks: [{A: [B, C]}]` moves a request to another model
@@ -767,7 +767,7 @@ def import_litellm(text: str | bytes, source: str = "config.yaml") -> ImportResu
     cooldown = _Table()
     shared = _Table()
     gateway = _Table()
-    providers, models = _build(deployments, out, general, router_r)
+    providers, models = _build(deployments, out)
     by_name = {m.name: m for m in models}
 
     def both(name: str) -> tuple[Any, str]:
@@ -799,9 +799,7 @@ def import_litellm(text: str | bytes, source: str = "config.yaml") -> ImportResu
     )
 
 
-def _build(
-    deployments: list[_Deployment], out: _Out, general: _Reader, router_r: _Reader
-) -> tuple[list[_Provider], list[_Model]]:
+def _build(deployments: list[_Deployment], out: _Out) -> tuple[list[_Provider], list[_Model]]:
     groups: dict[str, list[_Deployment]] = {}
     for d in deployments:
         groups.setdefault(d.model_name, []).append(d)
@@ -824,7 +822,8 @@ def _build(
                     f"mode {d.mode} in a model group of mode {mode}",
                 )
                 continue
-            endpoints.setdefault((*d.endpoint(), d.upstream), []).append(d)
+            # a different `order` is a different tier: a fallback, not a sibling key
+            endpoints.setdefault((*d.endpoint(), d.upstream, d.order), []).append(d)
         routes: list[tuple[_Provider, str]] = []
         for group in endpoints.values():
             first = group[0]

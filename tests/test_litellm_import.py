@@ -352,6 +352,24 @@ model_list:
     assert "tok-literal-77" not in warning
 
 
+def test_keys_of_one_endpoint_in_two_order_tiers_become_a_fallback() -> None:
+    text = """
+model_list:
+  - {model_name: m, litellm_params: {model: openai/gpt-4o, api_key: os.environ/B, order: 2}}
+  - {model_name: m, litellm_params: {model: openai/gpt-4o, api_key: os.environ/A, order: 1}}
+  - {model_name: m, litellm_params: {model: openai/gpt-4o, api_key: os.environ/C, order: 1}}
+"""
+    toml = import_litellm(text).toml
+    config = RouterConfig.from_toml(toml)
+    m = model(config, "m")
+    assert [k.secret for k in provider(config, m.provider).keys] == ["env:A", "env:C"]
+    (tier2,) = m.fallbacks
+    name, _, upstream = tier2.partition("/")
+    assert upstream == "gpt-4o"
+    assert [k.secret for k in provider(config, name).keys] == ["env:B"]
+    assert "a higher order serves only when the lower ones fail" in toml
+
+
 def test_router_settings_win_over_litellm_settings_and_say_so() -> None:
     text = """
 model_list: [{model_name: m, litellm_params: {model: openai/gpt-4o}}]
