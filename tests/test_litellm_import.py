@@ -558,6 +558,9 @@ _NEEDS_BASE = {"azure", "hosted_vllm"}
 
 @st.composite
 def deployments(draw: st.DrawFn) -> dict[str, Any]:
+    names = st.sampled_from(["alpha", "beta", "gamma", "delta"]) | st.text(
+        min_size=1, max_size=6
+    ).filter(lambda t: bool(t.strip()) and "*" not in t)
     prefix = draw(st.sampled_from(_PREFIXES))
     params: dict[str, Any] = {
         "model": f"{prefix}/{draw(st.from_regex(r'm[a-d0-9.-]{0,8}', fullmatch=True))}"
@@ -574,11 +577,10 @@ def deployments(draw: st.DrawFn) -> dict[str, Any]:
             params[limit] = draw(st.integers(1, 100_000))
     if draw(st.booleans()):
         params["order"] = draw(st.integers(0, 3))
-    name = draw(
-        st.sampled_from(["alpha", "beta", "gamma", "delta"])
-        | st.text(min_size=1, max_size=6).filter(lambda t: t.strip() and "*" not in t)
-    )
-    return {"model_name": name, "litellm_params": params}
+    if draw(st.booleans()):
+        model_info = {"max_input_tokens": draw(st.integers(1, 200_000))}
+        return {"model_name": draw(names), "litellm_params": params, "model_info": model_info}
+    return {"model_name": draw(names), "litellm_params": params}
 
 
 @st.composite
@@ -597,6 +599,10 @@ def litellm_configs(draw: st.DrawFn) -> dict[str, Any]:
         ]
     if draw(st.booleans()):
         router["default_fallbacks"] = draw(st.lists(st.sampled_from(names), max_size=2))
+    if draw(st.booleans()):
+        router["model_group_alias"] = {
+            draw(st.sampled_from(["alias", "alpha", "omega"])): draw(st.sampled_from(names))
+        }
     for name, values in (
         ("num_retries", st.integers(0, 5)),
         ("timeout", st.floats(0.5, 900)),
@@ -624,6 +630,7 @@ def test_any_valid_model_list_imports_to_a_config_that_loads_with_every_deployme
 ) -> None:
     result = import_litellm(yaml.safe_dump(data))
     config = RouterConfig.from_toml(result.toml)
+    assert "sk-literal-1" not in comments(result.toml) + "".join(result.warnings)
     providers = {p.name: p for p in config.providers}
     models = {m.name: m for m in config.models}
     for entry in data["model_list"]:
