@@ -1033,6 +1033,12 @@ def _router_settings(
             f"{where}: also the wait for a stream's first chunk and between chunks",
         )
         router.set("idle_timeout", t)
+    else:
+        router.notes.append(
+            "no timeout in the LiteLLM file: LiteLLM waits up to 10 minutes per call; "
+            "llm-router's defaults apply (attempt_timeout 30 s, timeout 90 s): raise them "
+            "for long generations"
+        )
     stream, where = both("stream_timeout")
     if stream is not None:
         first = float(_number(stream, where, integer=False, minimum=0.001))

@@ -132,6 +132,8 @@ def test_quickstart_azure_regions_become_a_model_and_its_fallback() -> None:
         ("master", "env:LITELLM_MASTER_KEY")
     ]
     assert config.gateway.port == 4000
+    assert config.router.attempt_timeout == 30.0  # ours, and the comment says so
+    assert "no timeout in the LiteLLM file: LiteLLM waits up to 10 minutes per call" in toml
     notes = comments(toml)
     assert "not carried over: litellm_settings.success_callback: logging callbacks" in notes
     assert "not carried over: general_settings.database_url: virtual keys" in notes
