@@ -932,7 +932,7 @@ def _fallbacks(
             if target is None:
                 out.drop(
                     model.notes,
-                    f"{where}: {model.name} -> {t}",
+                    f"{source}: {model.name} -> {t}",
                     "no carried-over model of that name",
                 )
                 continue
@@ -955,11 +955,12 @@ def _fallbacks(
             out.drop(router.notes, f"{where}: {name}", "no carried-over model of that name")
             continue
         windows[name] = usable[0]
-        if len(targets) > 1:
+        rest = [t for t in targets if t != usable[0]]
+        if rest:
             out.drop(
                 router.notes,
-                f"{where}: {name} -> {', '.join(targets[1:])}",
-                "llm-router sends an overflowing prompt to one larger model",
+                f"{where}: {name} -> {', '.join(rest)}",
+                f"llm-router sends an overflowing prompt to one larger model ({usable[0]})",
             )
     if windows:
         router.set(
