@@ -704,9 +704,9 @@ class _Table:
         self.fields[name] = (value, [_one_line(c) for c in comments])
 
     def lines(self, header: str) -> list[str]:
-        if not self.fields and not self.notes:
-            return []
-        out = ["", header] if header else [""]
+        if not self.fields:  # no table (an empty [router.shared] would not load): notes only
+            return ["", *(f"# {n}" for n in self.notes)] if self.notes else []
+        out = ["", header]
         out += [f"# {n}" for n in self.notes]
         for name, (value, comments) in self.fields.items():
             out += [f"# {c}" for c in comments]
@@ -1104,16 +1104,17 @@ def _redis(router_r: _Reader, out: _Out, shared: _Table) -> None:
         "instance (LiteLLM shares its usage counts and cooldowns the same way)"
     )
     if url is not None:
-        value = (
-            _secret(url, "router_settings.redis_url", out)
-            if "@" in str(url)
-            else (
-                f"env:{str(url)[len(_ENV_PREFIX) :]}"
-                if str(url).startswith(_ENV_PREFIX)
-                else str(url)
+        text = str(url).strip()
+        secret = "@" in text or text.startswith(_ENV_PREFIX)
+        value = _secret(text, "router_settings.redis_url", out) if secret else text
+        if not value.startswith(("redis://", "rediss://", "unix://", "env:")):
+            raise ConfigError(
+                "router_settings.redis_url", "must start with redis://, rediss:// or unix://"
             )
-        )
         shared.set("redis_url", value, why)
+        for name, v in (("redis_host", host), ("redis_port", port), ("redis_password", password)):
+            if v is not None:
+                out.drop(shared.notes, f"router_settings.{name}", "redis_url wins")
         return
     parts = [
         ("redis_host", host),

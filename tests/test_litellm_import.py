@@ -372,6 +372,49 @@ model_list:
     assert "a higher order serves only when the lower ones fail" in toml
 
 
+@pytest.mark.parametrize(
+    ("settings", "url", "note"),
+    [
+        ({"redis_url": "os.environ/MY_REDIS"}, "env:MY_REDIS", None),
+        (
+            {"redis_url": "rediss://cache.example:6380/2", "redis_host": "ignored"},
+            "rediss://cache.example:6380/2",
+            "not carried over: router_settings.redis_host: redis_url wins",
+        ),
+        ({"redis_host": "10.1.2.3", "redis_db": 4}, "redis://10.1.2.3:6379/4", None),
+        (
+            {"redis_host": "r", "redis_port": "6390", "redis_password": "p@ss/word"},
+            "redis://:p%40ss%2Fword@r:6390",
+            None,
+        ),
+        (
+            {"redis_port": 6379},
+            None,
+            "not carried over: router_settings.redis_port: no redis_host",
+        ),
+    ],
+)
+def test_redis_settings_become_one_shared_url(
+    settings: dict[str, Any], url: str | None, note: str | None
+) -> None:
+    data = {
+        "model_list": [{"model_name": "m", "litellm_params": {"model": "openai/gpt-4o"}}],
+        "router_settings": settings,
+    }
+    toml = import_litellm(yaml.safe_dump(data)).toml
+    shared = RouterConfig.from_toml(toml).router.shared
+    assert (shared.redis_url if shared else None) == url
+    if note:
+        assert note in toml
+
+
+def test_a_redis_url_the_router_cannot_use_is_an_input_error() -> None:
+    text = "model_list: [{model_name: m, litellm_params: {model: openai/x}}]\n"
+    with pytest.raises(ConfigError) as info:
+        import_litellm(text + "router_settings: {redis_url: 'localhost:6379'}\n")
+    assert info.value.field == "router_settings.redis_url"
+
+
 def test_router_settings_win_over_litellm_settings_and_say_so() -> None:
     text = """
 model_list: [{model_name: m, litellm_params: {model: openai/gpt-4o}}]
@@ -614,7 +657,24 @@ def litellm_configs(draw: st.DrawFn) -> dict[str, Any]:
     ):
         if draw(st.booleans()):
             router[name] = draw(values)
-    return {"model_list": model_list, "router_settings": router}
+    for name, values in (
+        ("redis_host", st.sampled_from(["10.0.0.5", "os.environ/REDIS_HOST"])),
+        ("redis_port", st.sampled_from([6379, "6380", "os.environ/REDIS_PORT"])),
+        ("redis_password", st.sampled_from(["pw:/@x", "os.environ/REDIS_PASSWORD"])),
+        ("redis_db", st.integers(0, 15)),
+        ("redis_url", st.sampled_from(["redis://r:6379/0", "os.environ/REDIS_URL"])),
+    ):
+        if draw(st.integers(0, 3)) == 0:
+            router[name] = draw(values)
+    general: dict[str, Any] = {}
+    for name, values in (
+        ("master_key", st.sampled_from(["os.environ/MASTER", "sk-literal-1"])),
+        ("max_parallel_requests", st.integers(1, 100)),
+        ("global_max_parallel_requests", st.integers(1, 1000)),
+    ):
+        if draw(st.booleans()):
+            general[name] = draw(values)
+    return {"model_list": model_list, "router_settings": router, "general_settings": general}
 
 
 def _expected_secret(params: dict[str, Any]) -> str:
