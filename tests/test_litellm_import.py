@@ -415,6 +415,69 @@ def test_a_redis_url_the_router_cannot_use_is_an_input_error() -> None:
     assert info.value.field == "router_settings.redis_url"
 
 
+@pytest.mark.parametrize(
+    ("params", "served"),
+    [
+        ({"model": "gpt-4o"}, ("openai", "https://api.openai.com/v1", "gpt-4o")),
+        (
+            {"model": "claude-3-5-haiku"},
+            ("anthropic", "https://api.anthropic.com", "claude-3-5-haiku"),
+        ),
+        (
+            {"model": "my-model", "custom_llm_provider": "openai", "api_base": "http://h:1/v1"},
+            ("openai", "http://h:1/v1", "my-model"),
+        ),
+        (
+            {"model": "openrouter/anthropic/claude-3.5-sonnet"},
+            ("openai", "https://openrouter.ai/api/v1", "anthropic/claude-3.5-sonnet"),
+        ),
+        (
+            {"model": "anthropic/claude-x", "api_base": "https://proxy.example/v1/messages"},
+            ("anthropic", "https://proxy.example", "claude-x"),
+        ),
+        (
+            {"model": "gemini/gemini-2.5-pro", "api_base": "https://g.example/v1beta/"},
+            ("gemini", "https://g.example", "gemini-2.5-pro"),
+        ),
+        ({"model": "gemini-1.5-pro"}, "Vertex AI needs Google Cloud OAuth"),
+        ({"model": "cohere/command-r"}, "Cohere's chat API has its own protocol"),
+        ({"model": "acme/thing"}, "provider 'acme' is not one llm-router can serve"),
+        ({"model": "plain-local-model"}, "no provider prefix"),
+    ],
+)
+def test_model_strings_map_to_our_kinds_or_say_why_not(
+    params: dict[str, Any], served: tuple[str, str, str] | str
+) -> None:
+    data = {
+        "model_list": [
+            {"model_name": "probe", "litellm_params": params},
+            {"model_name": "other", "litellm_params": {"model": "openai/gpt-4o-mini"}},
+        ]
+    }
+    toml = import_litellm(yaml.safe_dump(data)).toml
+    config = RouterConfig.from_toml(toml)
+    if isinstance(served, str):
+        assert "probe" not in {m.name for m in config.models}
+        assert f"not carried over: model_list[0] (model_name 'probe'), {params['model']}" in toml
+        assert served in toml
+        return
+    probe = model(config, "probe")
+    p = provider(config, probe.provider)
+    assert (p.kind, p.base_url, probe.upstream) == served
+
+
+def test_star_and_default_fallbacks_go_to_models_without_their_own() -> None:
+    data = {
+        "model_list": [
+            {"model_name": n, "litellm_params": {"model": f"openai/{n}"}} for n in "abcd"
+        ],
+        "router_settings": {"fallbacks": [{"a": ["b"]}, {"*": ["d"]}]},
+        "litellm_settings": {"default_fallbacks": ["c"]},
+    }
+    config = RouterConfig.from_toml(import_litellm(yaml.safe_dump(data)).toml)
+    assert [model(config, n).fallbacks for n in "abcd"] == [["b"], ["d", "c"], ["d"], ["c"]]
+
+
 def test_router_settings_win_over_litellm_settings_and_say_so() -> None:
     text = """
 model_list: [{model_name: m, litellm_params: {model: openai/gpt-4o}}]
