@@ -1002,7 +1002,7 @@ def _router_settings(
             "approximate: a faster key has fewer requests in flight",
         ),
     }
-    if strategy in mapping:
+    if (strategy is None or isinstance(strategy, str)) and strategy in mapping:
         value, why = mapping[strategy]
         router.set(
             "balancing", value, f"router_settings.routing_strategy {strategy or '(unset)'}: {why}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from router import ChatRequest, ConfigError, Message, Router, RouterConfig
@@ -536,6 +536,18 @@ def test_a_long_chain_raises_max_chain_and_max_attempts() -> None:
         ),
         ("model_list: [oops]", "model_list[0]", "must be a mapping"),
         (
+            "model_list: [{model_name: a, litellm_params: {model: openai/x}}]\n"
+            "router_settings: {timeout: [1], routing_strategy: [x]}",
+            "router_settings.timeout",
+            "must be a number",
+        ),
+        (
+            "model_list: [{model_name: a, litellm_params: {model: openai/x}}]\n"
+            "router_settings: {fallbacks: [gpt]}",
+            "router_settings.fallbacks[0]",
+            "must be a mapping",
+        ),
+        (
             "model_list: [{model_name: a, litellm_params: {model: bedrock/x}}]",
             "model_list",
             "no deployment can be served by llm-router",
@@ -772,3 +784,89 @@ def test_any_valid_model_list_imports_to_a_config_that_loads_with_every_deployme
             up == upstream and wanted in [(k.secret, k.rpm, k.tpm) for k in providers[p].keys]
             for p, up in routes
         ), (entry, result.toml)
+
+
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _some(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    plausible = st.sampled_from(
+        [1, 30, "6379", "openai/m", "os.environ/V", "http://h/v1", True, ["m"], [{"m": ["n"]}]]
+    )
+    return st.dictionaries(st.sampled_from(keys), plausible | _ANY, max_size=3)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "model_name": st.sampled_from(["a", "b", "c"])
+                | st.text(min_size=1, max_size=5).filter(str.strip)
+                | _ANY,
+                "litellm_params": st.builds(
+                    lambda model, extra: {**extra, "model": model},
+                    st.sampled_from(["openai/m", "anthropic/c", "ollama/l", "azure/d", "x/y"])
+                    | _ANY,
+                    _some(
+                        [
+                            "api_key",
+                            "api_base",
+                            "rpm",
+                            "tpm",
+                            "order",
+                            "organization",
+                            "extra_headers",
+                            "max_parallel_requests",
+                            "drop_params",
+                            "custom_llm_provider",
+                            "timeout",
+                        ]
+                    ),
+                ),
+            },
+            optional={"model_info": _some(["id", "mode", "max_input_tokens"])},
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    _some(
+        [
+            "fallbacks",
+            "context_window_fallbacks",
+            "default_fallbacks",
+            "num_retries",
+            "timeout",
+            "stream_timeout",
+            "allowed_fails",
+            "cooldown_time",
+            "routing_strategy",
+            "redis_host",
+            "redis_port",
+            "redis_password",
+            "redis_url",
+            "model_group_alias",
+            "retry_after",
+        ]
+    ),
+    _some(["master_key", "max_parallel_requests", "global_max_parallel_requests"]),
+)
+def test_any_input_either_imports_to_a_config_that_loads_or_is_a_config_error(
+    model_list: list[dict[str, Any]], router: dict[str, Any], general: dict[str, Any]
+) -> None:
+    text = yaml.safe_dump(
+        {"model_list": model_list, "router_settings": router, "general_settings": general}
+    )
+    try:
+        result = import_litellm(text)
+    except ConfigError:
+        event("refused with a ConfigError")
+        return
+    event("imported")
+    RouterConfig.from_toml(result.toml)
