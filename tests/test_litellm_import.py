@@ -760,7 +760,7 @@ def _expected_secret(params: dict[str, Any]) -> str:
     return f"env:{key[len('os.environ/') :]}" if key.startswith("os.environ/") else key
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(litellm_configs())
 def test_any_valid_model_list_imports_to_a_config_that_loads_with_every_deployment(
     data: dict[str, Any],
@@ -802,7 +802,7 @@ def _some(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     return st.dictionaries(st.sampled_from(keys), plausible | _ANY, max_size=3)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.fixed_dictionaries(
