@@ -516,6 +516,42 @@ class SharedState:
         if actor.budget is not None and actor.budget.tpm is not None:
             self._send(self._reconcile, self._budget_keys(actor), member, tokens)
 
+    # -- scripts of other modules (the gateway's tenant quotas) ---------------------------
+
+    def key(self, kind: str, name: str) -> str:
+        """A Redis key under this router's prefix."""
+        return self._key(kind, name)
+
+    async def call(
+        self, source: str, keys: list[str], args: list[Any], within: float
+    ) -> Any | None:
+        """Run a Lua script (`source`, registered on first use) within `within` s; None
+        when Redis is unreachable, slow or failing (then marked unreachable, as for any
+        other operation): the caller decides locally."""
+        client = self._client
+        if not self.reachable or client is None:
+            return None
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = client.register_script(source)
+        result: Any = None
+        with trio.move_on_after(within):
+            try:
+                result = await script(keys=keys, args=args)
+            except Exception as exc:
+                self._failed(exc)
+        return result
+
+    def call_later(self, source: str, keys: list[str], args: list[Any]) -> None:
+        """Queue a Lua script run off the request path (dropped while Redis is down)."""
+        self._send(self._call_script, source, keys, args)
+
+    async def _call_script(self, source: str, keys: list[str], args: list[Any]) -> None:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._client.register_script(source)
+        await script(keys=keys, args=args)
+
     def _budget_keys(self, actor: KeyActor) -> list[str]:
         base = self._actor_key("budget", actor)
         return [f"{base}:times", f"{base}:tokens", f"{base}:held"]
