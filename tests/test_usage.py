@@ -200,10 +200,12 @@ async def test_a_continuation_on_an_unpriced_model_leaves_the_cost_unknown() -> 
     provider = Metered()
     provider.cut_after_usage.update({"a", "b"})
     cfg = config(continuation=True, fallbacks=["local"])
-    async with Router.open(cfg, {"p": provider, "free": Metered()}) as router:
-        async with router.stream(ask()) as stream:
-            with pytest.raises(StreamInterruptedError):  # cut twice, one continuation
-                _ = [c async for c in stream]
+    async with (
+        Router.open(cfg, {"p": provider, "free": Metered()}) as router,
+        router.stream(ask()) as stream,
+    ):
+        with pytest.raises(StreamInterruptedError):  # cut twice, one continuation
+            _ = [c async for c in stream]
     # both segments reported usage before their cut: an interrupted answer still costs
     assert stream.cost_usd == pytest.approx(2 * table_cost(ANSWER))
     cfg.providers[0].keys = cfg.providers[0].keys[:1]  # continued on the next model
