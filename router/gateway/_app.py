@@ -976,6 +976,9 @@ class GatewayApp:
                 )
         verdict = await quotas.admit(key.id, tokens)
         if isinstance(verdict, _quota.Refusal):
+            entry = _access.current.get()
+            if entry is not None:
+                entry.model_asked = request.model
             self.metrics.quota_rejected.labels(key.id, verdict.limit).inc()
             seconds = str(max(1, math.ceil(verdict.retry_after)))
             code = f"{verdict.limit}_quota_exceeded"
