@@ -2,15 +2,17 @@
 and Retry-After before any upstream call (the emulator counts the calls), windows and
 budget periods roll over on a controlled clock, Anthropic's error shape on
 /v1/messages, the cost header and body block, /v1/router/usage and its auth, and the
-config errors of quotas. Quotas through Redis with two served processes are in
-tests/test_quotas_shared.py."""
+config errors of quotas; and quotas through Redis with two served processes (and
+Redis going away under them)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +23,8 @@ import trio
 from genai_prices import Usage as TableUsage
 from genai_prices import calc_price
 from prometheus_client.parser import text_string_to_metric_families
+from test_gateway import Proc
+from test_shared import RedisServer
 
 from router import ConfigError, RouterConfig
 from router._types import Usage
@@ -302,3 +306,183 @@ def test_budget_periods_are_utc_calendar_periods(at: str, kind: str, period: str
     got, until = _quota.period_of(wall, kind)
     assert got == period
     assert until == datetime.fromisoformat(end).replace(tzinfo=UTC).timestamp()
+
+
+# -- through Redis: two served processes enforce one limit ------------------------------
+
+
+SHARED_KEYS = {"rpm": "gw-shared-rpm-0005", "budget": "gw-shared-budget-0006"}
+
+
+def _shared_config(emulator_url: str, redis_port: int, prefix: str) -> str:
+    return f"""
+[router]
+timeout = 5.0
+transient_retries = 0
+
+[router.shared]
+redis_url = "redis://127.0.0.1:{redis_port}/0"
+key_prefix = "{prefix}"
+timeout = 0.3
+budget_timeout = 0.5
+ping_interval = 0.1
+
+[gateway]
+admin_key = "{ADMIN}"
+shutdown_grace = 1.0
+
+[[gateway.api_keys]]
+id = "rpm-key"
+secret = "{SHARED_KEYS["rpm"]}"
+tenant = "team-r"
+rpm = 3
+
+[[gateway.api_keys]]
+id = "budget-key"
+secret = "{SHARED_KEYS["budget"]}"
+tenant = "team-b"
+budget_usd = 0.01
+budget_period = "month"
+
+[[providers]]
+name = "emu"
+kind = "openai"
+base_url = "{emulator_url}/v1"
+pricing = "openai"
+keys = [{{ id = "k1", secret = "sk-emu-shared-quota" }}]
+
+[[models]]
+name = "smart"
+provider = "emu"
+upstream = "gpt-4o"
+"""
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def emulator_proc() -> Iterator[Proc]:
+    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def pair(
+    emulator_proc: Proc, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Proc]]:
+    """Two `llm-router serve` processes sharing one redis-server."""
+    path = tmp_path_factory.mktemp("quota-shared") / "router.toml"
+    path.write_text(_shared_config(emulator_proc.url, redis.port, f"q-{uuid.uuid4().hex[:8]}"))
+    procs: list[Proc] = []
+    try:
+        for _ in range(2):
+            args = ["-m", "router", "serve", "--config", str(path), "--port", "0"]
+            procs.append(Proc([*args, "--access-log", "off"], "listening on"))
+        _wait_shared(procs)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            log = proc.stderr()
+            assert "Traceback" not in log, log[-3000:]
+            for secret in (*SHARED_KEYS.values(), ADMIN):
+                assert secret not in log
+
+
+def _wait_shared(procs: list[Proc]) -> None:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        while True:
+            state = httpx.get(f"{proc.url}/v1/router/state", headers=admin, timeout=5).json()
+            if state["shared"]["reachable"]:
+                break
+            assert time.monotonic() < deadline, "Redis never became reachable"
+            time.sleep(0.05)
+
+
+def _post(proc: Proc, who: str) -> httpx.Response:
+    return httpx.post(
+        f"{proc.url}/v1/chat/completions",
+        json={"model": "smart", "messages": HELLO},
+        headers={"authorization": f"Bearer {SHARED_KEYS[who]}"},
+        timeout=10,
+    )
+
+
+def _upstream_calls(emulator: Proc) -> int:
+    return len(httpx.get(f"{emulator.url}/_emulator/calls", timeout=5).json())
+
+
+def _usage(proc: Proc) -> dict[str, Any]:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    response = httpx.get(f"{proc.url}/v1/router/usage", headers=admin, timeout=5)
+    assert response.status_code == 200
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_two_processes_enforce_one_rpm_and_one_budget_through_redis(
+    pair: list[Proc], emulator_proc: Proc
+) -> None:
+    httpx.post(f"{emulator_proc.url}/_emulator/reset", timeout=5).raise_for_status()
+    statuses = [_post(pair[i % 2], "rpm").status_code for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    over = _post(pair[0], "rpm")
+    assert over.status_code == 429 and int(over.headers["retry-after"]) >= 50
+    assert _upstream_calls(emulator_proc) == 3
+
+    fault = {"faults": [{"usage": {"prompt_tokens": 5000, "completion_tokens": 1000}}]}
+    httpx.post(f"{emulator_proc.url}/_emulator/script", json=fault, timeout=5)
+    assert _post(pair[0], "budget").status_code == 200
+    deadline = time.monotonic() + 5
+    while True:  # the spend is charged off the request path: wait until Redis has it
+        spent = {q["key_id"]: q["spent_usd"] for q in _usage(pair[1])["quotas"]}
+        if spent["budget-key"] > 0.01:
+            break
+        assert time.monotonic() < deadline, spent
+        time.sleep(0.05)
+    refused_elsewhere = _post(pair[1], "budget")
+    assert refused_elsewhere.status_code == 429
+    assert refused_elsewhere.json()["error"]["code"] == "budget_quota_exceeded"
+    assert _upstream_calls(emulator_proc) == 4
+
+    report = _usage(pair[1])
+    assert report["source"] == "shared"
+    tenants = {t["tenant"]: t for t in report["tenants"]}
+    assert tenants["team-r"]["requests"] == 3  # served by both processes
+    assert tenants["team-b"]["cost_usd"] == pytest.approx(_cost(5000, 1000))
+
+
+def test_with_redis_down_quotas_are_counted_locally_and_say_so(
+    pair: list[Proc], redis: RedisServer, emulator_proc: Proc
+) -> None:
+    redis.stop()
+    try:
+        time.sleep(0.5)  # both notice (ping_interval + timeout)
+        response = _post(pair[0], "budget")
+        # this process's own count of the budget key's spend decides: it spent it above
+        assert response.status_code == 429
+        assert _post(pair[1], "rpm").status_code in (200, 429)
+        metrics = httpx.get(f"{pair[0].url}/metrics", timeout=5).text
+        [local] = [
+            s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+            if s.name == "llm_router_quota_local_decisions_total"
+        ]
+        assert local >= 1
+        assert "tenant quotas are counted locally" in pair[0].stderr()
+        assert _usage(pair[0])["source"] == "local"
+    finally:
+        redis.start()
