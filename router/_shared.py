@@ -317,6 +317,9 @@ class SharedState:
         self.published = 0
         self.received = 0
         self.budget_fallbacks = 0
+        self.tickers: list[Callable[[], None]] = []
+        """Called every `ping_interval` while Redis is reachable (other modules' batched
+        writes: the gateway's usage totals)."""
         # What this instance last knew of each piece of state, to tell its own changes
         # (published) from merged ones (not republished). Targets are (actor, upstream
         # model; "" for the key itself); records of lanes the actor dropped, and of
@@ -800,6 +803,8 @@ class SharedState:
         while True:
             await trio.sleep(self.config.ping_interval)
             await self._check()
+            for tick in self.tickers:
+                tick()
 
     async def _writer(self) -> None:
         outbox = self._outbox

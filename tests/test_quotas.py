@@ -457,10 +457,15 @@ def test_two_processes_enforce_one_rpm_and_one_budget_through_redis(
     assert refused_elsewhere.json()["error"]["code"] == "budget_quota_exceeded"
     assert _upstream_calls(emulator_proc) == 4
 
-    report = _usage(pair[1])
-    assert report["source"] == "shared"
-    tenants = {t["tenant"]: t for t in report["tenants"]}
-    assert tenants["team-r"]["requests"] == 3  # served by both processes
+    deadline = time.monotonic() + 5
+    while True:  # each instance adds its totals to Redis about once a second
+        report = _usage(pair[1])
+        assert report["source"] == "shared"
+        tenants = {t["tenant"]: t for t in report["tenants"]}
+        if tenants.get("team-r", {}).get("requests") == 3:  # served by both processes
+            break
+        assert time.monotonic() < deadline, report
+        time.sleep(0.1)
     assert tenants["team-b"]["cost_usd"] == pytest.approx(_cost(5000, 1000))
 
 

@@ -128,17 +128,23 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS[1]: the usage hash. ARGV: the field prefix (JSON [tenant, model]), requests,
-# input, output, cached input tokens, USD.
+# KEYS[1]: the usage hash. ARGV: groups of six: the field prefix (tenant, model), then
+# requests, input, output, cached input tokens, USD to add.
 _USAGE_ADD: Final = """
-local p = ARGV[1]
-redis.call('HINCRBY', KEYS[1], p .. 'requests', ARGV[2])
-redis.call('HINCRBY', KEYS[1], p .. 'input_tokens', ARGV[3])
-redis.call('HINCRBY', KEYS[1], p .. 'output_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[1], p .. 'cached_input_tokens', ARGV[5])
-if tonumber(ARGV[6]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], p .. 'cost_usd', ARGV[6]) end
+for i = 1, #ARGV, 6 do
+  local p = ARGV[i]
+  redis.call('HINCRBY', KEYS[1], p .. 'requests', ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], p .. 'input_tokens', ARGV[i + 2])
+  redis.call('HINCRBY', KEYS[1], p .. 'output_tokens', ARGV[i + 3])
+  redis.call('HINCRBY', KEYS[1], p .. 'cached_input_tokens', ARGV[i + 4])
+  if tonumber(ARGV[i + 5]) > 0 then
+    redis.call('HINCRBYFLOAT', KEYS[1], p .. 'cost_usd', ARGV[i + 5])
+  end
+end
 return 1
 """
+_FLUSH_EVERY: Final = 1.0
+"""Seconds between writes of the usage totals to Redis (one script for all of them)."""
 
 _READ: Final = """
 local out = {redis.call('HGETALL', KEYS[1])}
@@ -254,6 +260,10 @@ class TenantQuotas:
         """Checks decided by local counts alone because Redis did not answer."""
         self._warned = False
         self._seq = 0
+        self._usage: dict[tuple[str, str], list[float]] = {}
+        """Usage not yet added to the shared totals, per (tenant, model)."""
+        self._flushed = -math.inf
+        self._ticking: SharedState | None = None
 
     def __bool__(self) -> bool:
         return bool(self._quotas)
@@ -358,20 +368,46 @@ class TenantQuotas:
     # -- usage totals shared through Redis (``/v1/router/usage``) -------------------------
 
     def add_usage(self, tenant: str | None, model: str, usage: Usage, cost: float | None) -> None:
-        """Add one answer to the shared usage totals (a no-op without Redis)."""
+        """Add one answer to the shared usage totals (a no-op without Redis). Summed
+        here and written at most every `_FLUSH_EVERY` seconds, off the request path."""
         shared = self.shared
         if shared is None:
             return
-        prefix = _SEP.join((tenant or "", model)) + _SEP
-        args: list[Any] = [
-            prefix,
-            1,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_tokens,
-            repr(cost if cost is not None and math.isfinite(cost) else 0.0),
-        ]
-        shared.call_later(_USAGE_ADD, [shared.key("usage", "totals")], args)
+        row = self._usage.get((tenant or "", model))
+        if row is None:
+            if len(self._usage) >= 10_000:
+                return
+            row = self._usage[tenant or "", model] = [0, 0, 0, 0, 0.0]
+        row[0] += 1
+        row[1] += usage.prompt_tokens
+        row[2] += usage.completion_tokens
+        row[3] += usage.cached_tokens
+        if cost is not None and math.isfinite(cost):
+            row[4] += cost
+        if self._ticking is not shared:
+            self._ticking = shared
+            shared.tickers.append(self.flush_usage)
+
+    def flush_usage(self) -> None:
+        """Queue the summed usage for Redis if `_FLUSH_EVERY` has passed (called by the
+        shared state's monitor task)."""
+        shared = self.shared
+        now = self.clock.now()
+        if shared is None or not self._usage or now - self._flushed < _FLUSH_EVERY:
+            return
+        if not shared.reachable:
+            return  # kept (bounded) until Redis is back
+        self._flushed = now
+        shared.call_later(_USAGE_ADD, [shared.key("usage", "totals")], self._take_usage())
+
+    def _take_usage(self) -> list[Any]:
+        args: list[Any] = []
+        for (tenant, model), row in self._usage.items():
+            args.append(_SEP.join((tenant, model)) + _SEP)
+            args += [int(n) for n in row[:4]]
+            args.append(repr(row[4]))
+        self._usage.clear()
+        return args
 
     async def read_shared(self) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
         """The shared usage totals as rows (tenant, model, counts) and each quota key's
@@ -379,6 +415,10 @@ class TenantQuotas:
         shared = self.shared
         if shared is None:
             return None
+        if self._usage:  # what this instance has not written yet
+            self._flushed = self.clock.now()
+            pending = self._take_usage()
+            await shared.call(_USAGE_ADD, [shared.key("usage", "totals")], pending, 1.0)
         wall = self.clock.wall()
         quotas = [q for q in self._quotas.values() if q.budget is not None]
         keys = [shared.key("usage", "totals")]
