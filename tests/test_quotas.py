@@ -22,6 +22,8 @@ import pytest
 import trio
 from genai_prices import Usage as TableUsage
 from genai_prices import calc_price
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import Proc
 from test_shared import RedisServer
@@ -491,3 +493,15 @@ def test_with_redis_down_quotas_are_counted_locally_and_say_so(
         assert _usage(pair[0])["source"] == "local"
     finally:
         redis.start()
+
+
+@given(
+    st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
+    st.sampled_from(["day", "month"]),
+)
+def test_a_period_holds_its_time_and_the_next_starts_at_its_end(wall: float, kind: str) -> None:
+    period, end = _quota.period_of(wall, kind)
+    assert wall < end <= wall + 31 * 86_400
+    following, later = _quota.period_of(end, kind)
+    assert following > period and later > end
+    assert _quota.period_of(end - 1e-3, kind)[0] == period
