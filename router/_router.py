@@ -73,7 +73,7 @@ from ._types import (
     Tool,
     Usage,
 )
-from ._usage import PriceBook, UsageLedger, UsageSnapshot
+from ._usage import PriceBook, UsageLedger, UsageSnapshot, load_table, needs_table
 
 __all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
@@ -283,6 +283,8 @@ class Router:
         if router._any_windows or router._any_tpm:
             # Load the tiktoken encoding once, off the event loop, before any request.
             await trio.to_thread.run_sync(get_encoding)
+        if needs_table(config):  # the price table, likewise (about a second)
+            await trio.to_thread.run_sync(load_table)
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:

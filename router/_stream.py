@@ -120,7 +120,7 @@ class Segment:
 
 
 Continuer = Callable[[str], Awaitable[Continuation | None]]
-Meter = Callable[[Segment, Usage], "float | None"]
+Meter = Callable[[Segment, Usage], float | None]
 """Prices one segment's final usage and counts it (the router's ledger): its cost or None."""
 
 
@@ -197,7 +197,7 @@ class ChatStream:
     def cost_usd(self) -> float | None:
         """What the answer cost in USD once the stream has ended (the sum over its
         segments); None before that, or when a segment's model has no price."""
-        return None if self._unpriced else self._cost
+        return None if self._unpriced or not self._ended else self._cost
 
     def _settle(self) -> None:
         """The current segment is over: price its usage (once) and count it."""

@@ -31,15 +31,26 @@ error means no price), or grow without bound (ledger rows and cached prices are 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 
 from ._config import PriceConfig, ProviderConfig, RouterConfig
 from ._types import Usage
 
-__all__ = ["PriceBook", "Rate", "UsageLedger", "UsageRow", "UsageSnapshot", "known_price_table"]
+__all__ = [
+    "PriceBook",
+    "Rate",
+    "UsageLedger",
+    "UsageRow",
+    "UsageSnapshot",
+    "known_price_table",
+    "load_table",
+    "needs_table",
+]
 
 _MTOK: Final = 1_000_000
 _MAX_PRICES: Final = 4096
@@ -124,15 +135,41 @@ def known_price_table(provider_id: str) -> bool:
     return any(p.id == provider_id for p in _table().providers)
 
 
+def _may_be_priced(config: ProviderConfig) -> bool:
+    """Whether the table may price a provider: named by `pricing`, or an HTTP provider
+    whose base_url is a public host name (every provider of the table is; a loopback,
+    an IP address or a single-label host never is, so the table is not even loaded)."""
+    if config.pricing is not None:
+        return config.pricing != "none"
+    if config.kind not in ("openai", "anthropic", "gemini") or not config.base_url:
+        return False
+    host = (urlsplit(config.base_url).hostname or "").lower()
+    if "." not in host or host.endswith((".local", ".internal", ".localhost")):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def needs_table(config: RouterConfig) -> bool:
+    """Whether pricing `config`'s answers may need the price table (about a second to
+    load: the router loads it in a thread when it opens)."""
+    return any(_may_be_priced(p) for p in config.providers)
+
+
+def load_table() -> None:
+    _table()
+
+
 def _table_provider(config: ProviderConfig) -> Any | None:
     """The price table's provider for a configured provider (see the module docstring)."""
-    if config.pricing == "none":
+    if not _may_be_priced(config):
         return None
     snapshot = _table()
     if config.pricing is not None:
         return next((p for p in snapshot.providers if p.id == config.pricing), None)
-    if config.kind not in ("openai", "anthropic", "gemini") or not config.base_url:
-        return None
     try:
         return snapshot.find_provider(None, None, config.base_url)
     except Exception:  # no table provider claims this URL

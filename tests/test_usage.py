@@ -31,7 +31,7 @@ from router import (
     _usage,
 )
 from router._types import EmbeddingRequest
-from router._usage import PriceBook, Rate, UsageLedger
+from router._usage import PriceBook, Rate, UsageLedger, needs_table
 from router.emulator import Emulator
 from router.gateway._metrics import GatewayMetrics
 
@@ -168,6 +168,28 @@ def test_which_provider_prices_a_base_url() -> None:
     off = _book(kind="openai", base_url="https://api.openai.com/v1", pricing="none")
     assert off.pricer("p/gpt-4o", "p", "gpt-4o") is None
     assert _book(kind="simulated").pricer("p/gpt-4o", "p", "gpt-4o") is None
+
+
+@pytest.mark.parametrize(
+    ("base_url", "needed"),
+    [
+        ("https://api.openai.com/v1", True),
+        ("https://gateway.example.com/v1", True),  # a public name: the table may know it
+        ("http://127.0.0.1:8900/v1", False),
+        ("http://[::1]:8900/v1", False),
+        ("http://vllm:8000/v1", False),
+        ("https://llm.corp.internal/v1", False),
+    ],
+)
+def test_the_table_is_loaded_only_when_it_may_price(base_url: str, needed: bool) -> None:
+    cfg = RouterConfig.from_dict(
+        {
+            "providers": [
+                {"name": "p", "kind": "openai", "base_url": base_url, "keys": [{"id": "k"}]}
+            ]
+        }
+    )
+    assert needs_table(cfg) is needed
 
 
 async def test_a_stream_has_its_cost_when_it_ends() -> None:
