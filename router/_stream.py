@@ -267,6 +267,7 @@ class ChatStream:
             or not isinstance(cause, ProviderError)
         ):
             self._ended = True
+            self._settle()
             raise StreamInterruptedError(cause, self.text, self.attempts)
         self._continuations_left -= 1
         self._stop_pump()
@@ -320,6 +321,7 @@ class ChatStream:
     def _diverged(self) -> NoReturn:
         self._stop_pump()
         self._ended = True
+        self._settle()
         cause = self._cause or RouterClosedError("the replay did not repeat the answer")
         raise StreamInterruptedError(cause, self.text, self.attempts)
 

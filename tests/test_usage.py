@@ -228,8 +228,8 @@ async def test_a_continuation_on_an_unpriced_model_leaves_the_cost_unknown() -> 
     ):
         with pytest.raises(StreamInterruptedError):  # cut twice, one continuation
             _ = [c async for c in stream]
-    # both segments reported usage before their cut: an interrupted answer still costs
-    assert stream.cost_usd == pytest.approx(2 * table_cost(ANSWER))
+        # both segments reported usage before their cut: an interrupted answer still costs
+        assert stream.cost_usd == pytest.approx(2 * table_cost(ANSWER))
     cfg.providers[0].keys = cfg.providers[0].keys[:1]  # continued on the next model
     cfg.models[1].continuation = True  # which takes the text so far as a prefill
     async with Router.open(cfg, {"p": provider, "free": Metered()}) as router:

@@ -1201,7 +1201,15 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 await send(_event(reply.body))
                 watch.finishing = True
@@ -1335,7 +1343,15 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 watch.finishing = True
                 body = error_event(reply.status, reply.body)
