@@ -31,7 +31,7 @@ from test_shared import RedisServer
 from router import ConfigError, RouterConfig
 from router._types import Usage
 from router.emulator import Emulator, Fault
-from router.gateway import _quota
+from router.gateway import _access, _quota
 from router.gateway._app import usd
 from router.gateway._serve import serve
 
@@ -132,6 +132,7 @@ async def test_rpm_refuses_without_an_upstream_call_until_the_window_frees(
         retry = refused(over, "rpm_quota_exceeded")
         assert 55 <= retry <= 60
         assert "rpm-key" in over.json()["error"]["message"]
+        assert KEYS["rpm"] not in over.text
         assert len(emu.calls) == 2
         assert (await chat(client, "free")).status_code == 200  # other keys unaffected
         clock.offset += 60.0  # the window slides past both requests
@@ -505,3 +506,11 @@ def test_a_period_holds_its_time_and_the_next_starts_at_its_end(wall: float, kin
     following, later = _quota.period_of(end, kind)
     assert following > period and later > end
     assert _quota.period_of(end - 1e-3, kind)[0] == period
+
+
+def test_the_text_access_line_has_the_cost() -> None:
+    entry = _access.Access("req-1", "POST", "/v1/chat/completions", 0.0)
+    entry.cost = 0.0225
+    assert "cost_usd=0.0225" in _access.line(entry, 200, 0.01, "text")
+    entry.cost = None
+    assert "cost_usd" not in _access.line(entry, 200, 0.01, "text")

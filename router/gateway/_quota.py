@@ -180,7 +180,7 @@ default_clock = QuotaClock()
 def period_of(wall: float, kind: str) -> tuple[str, float]:
     """The UTC calendar period (``2026-01-05`` or ``2026-01``) holding `wall`, and its
     end (Unix seconds)."""
-    at = datetime.fromtimestamp(wall, UTC)
+    at = datetime.fromtimestamp(math.floor(wall), UTC)  # no rounding into the next one
     if kind == "day":
         start = at.replace(hour=0, minute=0, second=0, microsecond=0)
         return start.strftime("%Y-%m-%d"), start.timestamp() + 86_400.0
