@@ -32,6 +32,7 @@ __all__ = [
     "HealthConfig",
     "KeyConfig",
     "ModelConfig",
+    "PriceConfig",
     "ProviderConfig",
     "RouterConfig",
     "RouterSettings",
@@ -130,7 +131,8 @@ class TokensConfig(_Section):
 
 
 class GatewayKey(_Section):
-    """A key that callers of the HTTP gateway present; it selects their tenant."""
+    """A key that callers of the HTTP gateway present; it selects their tenant. Its
+    quotas (`rpm`, `tpm`, `budget_usd`) are this key's own (see `router.gateway._quota`)."""
 
     id: Name
     secret: str
@@ -138,6 +140,15 @@ class GatewayKey(_Section):
     models: list[str] | None = None
     """The models (configured names or `provider/upstream` ids) this key may call, as
     the request's model or a fallback; None: any the gateway allows."""
+    rpm: PositiveInt | None = None
+    """Requests per minute this key may make (sliding 60 s window); None: no limit."""
+    tpm: PositiveInt | None = None
+    """Tokens per minute: the prompt estimate is counted up front, then replaced by the
+    usage the provider reported (prompt + completion)."""
+    budget_usd: Positive | None = None
+    """US dollars this key may spend per `budget_period` (priced requests only)."""
+    budget_period: Literal["day", "month"] = "day"
+    """The budget's window: the UTC calendar day or month."""
 
     def __repr__(self) -> str:
         return (
@@ -315,11 +326,27 @@ class KeyConfig(_Section):
         return f"KeyConfig(id={self.id!r}, secret='***', max_concurrency={self.max_concurrency!r})"
 
 
+class PriceConfig(_Section):
+    """A model's own price in USD per million tokens (overrides the price table)."""
+
+    input: NonNegative
+    output: NonNegative
+    cached_input: NonNegative | None = None
+    """Prompt tokens read from the provider's cache (default: `input`)."""
+    cache_write: NonNegative | None = None
+    """Prompt tokens written to the provider's cache (Anthropic; default: `input`)."""
+
+
 class ProviderConfig(_Section):
     name: Name
     kind: ProviderKind
     keys: list[KeyConfig]
     base_url: str = ""
+    pricing: str | None = None
+    """Whose price table prices this provider's models (a `genai-prices` provider id
+    such as "openai"), or "none". None: the provider whose API `base_url` points at
+    (api.openai.com, api.anthropic.com, ...); a base_url of no known provider (a
+    private deployment, a proxy) gets no price unless configured."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra HTTP headers sent with every request (HTTP kinds). A value may be given as
     ``env:VAR``. Values given so, and those of credential headers (``api-key``,
@@ -358,6 +385,8 @@ class ModelConfig(_Section):
     mode: Literal["chat", "embedding"] = "chat"
     """What the model serves: chat requests (`Router.submit`, `Router.stream`) or
     embedding requests (`Router.embed`); a request of the other kind is a 400."""
+    price: PriceConfig | None = None
+    """This model's price (None: the price table's, by provider and upstream id)."""
 
 
 _ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -468,6 +497,15 @@ class RouterConfig(_Section):
                 )
             if p.kind in ("openai", "anthropic", "gemini") and not p.base_url:
                 raise ConfigError(f"providers[{i}].base_url", f"required for kind {p.kind!r}")
+            if p.pricing is not None and p.pricing != "none":
+                from ._usage import known_price_table
+
+                if not known_price_table(p.pricing):
+                    raise ConfigError(
+                        f"providers[{i}].pricing",
+                        f"{p.pricing!r} is no provider of the price table (genai-prices); "
+                        'use its provider id (e.g. "openai") or "none"',
+                    )
         models: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in models:

@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
@@ -48,7 +49,7 @@ from ._params import check as check_params
 from ._provider import Provider
 from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
-from ._stream import ChatStream, Continuation, StreamStart
+from ._stream import ChatStream, Continuation, Segment, StreamStart
 from ._tokens import (
     CascadingTokenCounter,
     ExactTokenCounter,
@@ -70,7 +71,9 @@ from ._types import (
     Message,
     TextPart,
     Tool,
+    Usage,
 )
+from ._usage import PriceBook, UsageLedger, UsageSnapshot, load_table, needs_table
 
 __all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
@@ -223,6 +226,10 @@ class Router:
             for rt in runtimes.values():
                 for a in rt.actors:
                     a.shared = self._shared
+        self.prices = PriceBook(config)
+        """Prices of the models (`cost_usd` on answers; see `router._usage`)."""
+        self.ledger = UsageLedger(time.time())
+        """Tokens and cost per model, provider, key and tenant since the router opened."""
         self._offline_counter = OfflineTokenCounter()
         self._exact_counter: TokenCounter | None = None
         tokens = config.router.tokens
@@ -276,6 +283,8 @@ class Router:
         if router._any_windows or router._any_tpm:
             # Load the tiktoken encoding once, off the event loop, before any request.
             await trio.to_thread.run_sync(get_encoding)
+        if needs_table(config):  # the price table, likewise (about a second)
+            await trio.to_thread.run_sync(load_table)
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -462,6 +471,14 @@ class Router:
                     result.attempts = attempts
                     if dropped:
                         result.dropped_params[:0] = dropped
+                    result.cost_usd = self._account(
+                        route.name,
+                        actor.provider_name,
+                        actor.key_id,
+                        upstream,
+                        tenant,
+                        result.usage,
+                    )
                     return result
                 if type(result) is StreamStart:
                     if health is not None:
@@ -478,6 +495,7 @@ class Router:
                         dropped_params=list(dropped),
                         continuer=continuer if settings.max_continuations else None,
                         max_continuations=settings.max_continuations,
+                        meter=functools.partial(self._meter, tenant),
                     )
                 if result is SKIPPED:
                     continue
@@ -584,6 +602,15 @@ class Router:
                     result.provider = actor.provider_name
                     result.key_id = actor.key_id
                     result.attempts = attempts
+                    prompt = result.usage.prompt_tokens
+                    result.cost_usd = self._account(
+                        route.name,
+                        actor.provider_name,
+                        actor.key_id,
+                        route.upstream,
+                        tenant,
+                        Usage(prompt_tokens=prompt, total_tokens=prompt),
+                    )
                     return result
                 if result is SKIPPED:
                     continue
@@ -612,6 +639,35 @@ class Router:
             self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    def _account(
+        self,
+        model: str,
+        provider: str,
+        key_id: str,
+        upstream: str,
+        tenant: str | None,
+        usage: Usage,
+    ) -> float | None:
+        """Price an answer and add it to the ledger; returns its cost (None: no price)."""
+        cost = self.prices.cost(model, provider, upstream, usage)
+        self.ledger.record(model, provider, key_id, tenant, usage, cost)
+        return cost
+
+    def _meter(self, tenant: str | None, segment: Segment, usage: Usage) -> float | None:
+        """`_account` for one segment of a stream, when its usage is final."""
+        return self._account(
+            segment.model, segment.provider, segment.key_id, segment.upstream, tenant, usage
+        )
+
+    @property
+    def shared_state(self) -> SharedState | None:
+        """The link to the state shared through Redis (None: this process alone)."""
+        return self._shared
+
+    def usage(self) -> UsageSnapshot:
+        """Tokens and cost per (model, provider, key, tenant) since the router opened."""
+        return self.ledger.snapshot()
 
     def _hedge_after(self, route: Route[_ProviderRuntime], actor: KeyActor) -> float | None:
         """Seconds after which a second attempt races the first (None: no hedging).

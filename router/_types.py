@@ -274,6 +274,9 @@ class ChatResponse(msgspec.Struct, kw_only=True):
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    cost_usd: float | None = None
+    """What the answer cost in USD, by the serving model's price (see `router._usage`);
+    None when the model has no price."""
 
 
 class Choice(msgspec.Struct, kw_only=True):
@@ -366,6 +369,8 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    cost_usd: float | None = None
+    """What the input cost in USD (None: the model has no price)."""
 
 
 class ApiKey:

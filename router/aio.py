@@ -53,6 +53,7 @@ from ._provider import Provider
 from ._router import Router, RouterSnapshot
 from ._stream import ChatStream, Segment
 from ._types import Attempt, ChatRequest, ChatResponse, StreamChunk, Usage
+from ._usage import UsageSnapshot
 
 __all__ = ["AsyncioChatStream", "AsyncioRouter"]
 
@@ -319,6 +320,10 @@ class AsyncioRouter:
         """`Router.callable_keys()`."""
         return self.router.callable_keys()
 
+    def usage(self) -> UsageSnapshot:
+        """`Router.usage()`: tokens and cost per model, provider, key and tenant."""
+        return self.router.usage()
+
 
 async def _job(
     fn: Callable[[], Awaitable[T]], future: asyncio.Future[T], scope: trio.CancelScope
@@ -438,6 +443,10 @@ class AsyncioChatStream:
     @property
     def usage(self) -> Usage | None:
         return self.stream.usage
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self.stream.cost_usd
 
     @property
     def segments(self) -> list[Segment]:

@@ -46,6 +46,7 @@ class Access:
 
     __slots__ = (
         "attempts",
+        "cost",
         "dropped",
         "error",
         "key_id",
@@ -80,6 +81,8 @@ class Access:
         self.usage: Usage | EmbeddingUsage | None = None
         self.error: str | None = None
         self.dropped = ""
+        self.cost: float | None = None
+        """The answer's cost in USD (None: no price, or no answer)."""
 
     def fields(self, status: int, latency: float) -> dict[str, Any]:
         usage = self.usage
@@ -112,6 +115,8 @@ class Access:
         cached = getattr(usage, "cached_tokens", 0)
         if cached:
             entry["cached_tokens"] = cached
+        if self.cost is not None:
+            entry["cost_usd"] = self.cost
         if self.segments is not None and len(self.segments) > 1:
             entry["segments"] = [
                 {
@@ -151,6 +156,8 @@ def line(access: Access, status: int, latency: float, fmt: str) -> str:
         f"tokens={f['input_tokens'] if f['input_tokens'] is not None else '-'}"
         f"/{f['output_tokens'] if f['output_tokens'] is not None else '-'}",
     ]
+    if "cost_usd" in f:
+        parts.append(f"cost_usd={f['cost_usd']:.10f}".rstrip("0").rstrip("."))
     if "segments" in f:
         parts.append(f"segments={len(f['segments'])}")
     if "error" in f:

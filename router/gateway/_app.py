@@ -48,6 +48,7 @@ from .._errors import (
 )
 from .._router import Router, RouterSnapshot
 from .._stream import Segment
+from .._tokens import OfflineTokenCounter, get_encoding
 from .._types import (
     Attempt,
     ChatRequest,
@@ -56,7 +57,8 @@ from .._types import (
     EmbeddingUsage,
     Usage,
 )
-from . import _access
+from .._usage import UsageSnapshot
+from . import _access, _quota
 from ._embeddings import embeddings_json, parse_embeddings_body
 from ._messages import (
     MessageEvents,
@@ -210,7 +212,7 @@ class _Watch:
 class _Served:
     """Who served a request, for the x-router-* headers and the metrics."""
 
-    __slots__ = ("attempts", "dropped", "key_id", "model", "overhead", "provider")
+    __slots__ = ("attempts", "cost", "dropped", "key_id", "model", "overhead", "provider")
 
     def __init__(
         self,
@@ -228,6 +230,8 @@ class _Served:
         """The ``x-router-dropped-params`` value ("": no such header)."""
         self.overhead: float | None = None
         """Seconds of our own time up to the response head (set by `headers`)."""
+        self.cost: float | None = None
+        """The answer's cost in USD (``x-router-cost-usd``; None: no price)."""
 
     @classmethod
     def from_attempts(cls, attempts: list[Attempt], model: str = "") -> _Served:
@@ -253,10 +257,18 @@ class _Served:
         ]
         if self.dropped:
             headers.append((b"x-router-dropped-params", self.dropped.encode()))
+        if self.cost is not None:
+            headers.append((b"x-router-cost-usd", usd(self.cost).encode()))
         return headers
 
 
 _NOBODY: Final = _Served("", "", "", [])
+
+
+def usd(cost: float) -> str:
+    """A cost as a plain decimal (no exponent), to the 1e-10 dollar."""
+    text = f"{cost:.10f}".rstrip("0").rstrip(".")
+    return text or "0"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -310,7 +322,12 @@ class GatewayApp:
         """Open client connections (kept by the server loop in `_serve`)."""
         self._lag = 0.0
         self._lag_due = math.inf
-        self.metrics = GatewayMetrics(self._snapshot)
+        self.quotas = _quota.TenantQuotas(gw.api_keys)
+        if config.router.shared is not None:
+            self.quotas.shared_timeout = config.router.shared.budget_timeout
+        self._counter = OfflineTokenCounter()
+        self._encoding_loaded = False
+        self.metrics = GatewayMetrics(self._snapshot, self._usage, self.quotas)
         self._models = self._models_json([m.name for m in config.models])
         self._access_format = gw.access_log
 
@@ -328,6 +345,9 @@ class GatewayApp:
 
     def _snapshot(self) -> RouterSnapshot | None:
         return self.router.snapshot() if self.router is not None else None
+
+    def _usage(self) -> UsageSnapshot | None:
+        return self.router.usage() if self.router is not None else None
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -436,6 +456,10 @@ class GatewayApp:
                 status = await self._admin_call(scope, receive, send, started, "GET")
             elif path == "/v1/router/reset":
                 status = await self._admin_call(scope, receive, send, started, "POST")
+            elif path == "/v1/router/usage":
+                status = await self._admin_call(
+                    scope, receive, send, started, "GET", self._usage_report
+                )
             else:
                 status = await self._error(
                     send,
@@ -675,7 +699,13 @@ class GatewayApp:
         return await self._json(send, code, payload, _NOBODY, started)
 
     async def _admin_call(
-        self, scope: Scope, receive: Receive, send: Send, started: float, method: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        method: str,
+        report: Callable[[Router], Awaitable[bytes]] | None = None,
     ) -> int:
         if scope["method"] != method:
             return await self._method_not_allowed(send, started)
@@ -695,7 +725,7 @@ class GatewayApp:
             body = error_body("router is not running", "service_unavailable", None, "closed")
             return await self._error(send, 503, body, _NOBODY, started)
         if method == "GET":
-            raw = msgspec.json.encode(router.snapshot())
+            raw = await report(router) if report is not None else _encode(router.snapshot())
             return await self._send(send, 200, [_JSON], raw, _NOBODY, started)
         raw_body = await self._read_body(scope, receive)
         try:
@@ -760,6 +790,27 @@ class GatewayApp:
                 if not event.get("more_body", False):
                     return bytes(body)
         raise _Stalled
+
+    async def _usage_report(self, router: Router) -> bytes:
+        """``GET /v1/router/usage``: tokens and spend per tenant and per model, and each
+        quota key's spend this period. From Redis (every instance, since the shared
+        totals began) with `[router.shared]`; else (or while Redis does not answer) this
+        process's own since it started."""
+        quotas = self.quotas
+        quotas.shared = router.shared_state
+        shared = await quotas.read_shared()
+        if shared is not None:
+            rows, spent = shared
+            report = _quota.usage_report(rows)
+            report = {"source": "shared", "since": None, **report}
+        else:
+            snap = router.usage()
+            rows = [msgspec.structs.asdict(r) for r in snap.rows]
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.since))
+            report = {"source": "local", "since": since, **_quota.usage_report(rows)}
+            spent = quotas.local_spend()
+        report["quotas"] = quotas.limits(spent)
+        return _encode(report)
 
     async def _too_large(self, send: Send, started: float) -> int:
         body = error_body(
@@ -843,8 +894,11 @@ class GatewayApp:
         if isinstance(result, RouterError):
             return await self._fail(request, result, send, started)
         served = _Served(result.model, result.provider, result.key_id, result.attempts, [])
-        self._record(request, served, "ok", started, result.usage)
+        served.cost = result.cost_usd
+        self._record(request, served, "ok", started, result.usage, cost=result.cost_usd)
         answer = embeddings_json(result, request.encoding_format)
+        if result.cost_usd is not None:
+            answer["x_router"] = {"cost_usd": result.cost_usd}
         return await self._json(send, 200, answer, served, started)
 
     async def _admit(
@@ -891,7 +945,47 @@ class GatewayApp:
             return await self._error(send, 503, body, _NOBODY, started)
         if self.in_flight >= self.max_in_flight:  # others got in while the body arrived
             return await self._overloaded(send, started, "in_flight")
+        self.quotas.shared = router.shared_state
+        if key is not None and self.quotas:
+            refused = await self._quota(key, request, send, started)
+            if refused is not None:
+                return refused
         return router, request, options
+
+    async def _quota(
+        self,
+        key: _GatewayKey,
+        request: ChatRequest | EmbeddingRequest,
+        send: Send,
+        started: float,
+    ) -> int | None:
+        """The key's quota (see `_quota`): None when admitted (its ticket is kept for
+        `_record`), else the status of the 429 sent."""
+        quotas = self.quotas
+        tokens = 0
+        if quotas.needs_tokens(key.id):
+            if not self._encoding_loaded:
+                await trio.to_thread.run_sync(get_encoding)
+                self._encoding_loaded = True
+            if isinstance(request, EmbeddingRequest):
+                tokens = sum(self._counter.count_text(t) for t in request.inputs)
+            else:
+                counter = self._counter
+                tokens = await counter.count_messages(
+                    request.model, request.messages, request.tools
+                )
+        verdict = await quotas.admit(key.id, tokens)
+        if isinstance(verdict, _quota.Refusal):
+            entry = _access.current.get()
+            if entry is not None:
+                entry.model_asked = request.model
+            self.metrics.quota_rejected.labels(key.id, verdict.limit).inc()
+            seconds = str(max(1, math.ceil(verdict.retry_after)))
+            code = f"{verdict.limit}_quota_exceeded"
+            body = error_body(verdict.message, "rate_limit_error", None, code)
+            return await self._error(send, 429, body, _NOBODY, started, [("retry-after", seconds)])
+        _quota.current.set(verdict)
+        return None
 
     async def _overloaded(self, send: Send, started: float, reason: str) -> int:
         if reason == "in_flight":
@@ -957,7 +1051,9 @@ class GatewayApp:
         started: float,
         usage: Usage | EmbeddingUsage | None = None,
         segments: list[Segment] | None = None,
+        cost: float | None = None,
     ) -> None:
+        self._account(request, served, usage, cost)
         entry = _access.current.get()
         if entry is not None:
             entry.model_asked = request.model
@@ -971,6 +1067,7 @@ class GatewayApp:
                 entry.error = outcome
             entry.usage = usage
             entry.segments = segments
+            entry.cost = cost
         m = self.metrics
         model = served.model or request.model
         m.requests.labels(model, served.provider, served.key_id, outcome).inc()
@@ -982,6 +1079,24 @@ class GatewayApp:
             if overhead is None:
                 overhead = max(0.0, total - sum(a.duration + a.backoff for a in served.attempts))
             m.overhead.observe(overhead)
+
+    def _account(
+        self,
+        request: ChatRequest | EmbeddingRequest,
+        served: _Served,
+        usage: Usage | EmbeddingUsage | None,
+        cost: float | None,
+    ) -> None:
+        """Settle the request's quota ticket, and add its usage to the shared totals."""
+        if isinstance(usage, EmbeddingUsage):
+            usage = Usage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens)
+        ticket = _quota.current.get()
+        if ticket is not None:
+            _quota.current.set(None)
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else None
+            self.quotas.settle(ticket, tokens, cost)
+        if usage is not None and served is not _NOBODY:
+            self.quotas.add_usage(request.tenant, served.model, usage, cost)
 
     async def _fail(
         self,
@@ -1017,8 +1132,11 @@ class GatewayApp:
         served = _Served(
             result.model, result.provider, result.key_id, result.attempts, _dropped(result, options)
         )
-        self._record(request, served, "ok", started, result.usage)
+        served.cost = result.cost_usd
+        self._record(request, served, "ok", started, result.usage, cost=result.cost_usd)
         payload = message_json(result) if anthropic else completion_json(result)
+        if result.cost_usd is not None:
+            payload.setdefault("x_router", {})["cost_usd"] = result.cost_usd
         return await self._json(send, 200, payload, served, started)
 
     async def _chat_stream(
@@ -1083,7 +1201,15 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 await send(_event(reply.body))
                 watch.finishing = True
@@ -1109,8 +1235,12 @@ class GatewayApp:
             if include_usage:
                 tail = chunk_json(cid, created, stream.model, None, first=False, include_usage=True)
                 tail["usage"] = usage_json(stream.usage)
+                if stream.cost_usd is not None:
+                    tail["x_router"] = {"cost_usd": stream.cost_usd}
                 await send(_event(tail))
-            self._record(request, served, "ok", started, stream.usage, stream.segments)
+            self._record(
+                request, served, "ok", started, stream.usage, stream.segments, stream.cost_usd
+            )
             watch.finishing = True
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             return 200
@@ -1213,13 +1343,23 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 watch.finishing = True
                 body = error_event(reply.status, reply.body)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return 200
-            self._record(request, served, "ok", started, stream.usage, stream.segments)
+            self._record(
+                request, served, "ok", started, stream.usage, stream.segments, stream.cost_usd
+            )
             watch.finishing = True
             tail = events.end(stream.usage)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -1236,13 +1376,14 @@ _ENDPOINTS: Final = frozenset(
         "/metrics",
         "/v1/router/state",
         "/v1/router/reset",
+        "/v1/router/usage",
         *_MESSAGES_PATHS,
     }
 )
 
 
 _UNLOGGED: Final = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset"}
+    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset", "/v1/router/usage"}
 )
 """Paths without an access-log line or ``x-request-id`` (probes, metrics, admin)."""
 
