@@ -164,6 +164,9 @@ class ChatStream:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.segments: list[Segment] = [Segment(model, provider, key_id, "first")]
+        self.error: StreamInterruptedError | None = None
+        """The interruption the stream ended with, once raised (a caller that caught it
+        and the trace of the request both read it here)."""
         self._pending = list(start.first)
         self._receive = start.receive
         self._job = start.job
@@ -235,14 +238,12 @@ class ChatStream:
             or not self.text
             or not isinstance(cause, ProviderError)
         ):
-            self._ended = True
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._continuations_left -= 1
         self._stop_pump()
         resumed = await self._continuer(self.text)
         if resumed is None:
-            self._ended = True
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._cause = cause
         if self.usage is not None:
             self._usage_before = self.usage
@@ -285,9 +286,14 @@ class ChatStream:
 
     def _diverged(self) -> NoReturn:
         self._stop_pump()
+        raise self._interruption(
+            self._cause or RouterClosedError("the replay did not repeat the answer")
+        )
+
+    def _interruption(self, cause: RouterError) -> StreamInterruptedError:
         self._ended = True
-        cause = self._cause or RouterClosedError("the replay did not repeat the answer")
-        raise StreamInterruptedError(cause, self.text, self.attempts)
+        self.error = StreamInterruptedError(cause, self.text, self.attempts)
+        return self.error
 
     def _stop_pump(self) -> None:
         pump = self._job.scope

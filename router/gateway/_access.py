@@ -60,6 +60,7 @@ class Access:
         "stream",
         "tenant",
         "time",
+        "trace_id",
         "usage",
     )
 
@@ -80,6 +81,8 @@ class Access:
         self.usage: Usage | EmbeddingUsage | None = None
         self.error: str | None = None
         self.dropped = ""
+        self.trace_id: str | None = None
+        """The request's OpenTelemetry trace id (hex), when it was traced."""
 
     def fields(self, status: int, latency: float) -> dict[str, Any]:
         usage = self.usage
@@ -127,6 +130,8 @@ class Access:
             entry["error"] = self.error
         if self.dropped:
             entry["dropped_params"] = self.dropped.split(",")
+        if self.trace_id is not None:
+            entry["trace_id"] = self.trace_id
         return entry
 
 

@@ -39,7 +39,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 import msgspec
@@ -58,6 +58,9 @@ from .._provider import Provider
 from .._router import Router
 from .._secrets import header_is_secret, mask_url
 from ._app import GatewayApp
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 from ._shapes import error_body
 
 __all__ = ["add_check_arguments", "add_serve_arguments", "check_command", "serve", "serve_command"]
@@ -73,6 +76,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     providers: Mapping[str, Provider] | None = None,
     fd: int | None = None,
+    tracer_provider: TracerProvider | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the gateway until `shutdown_trigger` returns (forever when None).
@@ -80,6 +84,7 @@ async def serve(
     `task_status.started` gets the bound URLs (``http://127.0.0.1:PORT``), so
     ``await nursery.start(partial(serve, config, port=0))`` tells the free port chosen.
     `fd`: serve an inherited listening socket instead of binding (a `--workers` worker).
+    `tracer_provider`: trace requests into it (see `Router.open`).
     """
     gw = config.gateway
     app = GatewayApp(config)  # resolves the gateway secrets first: a bad one fails fast
@@ -101,7 +106,7 @@ async def serve(
     try:
         for sock in sockets:
             sock.listen(hc.backlog)
-        async with Router.open(config, providers) as router:
+        async with Router.open(config, providers, tracer_provider=tracer_provider) as router:
             app.router = router
             try:
                 async with trio.open_nursery() as nursery:
