@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -56,6 +56,8 @@ log = logging.getLogger("router.tracing")
 
 _WELL_KNOWN: Final = {"anthropic": "anthropic", "gemini": "gcp.gemini"}
 """`gen_ai.provider.name` of a provider kind (OpenAI's depends on its host)."""
+_FLUSH_LIMIT: Final = 5.0
+"""Seconds the router's close waits for its last spans to be exported."""
 _SERVED: Final = frozenset({"ok", "hedge_won"})
 _NOT_FAILED: Final = frozenset({"ok", "hedge_won", "hedge_cancelled", "cancelled"})
 """Attempt outcomes that are no failure of the attempt (its span's status stays unset)."""
@@ -63,6 +65,7 @@ _NOT_FAILED: Final = frozenset({"ok", "hedge_won", "hedge_cancelled", "cancelled
 Route = Callable[[ChatRequest, bool], Awaitable["ChatResponse | ChatStream"]]
 Embed = Callable[[EmbeddingRequest], Awaitable[EmbeddingResponse]]
 Headers = Sequence[tuple[bytes, bytes]]
+T = TypeVar("T")
 
 
 class _AsgiHeaders(Getter[Headers]):
@@ -202,13 +205,32 @@ class Tracing:
         otel_context.detach(token)  # type: ignore[arg-type]
         return trace_id
 
+    # -- the asyncio bridge's calls (`router.aio`) -------------------------------------------
+
+    def current(self) -> object:
+        """The caller's current trace context (in an asyncio task), for `under`."""
+        return otel_context.get_current()
+
+    def attach(self, parent: object) -> None:
+        """Make `parent` current in this (trio) task."""
+        otel_context.attach(parent)  # type: ignore[arg-type]
+
+    async def under(self, parent: object, call: Awaitable[T]) -> T:
+        """Await `call` with `parent` as the current trace context."""
+        token = otel_context.attach(parent)  # type: ignore[arg-type]
+        try:
+            return await call
+        finally:
+            otel_context.detach(token)
+
     async def aclose(self) -> None:
         """Flush and stop a provider built from the config (its export is a blocking
         HTTP call: run off the event loop)."""
         if self._owned:
             shutdown = getattr(self.provider, "shutdown", None)
             if shutdown is not None:
-                await trio.to_thread.run_sync(shutdown)
+                with trio.move_on_after(_FLUSH_LIMIT):  # a collector that is down
+                    await trio.to_thread.run_sync(shutdown, abandon_on_cancel=True)
 
     # -- spans --------------------------------------------------------------------------
 

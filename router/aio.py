@@ -97,10 +97,15 @@ class AsyncioRouter:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: Any, providers: Mapping[str, Provider] | None = None
+        cls,
+        config: Any,
+        providers: Mapping[str, Provider] | None = None,
+        *,
+        tracer_provider: Any = None,
     ) -> AsyncIterator[AsyncioRouter]:
         """Start trio in guest mode on the running asyncio loop and open `Router.open(config,
-        providers)` in it; leaving the block stops it and waits for the run to end."""
+        providers, tracer_provider=...)` in it; leaving the block stops it and waits for
+        the run to end."""
         loop = asyncio.get_running_loop()
         self = cls(loop)
         opened: asyncio.Future[None] = loop.create_future()
@@ -120,6 +125,7 @@ class AsyncioRouter:
             self._main,
             config,
             providers,
+            tracer_provider,
             opened,
             run_sync_soon_threadsafe=loop.call_soon_threadsafe,
             run_sync_soon_not_threadsafe=loop.call_soon,
@@ -149,10 +155,12 @@ class AsyncioRouter:
         self,
         config: Any,
         providers: Mapping[str, Provider] | None,
+        tracer_provider: Any,
         opened: asyncio.Future[None],
     ) -> None:
         with self._run_scope:
-            async with Router.open(config, providers) as router, trio.open_nursery() as nursery:
+            opening = Router.open(config, providers, tracer_provider=tracer_provider)
+            async with opening as router, trio.open_nursery() as nursery:
                 self._router = router
                 self._nursery = nursery
                 if not opened.done():
@@ -231,6 +239,10 @@ class AsyncioRouter:
     async def submit(self, request: ChatRequest) -> ChatResponse:
         """`Router.submit` from asyncio: the response, or the same `RouterError`."""
         router = self.router
+        tracing = router._tracing
+        if tracing is not None:  # the caller's span (asyncio's context) is the parent
+            parent = tracing.current()
+            return await self._call(lambda: tracing.under(parent, router.submit(request)))
         return await self._call(lambda: router.submit(request))
 
     @asynccontextmanager
@@ -241,7 +253,9 @@ class AsyncioRouter:
         ended: asyncio.Future[None] = loop.create_future()
         send, receive = trio.open_memory_channel[asyncio.Future[StreamChunk | None]](math.inf)
         scope = trio.CancelScope()
-        self._start(opened, self._serve_stream, request, opened, ended, receive, scope)
+        tracing = self.router._tracing
+        parent = tracing.current() if tracing is not None else None
+        self._start(opened, self._serve_stream, request, opened, ended, receive, scope, parent)
         try:
             inner = await opened
         except asyncio.CancelledError:
@@ -261,10 +275,14 @@ class AsyncioRouter:
         ended: asyncio.Future[None],
         pulls: trio.MemoryReceiveChannel[asyncio.Future[StreamChunk | None]],
         scope: trio.CancelScope,
+        parent: object | None,
     ) -> None:
         """The trio task that owns one stream: opens it, then answers each pull with the
         next chunk (None at the end) until the asyncio side closes `pulls`."""
         pull: asyncio.Future[StreamChunk | None] | None = None
+        tracing = self.router._tracing
+        if tracing is not None and parent is not None:
+            tracing.attach(parent)  # this task's own context: it ends with the task
         try:
             with scope:
                 async with self.router.stream(request) as stream:

@@ -6,6 +6,7 @@ tracing is off. Spans are read from the SDK's in-memory exporter."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import subprocess
@@ -54,6 +55,8 @@ from router import (
     RouterConfig,
     StreamInterruptedError,
 )
+from router._otel import open_tracing
+from router.aio import AsyncioRouter
 from router.gateway import serve
 
 CFG = """
@@ -426,6 +429,28 @@ async def test_tracing_off_makes_no_spans(spans: Spans, autojump_clock):
     assert [s.name for s in spans.all] == ["my-handler"]
 
 
+def test_an_asyncio_callers_span_is_the_parent(spans: Spans) -> None:
+    tracer = spans.provider.get_tracer("caller")
+
+    async def main() -> None:
+        opening = AsyncioRouter.open(
+            config(), {"p": ScriptedProvider()}, tracer_provider=spans.provider
+        )
+        async with opening as router:
+            with tracer.start_as_current_span("fastapi-handler"):
+                await router.submit(req())
+                async with router.stream(req()) as stream:
+                    async for _ in stream:
+                        pass
+
+    asyncio.run(main())
+    (mine,) = [s for s in spans.all if s.name == "fastapi-handler"]
+    traced = [s for s in spans.all if s.name == "chat m"]
+    assert len(traced) == 2
+    for span in traced:
+        assert span.parent is not None and span.parent.span_id == mine.context.span_id
+
+
 @given(
     st.lists(
         st.sampled_from(
@@ -486,6 +511,39 @@ def test_the_tracing_table_is_parsed_and_its_headers_never_shown() -> None:
     assert (tracing.enabled, tracing.service_name, tracing.sample_rate) == (True, "gw", 0.25)
     shown = repr(cfg)
     assert "abc-very-secret-123" not in shown and "hunter2-password" not in shown
+
+
+def test_the_built_in_provider_follows_the_table_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def built(table: str) -> Any:
+        cfg = RouterConfig.from_toml(
+            f'[router.tracing]\n{table}\n[[providers]]\nname = "p"\nkind = "custom"\n'
+            'keys = [{ id = "a" }]'
+        )
+        tracing = open_tracing(cfg, None, lambda name: name)
+        provider = tracing.provider
+        (processor,) = provider._active_span_processor._span_processors  # type: ignore[attr-defined]
+        exporter = processor._batch_processor._exporter
+        provider.shutdown()
+        return provider, exporter
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("COLLECTOR_KEY", "k-123")
+    provider, exporter = built(
+        'endpoint = "http://collector:4318/"\nsample_rate = 0.25\n'
+        'headers = { "x-key" = "env:COLLECTOR_KEY" }'  # (sent: see the served test)
+    )
+    assert provider.resource.attributes["service.name"] == "llm-router"
+    assert exporter._endpoint == "http://collector:4318/v1/traces"
+    assert "0.25" in provider.sampler.get_description()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env-collector:4318")
+    provider, exporter = built("")
+    assert provider.resource.attributes["service.name"] == "from-env"
+    assert exporter._endpoint == "http://env-collector:4318/v1/traces"
+    provider, _ = built('service_name = "gw"')
+    assert provider.resource.attributes["service.name"] == "gw"
 
 
 @pytest.mark.parametrize(
