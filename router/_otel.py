@@ -258,25 +258,25 @@ class Tracing:
     def _answered(self, call: _Call, response: ChatResponse) -> None:
         span = call.span
         if span.is_recording():
-            self._served(span, response.model, response.upstream_model, response.provider)
-            span.set_attribute("llm_router.key_id", response.key_id)
-            _usage(span, response.usage)
+            attributes = self._served(response.model, response.upstream_model, response.provider)
+            attributes["llm_router.key_id"] = response.key_id
+            _usage(attributes, response.usage)
             reasons = [c.finish_reason for c in response.choices or ()] or [response.finish_reason]
-            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            attributes["gen_ai.response.finish_reasons"] = reasons
             if response.dropped_params:
-                span.set_attribute("llm_router.dropped_params", response.dropped_params)
-            self._attempts(call, "chat", response.attempts)
+                attributes["llm_router.dropped_params"] = response.dropped_params
+            self._attempts(call, attributes, "chat", response.attempts)
         span.end(call.at(call.now()))
 
     def _embedded(self, call: _Call, response: EmbeddingResponse) -> None:
         span = call.span
         if span.is_recording():
-            self._served(span, response.model, response.upstream_model, response.provider)
-            span.set_attribute("llm_router.key_id", response.key_id)
-            span.set_attribute("gen_ai.usage.input_tokens", response.usage.prompt_tokens)
+            attributes = self._served(response.model, response.upstream_model, response.provider)
+            attributes["llm_router.key_id"] = response.key_id
+            attributes["gen_ai.usage.input_tokens"] = response.usage.prompt_tokens
             if response.embeddings:
-                span.set_attribute("gen_ai.embeddings.dimension.count", len(response.embeddings[0]))
-            self._attempts(call, "embeddings", response.attempts)
+                attributes["gen_ai.embeddings.dimension.count"] = len(response.embeddings[0])
+            self._attempts(call, attributes, "embeddings", response.attempts)
         span.end(call.at(call.now()))
 
     def _streamed(
@@ -290,52 +290,56 @@ class Tracing:
         span = call.span
         end = call.now()
         if span.is_recording():
-            self._served(span, stream.model, stream.upstream_model, stream.provider)
-            span.set_attribute("llm_router.key_id", stream.key_id)
-            span.set_attribute("gen_ai.response.time_to_first_chunk", first)
+            attributes = self._served(stream.model, stream.upstream_model, stream.provider)
+            attributes["llm_router.key_id"] = stream.key_id
+            attributes["gen_ai.response.time_to_first_chunk"] = first
             if stream.usage is not None:
-                _usage(span, stream.usage)
+                _usage(attributes, stream.usage)
             if stream.finish_reason is not None:
-                span.set_attribute("gen_ai.response.finish_reasons", [stream.finish_reason])
+                attributes["gen_ai.response.finish_reasons"] = [stream.finish_reason]
             if len(stream.segments) > 1:
-                span.set_attribute("llm_router.segments", len(stream.segments))
+                attributes["llm_router.segments"] = len(stream.segments)
                 last = stream.segments[-1]
-                span.set_attribute("llm_router.provider", last.provider)
-                span.set_attribute("llm_router.key_id", last.key_id)
+                attributes["llm_router.provider"] = last.provider
+                attributes["llm_router.key_id"] = last.key_id
             if stream.dropped_params:
-                span.set_attribute("llm_router.dropped_params", stream.dropped_params)
+                attributes["llm_router.dropped_params"] = stream.dropped_params
             error = stream.error
             if error is not None:
-                _error(span, error)
+                _error(span, attributes, error)
             elif isinstance(escaped, trio.Cancelled):
-                span.set_attribute("llm_router.cancelled", True)
-            self._attempts(call, "chat", stream.attempts, before, end, error is not None)
+                attributes["llm_router.cancelled"] = True
+            self._attempts(call, attributes, "chat", stream.attempts, before, end, bool(error))
         span.end(call.at(end))
 
     def _failed(self, call: _Call, operation: str, exc: BaseException) -> None:
         try:
             span = call.span
             if span.is_recording():
+                attributes: dict[str, Any] = {}
                 if isinstance(exc, trio.Cancelled):
-                    span.set_attribute("llm_router.cancelled", True)
+                    attributes["llm_router.cancelled"] = True
                 else:
-                    _error(span, exc)
+                    _error(span, attributes, exc)
                 attempts: list[Attempt] = list(getattr(exc, "attempts", None) or ())
-                self._attempts(call, operation, attempts)
+                self._attempts(call, attributes, operation, attempts)
             span.end(call.at(call.now()))
         except Exception:
             log.exception("could not record the trace of a failed request")
 
-    def _served(self, span: trace.Span, model: str, upstream: str, provider: str) -> None:
-        span.set_attribute("gen_ai.response.model", upstream or model)
-        span.set_attribute("llm_router.model", model)
-        span.set_attribute("llm_router.provider", provider)
+    def _served(self, model: str, upstream: str, provider: str) -> dict[str, Any]:
         endpoint = self._endpoints.get(provider)
-        span.set_attribute("gen_ai.provider.name", endpoint.system if endpoint else provider)
+        return {
+            "gen_ai.response.model": upstream or model,
+            "gen_ai.provider.name": endpoint.system if endpoint else provider,
+            "llm_router.model": model,
+            "llm_router.provider": provider,
+        }
 
     def _attempts(
         self,
         call: _Call,
+        attributes: dict[str, Any],
         operation: str,
         attempts: Sequence[Attempt],
         before: int | None = None,
@@ -345,8 +349,10 @@ class Tracing:
         """One child span per attempt. For a stream (`before`: the attempts made before
         it started), the attempt that served a segment lasts until the segment ended
         (the next continuation's first attempt, or the stream's end), and the attempts
-        after `before` are marked with the continuation they belong to."""
-        call.span.set_attribute("llm_router.attempts", len(attempts))
+        after `before` are marked with the continuation they belong to. `attributes`:
+        the request span's own, set here with the count (one call: each costs a lock)."""
+        attributes["llm_router.attempts"] = len(attempts)
+        call.span.set_attributes(attributes)
         ends: dict[int, float] = {}
         continuation = [0] * len(attempts)
         if before is not None:
@@ -368,7 +374,7 @@ class Tracing:
         parent = trace.set_span_in_context(call.span)
         tracer = self._tracer
         for i, a in enumerate(attempts):
-            attributes: dict[str, Any] = {
+            attributes = {
                 "gen_ai.operation.name": operation,
                 "gen_ai.request.model": self._upstream(a.model),
                 "llm_router.model": a.model,
@@ -397,6 +403,9 @@ class Tracing:
                 last = i == max(ends)
                 if not last or interrupted:
                     attributes["llm_router.attempt.interrupted"] = True
+            failed = a.outcome not in _NOT_FAILED
+            if failed:
+                attributes["error.type"] = a.outcome
             span = tracer.start_span(
                 f"{operation} {attributes['gen_ai.request.model']}",
                 context=parent,
@@ -404,8 +413,7 @@ class Tracing:
                 attributes=attributes,
                 start_time=call.at(a.started),
             )
-            if a.outcome not in _NOT_FAILED:
-                span.set_attribute("error.type", a.outcome)
+            if failed:
                 span.set_status(Status(StatusCode.ERROR, a.outcome))
             span.end(call.at(finish))
 
@@ -499,22 +507,22 @@ def _chat_attributes(request: ChatRequest, stream: bool) -> dict[str, Any]:
     return attributes
 
 
-def _usage(span: trace.Span, usage: Usage) -> None:
-    span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-    span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+def _usage(attributes: dict[str, Any], usage: Usage) -> None:
+    attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+    attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
     if usage.cached_tokens:
-        span.set_attribute("gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
     if usage.cache_creation_tokens:
-        span.set_attribute("gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_tokens)
+        attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_creation_tokens
     if usage.reasoning_tokens:
-        span.set_attribute("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
+        attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
 
 
-def _error(span: trace.Span, exc: BaseException) -> None:
+def _error(span: trace.Span, attributes: dict[str, Any], exc: BaseException) -> None:
     """The request failed: status ERROR with its error kind (never its message, which
     may quote the request)."""
     kind = exc.kind if isinstance(exc, RouterError) else type(exc).__name__
-    span.set_attribute("error.type", kind)
-    span.set_attribute("llm_router.error.kind", kind)
-    span.set_attribute("llm_router.error.class", type(exc).__name__)
+    attributes["error.type"] = kind
+    attributes["llm_router.error.kind"] = kind
+    attributes["llm_router.error.class"] = type(exc).__name__
     span.set_status(Status(StatusCode.ERROR, kind))
