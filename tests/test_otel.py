@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -544,6 +545,37 @@ def test_the_built_in_provider_follows_the_table_and_the_environment(
     assert exporter._endpoint == "http://env-collector:4318/v1/traces"
     provider, _ = built('service_name = "gw"')
     assert provider.resource.attributes["service.name"] == "gw"
+
+
+def test_check_shows_tracing_without_its_header_values(tmp_path: Path) -> None:
+    path = tmp_path / "router.toml"
+    path.write_text(
+        GATEWAY_CFG
+        + """
+[router.tracing]
+endpoint = "https://user:pw-in-url-9@collector.example:4318"
+headers = { "x-collector-key" = "env:COLLECTOR_KEY", "x-plain" = "literal-secret-42" }
+"""
+    )
+    run = partial(
+        subprocess.run,
+        [sys.executable, "-m", "router", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    missing = run(env={k: v for k, v in os.environ.items() if k != "COLLECTOR_KEY"})
+    assert missing.returncode == 2
+    assert "router.tracing.headers.x-collector-key" in missing.stderr
+    done = run(env={**os.environ, "COLLECTOR_KEY": "value-never-shown-1"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "tracing: OTLP/HTTP to https://user:***@collector.example:4318" in out
+    assert "header x-collector-key: env:COLLECTOR_KEY" in out
+    assert "header x-plain: ***" in out
+    for secret in ("value-never-shown-1", "literal-secret-42", "pw-in-url-9"):
+        assert secret not in out + done.stderr
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,13 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from .._chain import ModelChain
-from .._config import ProviderConfig, RouterConfig, resolve_headers, resolve_secret
+from .._config import (
+    ProviderConfig,
+    RouterConfig,
+    TracingConfig,
+    resolve_headers,
+    resolve_secret,
+)
 from .._errors import ConfigError
 from .._provider import Provider
 from .._router import Router
@@ -498,6 +504,27 @@ def _mask(raw: str) -> str:
     return "***"
 
 
+def _tracing_lines(tracing: TracingConfig) -> list[str]:
+    """`check`'s account of `[router.tracing]`: what `serve` would need (the `otel` extra,
+    every header's variable), header values never shown."""
+    resolve_headers(tracing.headers, "router.tracing.headers")
+    if not tracing.enabled:
+        return ["tracing: off"]
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "router.tracing",
+            "tracing needs the OpenTelemetry packages: pip install 'llm-router[otel]'",
+        ) from None
+    where = mask_url(tracing.endpoint) if tracing.endpoint else "(OTEL_EXPORTER_OTLP_* or default)"
+    service = tracing.service_name or "(OTEL_SERVICE_NAME or llm-router)"
+    lines = [f"tracing: OTLP/HTTP to {where} service={service}"]
+    lines += [f"  header {name}: {_mask(value)}" for name, value in tracing.headers.items()]
+    return lines
+
+
 def check_command(args: argparse.Namespace) -> int:
     """Validate a config and print every model's resolved chain, secrets masked."""
     out = sys.stdout
@@ -540,6 +567,9 @@ def check_command(args: argparse.Namespace) -> int:
         shared = config.router.shared
         if shared is not None:
             lines += ["", f"shared state: {mask_url(shared.redis_url)} prefix={shared.key_prefix}"]
+        tracing = config.router.tracing
+        if tracing is not None:
+            lines += ["", *_tracing_lines(tracing)]
         lines += [
             "",
             f"gateway: {gw.host}:{gw.port} api_keys={len(gw.api_keys)} "
