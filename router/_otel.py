@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import trio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -66,6 +67,7 @@ Route = Callable[[ChatRequest, bool], Awaitable["ChatResponse | ChatStream"]]
 Embed = Callable[[EmbeddingRequest], Awaitable[EmbeddingResponse]]
 Headers = Sequence[tuple[bytes, bytes]]
 T = TypeVar("T")
+Entered = tuple[contextvars.Token[Context], contextvars.Token[str | None]]
 
 
 class _AsgiHeaders(Getter[Headers]):
@@ -190,34 +192,34 @@ class Tracing:
 
     # -- the gateway's calls --------------------------------------------------------------
 
-    def enter(self, headers: Headers) -> tuple[object, contextvars.Token[str | None]]:
+    def enter(self, headers: Headers) -> Entered:
         """Make an incoming request's trace context (W3C ``traceparent`` and
         ``tracestate``, or whatever the configured propagators read) the current one,
         so the request span is its child. Pair with `leave`."""
         parent = propagate.extract(headers, getter=_ASGI_HEADERS)
         return otel_context.attach(parent), self._trace_id.set(None)
 
-    def leave(self, entered: tuple[object, contextvars.Token[str | None]]) -> str | None:
+    def leave(self, entered: Entered) -> str | None:
         """Undo `enter`; the trace id of the request span made meanwhile (hex), if any."""
         token, trace_token = entered
         trace_id = self._trace_id.get()
         self._trace_id.reset(trace_token)
-        otel_context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(token)
         return trace_id
 
     # -- the asyncio bridge's calls (`router.aio`) -------------------------------------------
 
-    def current(self) -> object:
+    def current(self) -> Context:
         """The caller's current trace context (in an asyncio task), for `under`."""
         return otel_context.get_current()
 
-    def attach(self, parent: object) -> None:
+    def attach(self, parent: Context) -> None:
         """Make `parent` current in this (trio) task."""
-        otel_context.attach(parent)  # type: ignore[arg-type]
+        otel_context.attach(parent)
 
-    async def under(self, parent: object, call: Awaitable[T]) -> T:
+    async def under(self, parent: Context, call: Awaitable[T]) -> T:
         """Await `call` with `parent` as the current trace context."""
-        token = otel_context.attach(parent)  # type: ignore[arg-type]
+        token = otel_context.attach(parent)
         try:
             return await call
         finally:

@@ -43,7 +43,7 @@ import collections
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import outcome
 import trio
@@ -53,6 +53,10 @@ from ._provider import Provider
 from ._router import Router, RouterSnapshot
 from ._stream import ChatStream, Segment
 from ._types import Attempt, ChatRequest, ChatResponse, StreamChunk, Usage
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["AsyncioChatStream", "AsyncioRouter"]
 
@@ -101,7 +105,7 @@ class AsyncioRouter:
         config: Any,
         providers: Mapping[str, Provider] | None = None,
         *,
-        tracer_provider: Any = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> AsyncIterator[AsyncioRouter]:
         """Start trio in guest mode on the running asyncio loop and open `Router.open(config,
         providers, tracer_provider=...)` in it; leaving the block stops it and waits for
@@ -155,7 +159,7 @@ class AsyncioRouter:
         self,
         config: Any,
         providers: Mapping[str, Provider] | None,
-        tracer_provider: Any,
+        tracer_provider: TracerProvider | None,
         opened: asyncio.Future[None],
     ) -> None:
         with self._run_scope:
@@ -275,7 +279,7 @@ class AsyncioRouter:
         ended: asyncio.Future[None],
         pulls: trio.MemoryReceiveChannel[asyncio.Future[StreamChunk | None]],
         scope: trio.CancelScope,
-        parent: object | None,
+        parent: Context | None,
     ) -> None:
         """The trio task that owns one stream: opens it, then answers each pull with the
         next chunk (None at the end) until the asyncio side closes `pulls`."""

@@ -609,7 +609,7 @@ def test_the_router_imports_and_routes_without_opentelemetry() -> None:
 import sys
 sys.modules["opentelemetry"] = None  # as if the otel extra were not installed
 import trio
-import router, router.gateway
+import router, router.aio, router.gateway
 from router import ChatRequest, Message, Router, RouterConfig
 cfg = RouterConfig.from_toml('''
 [[providers]]
