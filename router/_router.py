@@ -286,14 +286,14 @@ class Router:
             name = next(iter(supplied))
             raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
         router = cls(config, runtimes, rng)
-        tracing = config.router.tracing
-        if tracer_provider is not None or (tracing is not None and tracing.enabled):
-            router._tracing = _open_tracing(router, tracer_provider)
         if router._any_windows or router._any_tpm:
             # Load the tiktoken encoding once, off the event loop, before any request.
             await trio.to_thread.run_sync(get_encoding)
         body_error: BaseException | None = None
         try:
+            tracing = config.router.tracing
+            if tracer_provider is not None or (tracing is not None and tracing.enabled):
+                router._tracing = _open_tracing(router, tracer_provider)
             async with trio.open_nursery() as nursery:
                 for rt in runtimes.values():
                     for actor in rt.actors:
