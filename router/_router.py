@@ -500,6 +500,7 @@ class Router:
                         deadline,
                         tokens,
                         origin,
+                        attempts,
                     )
                     return ChatStream(
                         result,
@@ -788,6 +789,7 @@ class Router:
         deadline: float,
         tokens: int,
         origin: float,
+        tried: list[Attempt],
         partial: str,
     ) -> Continuation | None:
         """Resume a stream that broke after `partial` reached the caller: on another key
@@ -796,7 +798,8 @@ class Router:
         message and answers only the rest; any other gets a replay of the request, which
         the stream accepts only if it begins with exactly `partial`. A candidate that
         fails or refuses is passed over; None when none could start (the caller then
-        gets the original interruption)."""
+        gets the original interruption, and `tried`, the request's attempts, gets the
+        failed ones)."""
         clock = self._clock
         tenant = request.tenant
         candidates: list[tuple[Route[_ProviderRuntime], KeyActor]] = [
@@ -808,7 +811,7 @@ class Router:
         for route, actor in candidates:
             now = clock.current_time()
             if now >= deadline:
-                return None
+                break
             health = self._health.get(route.name)
             if health is not None and not health.is_callable(now):
                 continue
@@ -843,7 +846,8 @@ class Router:
                     result, route.name, actor.provider_name, actor.key_id, route.upstream, prefill
                 )
             if result is DEADLINE or isinstance(result, RouterClosedError):
-                return None
+                break
+        tried.extend(attempts)
         return None
 
     def _context_fallback(

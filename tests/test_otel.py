@@ -301,6 +301,32 @@ async def test_a_continued_stream_has_a_span_per_segment(spans: Spans, autojump_
     no_content(spans)
 
 
+async def test_a_continuation_that_could_not_start_is_traced(spans: Spans, autojump_clock):
+    p = StreamingScriptedProvider()
+    p.script("a", [StreamScript(pieces=("hello ",), ending="cut")])
+    p.set_default("b", Fail("transient", status=502))
+    p.script("a/up-m2", [Fail("transient", status=503)])
+    router_cm = Router.open(config(), {"p": p}, tracer_provider=spans.provider)
+    async with router_cm as router, router.stream(req()) as stream:
+        with pytest.raises(StreamInterruptedError) as caught:
+            async for _ in stream:
+                pass
+    # The failed continuation attempts are the request's too (the original error stands).
+    assert [(a.key_id, a.outcome) for a in caught.value.attempts] == [
+        ("a", "ok"),
+        ("b", "transient"),
+        ("a", "transient"),
+        ("b", "transient"),
+    ]
+    check_tree(spans)
+    first, *continued = spans.attempts()
+    assert attr(first, "llm_router.attempt.interrupted") is True
+    assert [attr(s, "llm_router.attempt.continuation") for s in continued] == [1, 1, 1]
+    assert [attr(s, "http.response.status_code") for s in continued] == [502, 503, 502]
+    assert {s.status.status_code for s in continued} == {StatusCode.ERROR}
+    assert spans.request().status.status_code is StatusCode.ERROR
+
+
 async def test_an_interrupted_stream_ends_its_span_in_error(spans: Spans, autojump_clock):
     p = StreamingScriptedProvider()
     p.script("a", [StreamScript(pieces=("hello ",), ending="cut")])
