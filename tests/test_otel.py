@@ -56,7 +56,7 @@ from router import (
     RouterConfig,
     StreamInterruptedError,
 )
-from router._otel import open_tracing
+from router._otel import _endpoint, open_tracing
 from router.aio import AsyncioRouter
 from router.gateway import serve
 
@@ -517,6 +517,32 @@ def test_every_attempt_has_one_span_inside_its_request(script: list[Action]) -> 
 
 
 # -- configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "base_url", "system", "address", "port"),
+    [
+        ("openai", "https://api.openai.com/v1", "openai", "api.openai.com", None),
+        (
+            "openai",
+            "https://x.openai.azure.com/openai/deployments/d",
+            "azure.ai.openai",
+            None,
+            None,
+        ),
+        ("openai", "http://127.0.0.1:8000/v1", "local", "127.0.0.1", 8000),
+        ("anthropic", "https://api.anthropic.com", "anthropic", "api.anthropic.com", None),
+        ("gemini", "https://generativelanguage.googleapis.com", "gcp.gemini", None, None),
+        ("custom", "", "local", None, None),
+    ],
+)
+def test_the_provider_name_follows_the_conventions(
+    kind: str, base_url: str, system: str, address: str | None, port: int | None
+) -> None:
+    endpoint = _endpoint("local", kind, base_url)
+    assert endpoint.system == system
+    if address is not None:
+        assert (endpoint.address, endpoint.port) == (address, port)
 
 
 def test_the_tracing_table_is_parsed_and_its_headers_never_shown() -> None:
