@@ -39,6 +39,7 @@ __all__ = [
     "SharedConfig",
     "SimulationConfig",
     "TokensConfig",
+    "TracingConfig",
     "capped_growth",
     "mask_url",
     "resolve_headers",
@@ -224,6 +225,35 @@ class SharedConfig(_Section):
         return f"SharedConfig(redis_url={url!r}, key_prefix={self.key_prefix!r})"
 
 
+class TracingConfig(_Section):
+    """The `[router.tracing]` table: OpenTelemetry traces, exported over OTLP/HTTP (the
+    `otel` extra; see `router._otel`). Unset fields fall back to the standard
+    ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_SERVICE_NAME`` environment variables."""
+
+    enabled: bool = True
+    """Trace every request (a table with ``enabled = false`` traces nothing)."""
+    service_name: str | None = None
+    """The ``service.name`` of the spans (default: ``OTEL_SERVICE_NAME``, else
+    ``llm-router``)."""
+    endpoint: str | None = None
+    """The collector's OTLP/HTTP base URL (``http://collector:4318``; spans go to its
+    ``/v1/traces``). Default: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, else ``http://localhost:4318``."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Headers sent with each export (a collector's API key, say); values may be
+    ``env:VAR``. They are secrets: never printed. Default: ``OTEL_EXPORTER_OTLP_HEADERS``."""
+    sample_rate: Fraction | None = None
+    """Fraction of new traces recorded (a request whose caller's trace is sampled, or
+    not, follows its caller). Default: ``OTEL_TRACES_SAMPLER``, else every trace."""
+
+    def __repr__(self) -> str:  # header values, and any password in the URL, are secrets
+        endpoint = mask_url(self.endpoint) if self.endpoint is not None else None
+        return (
+            f"TracingConfig(enabled={self.enabled!r}, service_name={self.service_name!r}, "
+            f"endpoint={endpoint!r}, headers={ {k: '***' for k in self.headers}!r})"
+        )
+
+
 class RouterSettings(_Section):
     """The `[router]` table."""
 
@@ -287,6 +317,8 @@ class RouterSettings(_Section):
     tokens: TokensConfig = msgspec.field(default_factory=lambda: TokensConfig())
     shared: SharedConfig | None = None
     """Shared state through Redis; None (the default): this process alone."""
+    tracing: TracingConfig | None = None
+    """OpenTelemetry traces; None (the default): none."""
 
 
 class SimulationConfig(_Section):
@@ -566,6 +598,15 @@ class RouterConfig(_Section):
             raise ConfigError("router.breaker.open_for_max", "must be >= open_for")
         if r.cooldown.max < r.cooldown.min:
             raise ConfigError("router.cooldown.max", "must be >= min")
+        if r.tracing is not None:
+            endpoint = r.tracing.endpoint
+            if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+                raise ConfigError("router.tracing.endpoint", "must be an http:// or https:// URL")
+            for header, value in r.tracing.headers.items():
+                if value.startswith("env:") and not value[4:]:
+                    raise ConfigError(
+                        f"router.tracing.headers.{header}", "`env:` needs a variable name"
+                    )
         if r.shared is not None:
             url = r.shared.redis_url
             if not url.startswith(("redis://", "rediss://", "unix://", "env:")):

@@ -176,6 +176,9 @@ class ChatStream:
         """The current segment's usage, until it is priced (when the segment ends)."""
         self._cost: float | None = None
         self._unpriced = False
+        self.error: StreamInterruptedError | None = None
+        """The interruption the stream ended with, once raised (a caller that caught it
+        and the trace of the request both read it here)."""
         self._pending = list(start.first)
         self._receive = start.receive
         self._job = start.job
@@ -266,16 +269,13 @@ class ChatStream:
             or not self.text
             or not isinstance(cause, ProviderError)
         ):
-            self._ended = True
-            self._settle()
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._continuations_left -= 1
         self._stop_pump()
         self._settle()
         resumed = await self._continuer(self.text)
         if resumed is None:
-            self._ended = True
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._cause = cause
         if self.usage is not None:
             self._usage_before = self.usage
@@ -320,10 +320,15 @@ class ChatStream:
 
     def _diverged(self) -> NoReturn:
         self._stop_pump()
+        raise self._interruption(
+            self._cause or RouterClosedError("the replay did not repeat the answer")
+        )
+
+    def _interruption(self, cause: RouterError) -> StreamInterruptedError:
         self._ended = True
         self._settle()
-        cause = self._cause or RouterClosedError("the replay did not repeat the answer")
-        raise StreamInterruptedError(cause, self.text, self.attempts)
+        self.error = StreamInterruptedError(cause, self.text, self.attempts)
+        return self.error
 
     def _stop_pump(self) -> None:
         pump = self._job.scope

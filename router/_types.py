@@ -238,6 +238,9 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     status: int | None = None
     backoff: float = 0.0
     """Seconds the key actor waited before this attempt (a retry's backoff)."""
+    started: float = 0.0
+    """Seconds from the request's start to this attempt's send (its backoff comes
+    before it). Traces place each attempt by it."""
 
 
 class ChatResponse(msgspec.Struct, kw_only=True):

@@ -61,6 +61,7 @@ class Access:
         "stream",
         "tenant",
         "time",
+        "trace_id",
         "usage",
     )
 
@@ -83,6 +84,8 @@ class Access:
         self.dropped = ""
         self.cost: float | None = None
         """The answer's cost in USD (None: no price, or no answer)."""
+        self.trace_id: str | None = None
+        """The request's OpenTelemetry trace id (hex), when it was traced."""
 
     def fields(self, status: int, latency: float) -> dict[str, Any]:
         usage = self.usage
@@ -132,6 +135,8 @@ class Access:
             entry["error"] = self.error
         if self.dropped:
             entry["dropped_params"] = self.dropped.split(",")
+        if self.trace_id is not None:
+            entry["trace_id"] = self.trace_id
         return entry
 
 

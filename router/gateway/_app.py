@@ -380,6 +380,9 @@ class GatewayApp:
         token = _access.current.set(entry)
         send = _tracked(raw_send, exchange)
         status = 500
+        # Traced: the request span is a child of the client's `traceparent`, if any.
+        tracing = self.router._tracing if self.router is not None and entry is not None else None
+        traced = tracing.enter(scope["headers"]) if tracing is not None else None
         try:
             with trio.CancelScope(deadline=self._drain_deadline) as cut:
                 self._active.add(cut)
@@ -391,6 +394,9 @@ class GatewayApp:
                 status = await self._cut_short(send, exchange, started)
         finally:
             _access.current.reset(token)
+            if traced is not None:
+                assert tracing is not None and entry is not None
+                entry.trace_id = tracing.leave(traced)
         endpoint = path if path in _ENDPOINTS else "other"
         self.metrics.http_responses.labels(endpoint, str(status)).inc()
         if (

@@ -39,7 +39,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 import msgspec
@@ -53,12 +53,21 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from .._chain import ModelChain
-from .._config import ProviderConfig, RouterConfig, resolve_headers, resolve_secret
+from .._config import (
+    ProviderConfig,
+    RouterConfig,
+    TracingConfig,
+    resolve_headers,
+    resolve_secret,
+)
 from .._errors import ConfigError
 from .._provider import Provider
 from .._router import Router
 from .._secrets import header_is_secret, mask_url
 from ._app import GatewayApp
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 from ._shapes import error_body
 
 __all__ = ["add_check_arguments", "add_serve_arguments", "check_command", "serve", "serve_command"]
@@ -74,6 +83,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     providers: Mapping[str, Provider] | None = None,
     fd: int | None = None,
+    tracer_provider: TracerProvider | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the gateway until `shutdown_trigger` returns (forever when None).
@@ -81,6 +91,7 @@ async def serve(
     `task_status.started` gets the bound URLs (``http://127.0.0.1:PORT``), so
     ``await nursery.start(partial(serve, config, port=0))`` tells the free port chosen.
     `fd`: serve an inherited listening socket instead of binding (a `--workers` worker).
+    `tracer_provider`: trace requests into it (see `Router.open`).
     """
     gw = config.gateway
     app = GatewayApp(config)  # resolves the gateway secrets first: a bad one fails fast
@@ -103,7 +114,7 @@ async def serve(
     try:
         for sock in sockets:
             sock.listen(hc.backlog)
-        async with Router.open(config, providers) as router:
+        async with Router.open(config, providers, tracer_provider=tracer_provider) as router:
             app.router = router
             try:
                 async with trio.open_nursery() as nursery:
@@ -533,6 +544,27 @@ def _mask(raw: str) -> str:
     return "***"
 
 
+def _tracing_lines(tracing: TracingConfig) -> list[str]:
+    """`check`'s account of `[router.tracing]`: what `serve` would need (the `otel` extra,
+    every header's variable), header values never shown."""
+    resolve_headers(tracing.headers, "router.tracing.headers")
+    if not tracing.enabled:
+        return ["tracing: off"]
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "router.tracing",
+            "tracing needs the OpenTelemetry packages: pip install 'llm-router[otel]'",
+        ) from None
+    where = mask_url(tracing.endpoint) if tracing.endpoint else "(OTEL_EXPORTER_OTLP_* or default)"
+    service = tracing.service_name or "(OTEL_SERVICE_NAME or llm-router)"
+    lines = [f"tracing: OTLP/HTTP to {where} service={service}"]
+    lines += [f"  header {name}: {_mask(value)}" for name, value in tracing.headers.items()]
+    return lines
+
+
 def check_command(args: argparse.Namespace) -> int:
     """Validate a config and print every model's resolved chain, secrets masked."""
     out = sys.stdout
@@ -575,6 +607,9 @@ def check_command(args: argparse.Namespace) -> int:
         shared = config.router.shared
         if shared is not None:
             lines += ["", f"shared state: {mask_url(shared.redis_url)} prefix={shared.key_prefix}"]
+        tracing = config.router.tracing
+        if tracing is not None:
+            lines += ["", *_tracing_lines(tracing)]
         lines += [
             "",
             f"gateway: {gw.host}:{gw.port} api_keys={len(gw.api_keys)} "
