@@ -88,14 +88,64 @@ _TIMEOUT_KEYS: Final = ("pool", "connect", "write", "read")
 
 
 class _Connection:
-    """One socket (and its TLS layer), with what the pool needs to know of it."""
+    """One socket (and its TLS layer) and the exchange it is carrying: the httptools
+    callbacks land here and the body stream reads through it. One parser per
+    connection (llhttp starts over after each message), and the per-response state is
+    reset by `start`, so a request allocates no parser and no exchange object."""
 
-    __slots__ = ("idle_since", "socket", "stream")
+    __slots__ = (
+        "body",
+        "complete",
+        "dirty",
+        "generation",
+        "headers",
+        "headers_done",
+        "idle_since",
+        "keep_alive",
+        "origin",
+        "parser",
+        "read_timeout",
+        "reason",
+        "received",
+        "request",
+        "skip_body",
+        "socket",
+        "stream",
+    )
 
-    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, socket: trio.socket.SocketType, origin: _Origin
+    ) -> None:
         self.stream = stream
         self.socket = socket
+        self.origin = origin
         self.idle_since = 0.0
+        self.generation = 0
+        self.parser = httptools.HttpResponseParser(self)
+        self.request: httpx.Request | None = None
+        self.keep_alive = False
+        self.read_timeout: float | None = None
+        self.skip_body = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.body: list[bytes] = []
+        self.received = 0
+        self.headers_done = self.complete = self.dirty = False
+
+    def start(self, request: httpx.Request, keep_alive: bool, read_timeout: float | None) -> int:
+        """Take `request`'s exchange; returns its generation (a stale body stream holds
+        an older one and then touches nothing)."""
+        self.generation += 1
+        self.request = request
+        self.keep_alive = keep_alive
+        self.read_timeout = read_timeout
+        self.skip_body = request.method == "HEAD"
+        self.headers = []
+        self.reason = b""
+        self.body = []
+        self.received = 0
+        self.headers_done = self.complete = self.dirty = False
+        return self.generation
 
     def looks_closed(self) -> bool:
         """An idle HTTP/1.1 connection has nothing to read: readable means EOF, a reset
@@ -112,80 +162,6 @@ class _Connection:
         peer nothing, and this must work inside a cancelled scope)."""
         self.socket.close()
 
-
-class _Origin:
-    """The connections of one (scheme, host, port): the idle ones and how many exist."""
-
-    __slots__ = ("idle", "lot", "open")
-
-    def __init__(self) -> None:
-        self.idle: list[_Connection] = []
-        self.open = 0
-        self.lot = trio.lowlevel.ParkingLot()
-
-    def release(self, connection: _Connection, *, reusable: bool) -> None:
-        if reusable:
-            connection.idle_since = trio.current_time()
-            self.idle.append(connection)
-        else:
-            connection.close()
-            self.open -= 1
-        if self.lot:
-            self.lot.unpark()
-
-    def free_slot(self) -> None:
-        """A connection that was never made gives its slot back."""
-        self.open -= 1
-        if self.lot:
-            self.lot.unpark()
-
-
-class _Exchange:
-    """One request's response as it is parsed: the httptools callbacks land here, and
-    the body stream reads through it."""
-
-    __slots__ = (
-        "body",
-        "complete",
-        "connection",
-        "dirty",
-        "done",
-        "headers",
-        "headers_done",
-        "keep_alive",
-        "origin",
-        "parser",
-        "read_timeout",
-        "reason",
-        "received",
-        "request",
-        "skip_body",
-    )
-
-    def __init__(
-        self,
-        request: httpx.Request,
-        origin: _Origin,
-        connection: _Connection,
-        keep_alive: bool,
-        read_timeout: float | None,
-    ) -> None:
-        self.request = request
-        self.origin = origin
-        self.connection: _Connection | None = connection
-        self.keep_alive = keep_alive
-        self.read_timeout = read_timeout
-        self.skip_body = request.method == "HEAD"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
-        self.body: list[bytes] = []
-        self.received = 0
-        self.headers_done = False
-        self.complete = False
-        self.dirty = False
-        self.done = False
-        self.parser = httptools.HttpResponseParser(self)
-
     # httptools callbacks
     def on_message_begin(self) -> None:
         if self.complete:  # bytes after the message: never reuse this connection
@@ -201,7 +177,7 @@ class _Exchange:
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103): wait for the real one
-            self.headers.clear()
+            self.headers = []
             self.reason = b""
             return
         self.headers_done = True
@@ -213,18 +189,14 @@ class _Exchange:
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.headers_done:
-            if not self.complete:
-                self.complete = True
-                self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
-        elif self.parser.get_status_code() < 200:
-            # the next message on the wire is the real answer
-            self.parser = httptools.HttpResponseParser(self)
+        # (after an interim answer, llhttp goes on to the real one by itself)
+        if self.headers_done and not self.complete:
+            self.complete = True
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
 
     def feed(self, data: bytes | bytearray) -> None:
         self.received += len(data)
-        was_complete = self.complete
-        if was_complete:
+        if self.complete:
             self.dirty = True
             return
         try:
@@ -266,11 +238,9 @@ class _Exchange:
         self.complete = True
 
     async def receive(self) -> None:
-        """Read once from the connection and parse what came (for the head, inside the
-        request's scope)."""
-        assert self.connection is not None
+        """Read once and parse what came."""
         try:
-            data = await self.connection.stream.receive_some(_READ_SIZE)
+            data = await self.stream.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(_describe(exc), request=self.request) from None
         if data:
@@ -278,51 +248,83 @@ class _Exchange:
         else:
             self.eof()
 
-    def finish(self) -> None:
-        """Give the connection back (reusable only if the exchange ended cleanly) or
-        close it; idempotent."""
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            reusable = self.complete and self.keep_alive and not self.dirty
-            self.origin.release(connection, reusable=reusable)
+    def finish(self, generation: int, *, broken: bool = False) -> None:
+        """End exchange `generation` (if it is still the current one): back to the pool
+        when it ended cleanly, else closed."""
+        if generation != self.generation or self.request is None:
+            return
+        self.request = None
+        self.body = []
+        reusable = self.complete and self.keep_alive and not self.dirty and not broken
+        if reusable and self.skip_body:
+            # llhttp still expects the body a HEAD answer announced: start it over
+            self.parser = httptools.HttpResponseParser(self)
+        self.origin.release(self, reusable=reusable)
+
+
+class _Origin:
+    """The connections of one (scheme, host, port): the idle ones and how many exist."""
+
+    __slots__ = ("idle", "lot", "open")
+
+    def __init__(self) -> None:
+        self.idle: list[_Connection] = []
+        self.open = 0
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def release(self, connection: _Connection, *, reusable: bool) -> None:
+        if reusable:
+            connection.idle_since = trio.current_time()
+            self.idle.append(connection)
+        else:
+            connection.close()
+            self.open -= 1
+        if self.lot:
+            self.lot.unpark()
+
+    def free_slot(self) -> None:
+        """A connection that was never made gives its slot back."""
+        self.open -= 1
+        if self.lot:
+            self.lot.unpark()
 
 
 class _Body(httpx.AsyncByteStream):
     """The response body as it arrives; closing it settles the connection."""
 
-    __slots__ = ("_exchange",)
+    __slots__ = ("_connection", "_generation")
 
-    def __init__(self, exchange: _Exchange) -> None:
-        self._exchange = exchange
+    def __init__(self, connection: _Connection, generation: int) -> None:
+        self._connection = connection
+        self._generation = generation
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        exchange = self._exchange
+        connection, generation = self._connection, self._generation
         try:
-            while True:
-                if exchange.body:
-                    pieces, exchange.body = exchange.body, []
+            while connection.generation == generation and connection.request is not None:
+                if connection.body:
+                    pieces, connection.body = connection.body, []
                     for piece in pieces:
                         yield piece
-                if exchange.complete or exchange.connection is None:
+                if connection.complete:
                     break
-                timeout = exchange.read_timeout
+                timeout = connection.read_timeout
                 if timeout is None:
-                    await exchange.receive()
+                    await connection.receive()
                 else:
                     with trio.move_on_after(timeout) as scope:
-                        await exchange.receive()
+                        await connection.receive()
                     if scope.cancelled_caught:
                         raise httpx.ReadTimeout(
-                            f"no body data within {timeout} s", request=exchange.request
+                            f"no body data within {timeout} s", request=connection.request
                         )
         except BaseException:
-            exchange.keep_alive = False
-            exchange.finish()
+            connection.finish(generation, broken=True)
             raise
-        exchange.finish()
+        connection.finish(generation)
 
     async def aclose(self) -> None:
-        self._exchange.finish()
+        self._connection.finish(self._generation)
 
 
 def _describe(exc: BaseException) -> str:
@@ -413,8 +415,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         phase = _POOL
         connection: _Connection | None = None
-        reused = False
-        exchange: _Exchange | None = None
+        generation = 0
         with trio.CancelScope() as scope:
             try:
                 connection = await self._acquire(origin, scope, timeouts.get("pool"), fresh)
@@ -422,10 +423,10 @@ class RouterTransport(httpx.AsyncBaseTransport):
                 if connection is None:
                     phase = _CONNECT
                     scope.deadline = _deadline(timeouts.get("connect"))
-                    connection = await self._connect(request)
+                    connection = await self._connect(request, origin)
                 phase = _WRITE
                 scope.deadline = _deadline(timeouts.get("write"))
-                exchange = _Exchange(request, origin, connection, keep_alive, timeouts.get("read"))
+                generation = connection.start(request, keep_alive, timeouts.get("read"))
                 try:
                     await self._write(connection.stream, head, body, request, chunked)
                 except httpx.WriteError as exc:
@@ -435,17 +436,17 @@ class RouterTransport(httpx.AsyncBaseTransport):
                 phase = _READ
                 scope.deadline = _deadline(timeouts.get("read"))
                 try:
-                    while not exchange.headers_done:
-                        await exchange.receive()
+                    while not connection.headers_done:
+                        await connection.receive()
                 except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                    if reused and exchange.received == 0 and request.method in _IDEMPOTENT:
+                    if reused and connection.received == 0 and request.method in _IDEMPOTENT:
                         raise _StaleConnection(exc) from None
                     raise
             except BaseException:
                 # a cancelled scope (a timeout here, or the caller's) passes here too
-                if exchange is not None:
-                    exchange.keep_alive = False
-                    exchange.finish()
+                if generation:
+                    assert connection is not None
+                    connection.finish(generation, broken=True)
                 elif connection is not None:
                     origin.release(connection, reusable=False)
                 elif phase == _CONNECT:
@@ -456,19 +457,17 @@ class RouterTransport(httpx.AsyncBaseTransport):
             raise _TIMEOUT_ERRORS[phase](
                 f"timed out {_PHASE_NAMES[phase]} (after {limit} s)", request=request
             )
-        assert exchange is not None
-        status = exchange.parser.get_status_code()
-        version = exchange.parser.get_http_version()
-        response = httpx.Response(
-            status,
-            headers=exchange.headers,
-            stream=_Body(exchange),
+        assert connection is not None
+        version = connection.parser.get_http_version()
+        return httpx.Response(
+            connection.parser.get_status_code(),
+            headers=connection.headers,
+            stream=_Body(connection, generation),
             extensions={
                 "http_version": b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode(),
-                "reason_phrase": exchange.reason,
+                "reason_phrase": connection.reason,
             },
         )
-        return response
 
     async def _acquire(
         self, origin: _Origin, scope: trio.CancelScope, pool_timeout: float | None, fresh: bool
@@ -495,7 +494,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
                 scope.deadline = _deadline(pool_timeout)
             await origin.lot.park()
 
-    async def _connect(self, request: httpx.Request) -> _Connection:
+    async def _connect(self, request: httpx.Request, origin: _Origin) -> _Connection:
         url = request.url
         host = url.host
         port = url.port or _DEFAULT_PORT[url.raw_scheme]
@@ -505,7 +504,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(_describe(exc), request=request) from None
         self.opened += 1
         if url.raw_scheme != b"https":
-            return _Connection(tcp, tcp.socket)
+            return _Connection(tcp, tcp.socket, origin)
         tls = trio.SSLStream(tcp, self._context(), server_hostname=host, https_compatible=True)
         try:
             await tls.do_handshake()
@@ -516,7 +515,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
                     f"TLS handshake with {host} failed: {_describe(exc)}", request=request
                 ) from None
             raise
-        return _Connection(tls, tcp.socket)
+        return _Connection(tls, tcp.socket, origin)
 
     async def _write(
         self,
