@@ -23,6 +23,8 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from router import ApiKey, ChatRequest, ConfigError, Message, Router, RouterConfig
+from router._http import HttpProvider, protocol_for
 from router._transport import IDLE_CHECK_AFTER, LeanClient, RouterTransport
 
 
@@ -592,3 +594,75 @@ def test_any_chunking_of_a_valid_answer(case):
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# the providers' clients
+
+
+COMPLETION = (
+    b'{"id":"c1","object":"chat.completion","created":1,"model":"up",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"hi there"},'
+    b'"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+)
+
+
+def provider_config(port: int, **extra: object) -> RouterConfig:
+    provider = {
+        "name": "p",
+        "kind": "openai",
+        "base_url": f"http://127.0.0.1:{port}/v1",
+        "keys": [{"id": "a", "secret": "sk-test-secret-a"}],
+        "max_concurrency": 4,
+    }
+    return RouterConfig.from_dict(
+        {
+            "providers": [provider | extra],
+            "models": [{"name": "m", "provider": "p", "upstream": "up"}],
+        }
+    )
+
+
+async def test_router_requests_share_one_keep_alive_connection(serve):
+    server = await serve(answer(ok(COMPLETION, b"Content-Type: application/json\r\n")))
+    request = ChatRequest(model="m", messages=[Message("user", "hello")])
+    async with Router.open(provider_config(server.port)) as router:
+        for _ in range(5):
+            assert (await router.submit(request)).content == "hi there"
+    assert server.accepted == 1
+    assert len(server.requests) == 5
+
+
+def _client_of(config: RouterConfig) -> httpx.AsyncClient:
+    provider = HttpProvider(config.providers[0], protocol_for("openai"), {"a": 4})
+    with provider._shards_for(ApiKey("p", "a", "sk-test-secret-a")).lease() as http:
+        return http
+
+
+def test_providers_default_to_the_router_transport():
+    http = _client_of(provider_config(1))
+    assert isinstance(http, LeanClient)
+    transport = http._transport
+    assert isinstance(transport, RouterTransport)
+    assert transport.max_connections == 4  # the key's max_concurrency
+
+
+def test_a_proxy_falls_back_to_httpx_transport(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    config = provider_config(1, proxy="http://user:proxy-pass-1@127.0.0.1:3128")
+    http = _client_of(config)
+    assert not isinstance(http, LeanClient)
+    assert not isinstance(http._transport, RouterTransport)
+    assert "proxy-pass-1" not in repr(config.providers[0])
+    provider = HttpProvider(config.providers[0], protocol_for("openai"), {"a": 4})
+    assert "proxy-pass-1" in provider.known_secrets  # scrubbed from errors like a key
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert not isinstance(_client_of(provider_config(1)), LeanClient)
+
+
+def test_proxy_must_be_an_http_url():
+    with pytest.raises(ConfigError) as info:
+        provider_config(1, proxy="socks5://127.0.0.1:1080")
+    assert info.value.field == "providers[0].proxy"
