@@ -192,7 +192,13 @@ class _Connection:
         # (after an interim answer, llhttp goes on to the real one by itself)
         if self.headers_done and not self.complete:
             self.complete = True
-            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+            parser = self.parser
+            # an HTTP/1.0 server is never trusted with a second request, keep-alive or not
+            self.keep_alive = (
+                self.keep_alive
+                and parser.should_keep_alive()
+                and parser.get_http_version() == "1.1"
+            )
 
     def feed(self, data: bytes | bytearray) -> None:
         self.received += len(data)
@@ -255,6 +261,7 @@ class _Connection:
             return
         self.request = None
         self.body = []
+        self.headers = []  # the response has its own copy; an idle connection keeps none
         reusable = self.complete and self.keep_alive and not self.dirty and not broken
         if reusable and self.skip_body:
             # llhttp still expects the body a HEAD answer announced: start it over
@@ -439,7 +446,12 @@ class RouterTransport(httpx.AsyncBaseTransport):
                     while not connection.headers_done:
                         await connection.receive()
                 except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                    if reused and connection.received == 0 and request.method in _IDEMPOTENT:
+                    if (
+                        reused
+                        and connection.received == 0
+                        and body is not None
+                        and request.method in _IDEMPOTENT
+                    ):
                         raise _StaleConnection(exc) from None
                     raise
             except BaseException:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from router import ApiKey, ChatRequest, ConfigError, Message, Router, RouterConfig
 from router._http import HttpProvider, protocol_for
-from router._transport import IDLE_CHECK_AFTER, LeanClient, RouterTransport
+from router._transport import IDLE_CHECK_AFTER, LeanClient, RouterTransport, _Connection
 
 
 @dataclass
@@ -185,6 +185,29 @@ async def test_server_closing_an_idle_connection_is_noticed_on_reuse(serve, auto
     assert len(server.requests) == 2
 
 
+async def test_only_connections_idle_past_the_threshold_are_polled(
+    serve, autojump_clock, monkeypatch
+):
+    polls: list[float] = []
+    looks_closed = _Connection.looks_closed
+
+    def counting(connection: _Connection) -> bool:
+        polls.append(trio.current_time())
+        return looks_closed(connection)
+
+    monkeypatch.setattr(_Connection, "looks_closed", counting)
+    server = await serve(answer(ok()))
+    async with client(server) as http:
+        for _ in range(5):
+            await http.post("/", content=b"x")
+            await trio.sleep(IDLE_CHECK_AFTER / 2)
+        assert polls == []  # no syscall on the hot path
+        await trio.sleep(IDLE_CHECK_AFTER)
+        await http.post("/", content=b"x")
+        assert len(polls) == 1
+    assert server.accepted == 1  # polled, found alive, reused
+
+
 async def test_stale_connection_retried_once_for_a_get(serve, autojump_clock):
     # closed by the server within IDLE_CHECK_AFTER: no poll, the GET meets the EOF
     server = await serve(answer(ok()), idle_close=IDLE_CHECK_AFTER / 4)
@@ -223,8 +246,10 @@ async def test_connection_close_from_the_client(serve):
     assert server.accepted == 3
 
 
-async def test_http_1_0_answers_are_not_reused(serve):
-    server = await serve(answer(Reply([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"])))
+@pytest.mark.parametrize("extra", [b"", b"Connection: keep-alive\r\n"])
+async def test_http_1_0_answers_are_not_reused(serve, extra):
+    head = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n" + extra
+    server = await serve(answer(Reply([head + b"\r\nok"])))
     async with client(server) as http:
         for _ in range(2):
             response = await http.get("/")
