@@ -691,3 +691,23 @@ def test_proxy_must_be_an_http_url():
     with pytest.raises(ConfigError) as info:
         provider_config(1, proxy="socks5://127.0.0.1:1080")
     assert info.value.field == "providers[0].proxy"
+
+
+async def test_router_streams_share_one_keep_alive_connection(serve):
+    events = [
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"up",'
+        b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n',
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"up",'
+        b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunks = [b"%x\r\n%b\r\n" % (len(e), e) for e in events]
+    server = await serve(answer(Reply([head, *chunks, b"0\r\n\r\n"], delay=0.001)))
+    request = ChatRequest(model="m", messages=[Message("user", "hello")])
+    async with Router.open(provider_config(server.port)) as router:
+        for _ in range(3):
+            async with router.stream(request) as stream:
+                assert "".join([chunk.text async for chunk in stream]) == "hi"
+    assert server.accepted == 1
