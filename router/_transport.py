@@ -272,15 +272,17 @@ class _Connection:
 class _Origin:
     """The connections of one (scheme, host, port): the idle ones and how many exist."""
 
-    __slots__ = ("idle", "lot", "open")
+    __slots__ = ("closed", "idle", "lot", "open")
 
     def __init__(self) -> None:
         self.idle: list[_Connection] = []
         self.open = 0
         self.lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+        """The transport was closed: connections coming back are closed too."""
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
-        if reusable:
+        if reusable and not self.closed:
             connection.idle_since = trio.current_time()
             self.idle.append(connection)
         else:
@@ -560,6 +562,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
         self._closed = True
         origins, self._origins = self._origins, {}
         for origin in origins.values():
+            origin.closed = True
             idle, origin.idle = origin.idle, []
             for connection in idle:
                 connection.close()

@@ -711,3 +711,14 @@ async def test_router_streams_share_one_keep_alive_connection(serve):
             async with router.stream(request) as stream:
                 assert "".join([chunk.text async for chunk in stream]) == "hi"
     assert server.accepted == 1
+
+
+async def test_closing_the_transport_closes_connections_in_use_when_they_end(serve):
+    server = await serve(answer(ok()))
+    transport = RouterTransport()
+    http = client(server, transport)
+    async with http.stream("GET", "/") as response:
+        (origin,) = transport._origins.values()
+        await http.aclose()
+        await response.aread()
+    assert (origin.open, origin.idle) == (0, [])  # closed, not kept idle
