@@ -533,9 +533,10 @@ def _httpx_client(proxy: str | None) -> httpx.AsyncClient:
 class _Shards:
     """A key's httpx clients (made by `make` as load needs them, up to `limit`, each
     carrying up to `size` requests before another is made) and how many requests each
-    is carrying. On the router's transport a key has one client."""
+    is carrying. On the router's transport a key has one client (`limit` 1), and
+    leasing it costs no allocation (a reusable `nullcontext`)."""
 
-    __slots__ = ("busy", "clients", "limit", "make", "size")
+    __slots__ = ("busy", "clients", "limit", "make", "single", "size")
 
     def __init__(self, limit: int, size: int, make: Callable[[], httpx.AsyncClient]) -> None:
         self.limit = limit
@@ -543,10 +544,20 @@ class _Shards:
         self.make = make
         self.clients: list[httpx.AsyncClient] = []
         self.busy: list[int] = []
+        self.single: contextlib.AbstractContextManager[httpx.AsyncClient] | None = None
+
+    def lease(self) -> contextlib.AbstractContextManager[httpx.AsyncClient]:
+        """The least busy client, held for one request; a new one when all are full."""
+        if self.single is not None:
+            return self.single
+        if self.limit == 1:
+            self.clients.append(self.make())
+            self.single = contextlib.nullcontext(self.clients[0])
+            return self.single
+        return self._least_busy()
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[httpx.AsyncClient]:
-        """The least busy client, held for one request; a new one when all are full."""
+    def _least_busy(self) -> Iterator[httpx.AsyncClient]:
         busy = self.busy
         index = busy.index(min(busy)) if busy else -1
         if index < 0 or (busy[index] >= self.size and len(busy) < self.limit):
