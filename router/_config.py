@@ -391,11 +391,17 @@ class ProviderConfig(_Section):
     """Default tokens-per-minute budget of each key."""
     simulate: SimulationConfig | None = None
     seed: int = 0
+    proxy: str | None = None
+    """An HTTP(S) proxy URL for this provider's requests (HTTP kinds), e.g.
+    ``http://user:pass@proxy:3128``; its credentials are secrets. With a proxy (this one
+    or one from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY) requests go through httpx's own
+    transport instead of the router's."""
 
-    def __repr__(self) -> str:  # header values and the base_url may hold credentials
+    def __repr__(self) -> str:  # header values, base_url and proxy may hold credentials
+        proxy = "" if self.proxy is None else f", proxy={mask_url(self.proxy)!r}"
         return (
             f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, "
-            f"base_url={mask_url(self.base_url)!r}, "
+            f"base_url={mask_url(self.base_url)!r}{proxy}, "
             f"keys={self.keys!r}, headers={ {k: '***' for k in self.headers}!r})"
         )
 
@@ -538,6 +544,10 @@ class RouterConfig(_Section):
                         f"{p.pricing!r} is no provider of the price table (genai-prices); "
                         'use its provider id (e.g. "openai") or "none"',
                     )
+            if p.proxy is not None and not p.proxy.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"providers[{i}].proxy", "must be an http:// or https:// proxy URL"
+                )
         models: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in models:
