@@ -606,6 +606,9 @@ class MessageEvents:
             # More text for the open text block (nearly every chunk): spliced into
             # bytes made when the block opened, as `_delta` would encode them.
             return self._text_head + _encode(text) + b"}}\n\n"
+        return self._render(chunk)
+
+    def _render(self, chunk: StreamChunk) -> bytes:
         out = b""
         if chunk.reasoning and self.thinking:
             if self.open != "thinking":
