@@ -540,3 +540,47 @@ async def test_a_provider_error_before_any_batch_is_still_a_failover(autojump_cl
             async with router.stream(req()):
                 pass
     assert "refused" in str(info.value)
+
+
+# -- the SSE parser's fast path (LF-only pieces) agrees with its general path -------------
+
+_lines = st.lists(
+    st.sampled_from(
+        [
+            b'data: {"a": 1}',
+            b"data:x",
+            b"data",
+            b"event: e",
+            b": ping",
+            b"id: 9",
+            b"",
+            b"data: \xc3\xa9",
+        ]
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=_lines,
+    endings=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=12, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
+def test_sse_pieces_give_the_events_of_the_whole(
+    lines: list[bytes], endings: list[bytes], cuts: list[int]
+) -> None:
+    from router._sse import SseParser
+
+    raw = b"".join(line + end for line, end in zip(lines, endings, strict=False)) + b"\n\n"
+    whole = SseParser().feed(raw)
+    parser = SseParser()
+    got = []
+    start = 0
+    for cut in [*sorted({min(c, len(raw)) for c in cuts}), len(raw)]:
+        got += parser.feed(raw[start:cut])
+        start = cut
+    assert got == whole
+    lf_only = b"".join(line + b"\n" for line in lines) + b"\n\n"
+    crlf = lf_only.replace(b"\n", b"\r\n")
+    assert SseParser().feed(lf_only) == SseParser().feed(crlf)  # both paths, same events
