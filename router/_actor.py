@@ -1125,7 +1125,12 @@ class KeyActor:
                                 if usage is not None and usage.total_tokens:
                                     self._reconcile(job, usage.total_tokens, clock.current_time())
                             pending = batch
-                            await send.send(batch)
+                            try:
+                                # No trip through the scheduler when there is room
+                                # (the upstream's read is this task's checkpoint).
+                                send.send_nowait(batch)
+                            except trio.WouldBlock:  # a slow reader: wait for room
+                                await send.send(batch)
                             pending = None
                             if pump.cancel_called:
                                 return

@@ -1261,11 +1261,18 @@ def _dropped(source: ChatResponse | Any, options: ChatOptions | None) -> list[st
 
 
 def _tracked(send: Send, exchange: _Exchange) -> Send:
-    """`send` that records what went out in `exchange`. Each send is shielded from
-    cancellation, so a response is never left half-sent in our own bookkeeping
-    (Hypercorn shields its socket writes the same way)."""
+    """`send` that records what went out in `exchange`. Each send that changes the
+    record (the head, the last body message) is shielded from cancellation, so a
+    response is never left half-sent in our own bookkeeping (Hypercorn shields its
+    socket writes the same way)."""
 
     async def tracked(event: Event) -> None:
+        if event.get("more_body", False):
+            # A stream's body message: nothing to record, and Hypercorn shields its
+            # socket write, so a cancellation (only ever before the write) cannot
+            # leave it half-sent. No shield of ours per message.
+            await send(event)
+            return
         if event["type"] == "http.response.start" and exchange.request_id is not None:
             rid = (b"x-request-id", exchange.request_id)
             event = {**event, "headers": [*event["headers"], rid]}
