@@ -1125,6 +1125,8 @@ class KeyActor:
                                 if usage is not None and usage.total_tokens:
                                     self._reconcile(job, usage.total_tokens, clock.current_time())
                             pending = batch
+                            if timer.fired:  # it fell due as the batch came: a new scope
+                                break
                             try:
                                 # No trip through the scheduler when there is room
                                 # (the upstream's read is this task's checkpoint).
@@ -1140,7 +1142,9 @@ class KeyActor:
                         raise ProviderError(
                             "transient", f"stream idle for {idle:g}s", timed_out=True
                         )
-                    # The timer fired just as a batch arrived: the stream is not idle.
+                    # The timer fell due just as a batch arrived (the actor task ran
+                    # between the batch's arrival and this task): not idle. The cut
+                    # scope is spent; the batch goes out in a fresh one.
                     timer.done = timer.fired = False
                     self._idle_file(timer, clock.current_time() + timer.limit)
             except StopAsyncIteration:

@@ -584,3 +584,66 @@ def test_sse_pieces_give_the_events_of_the_whole(
     lf_only = b"".join(line + b"\n" for line in lines) + b"\n\n"
     crlf = lf_only.replace(b"\n", b"\r\n")
     assert SseParser().feed(lf_only) == SseParser().feed(crlf)  # both paths, same events
+
+
+async def test_usage_in_the_first_batch_reconciles_the_token_budget(autojump_clock):
+    # A short answer whose text, finish and usage all come in the first read.
+    whole = [
+        StreamChunk(text="hi"),
+        StreamChunk(finish_reason="stop", usage=Usage(prompt_tokens=3, total_tokens=5)),
+    ]
+    cfg = make_config(CFG.replace('{ id = "a" }', '{ id = "a", tpm = 10000 }'))
+    async with Router.open(cfg, providers={"p": Batches([whole])}) as router:
+        (actor,) = router._runtimes["p"].actors
+        request = ChatRequest(model="m", messages=[Message("user", "hi")], max_tokens=500)
+        async with router.stream(request) as stream:
+            assert "".join([c.text async for c in stream]) == "hi"
+        assert actor.budget is not None
+        assert actor.budget.remaining(trio.current_time()) == (None, 10000 - 5)
+
+
+def test_a_batch_that_arrives_as_the_idle_timer_falls_due_is_relayed() -> None:
+    """The upstream's data arrives (the pump is woken with it) in the same tick as the
+    actor task finds the idle timer due. Whichever of the two trio runs first, the
+    caller is handed every batch that arrived, and a batch that did arrive is never
+    followed by a spurious idle cut: either the wait was cut before the data came
+    (the timeout stands, "0 " is all), or the stream goes on to its end."""
+
+    class Boundary(Batches):
+        nursery: trio.Nursery
+
+        async def stream_batches(self, request, key):  # type: ignore[no-untyped-def]
+            yield [StreamChunk(text="0 ")]
+            arrived = trio.Event()
+
+            async def data_comes() -> None:
+                await trio.sleep(IDLE)  # exactly when the idle timer falls due
+                arrived.set()
+
+            self.nursery.start_soon(data_comes)
+            await arrived.wait()
+            yield [StreamChunk(text="1 ")]
+            await trio.sleep(1.0)
+            yield [StreamChunk(text="2 "), StreamChunk(finish_reason="stop")]
+
+    async def once() -> str:
+        provider = Boundary([])
+        async with trio.open_nursery() as nursery:
+            provider.nursery = nursery
+            async with Router.open(make_config(CFG), providers={"p": provider}) as router:
+                seen: list[str] = []
+                async with router.stream(req()) as stream:
+                    try:
+                        async for chunk in stream:
+                            seen.append(chunk.text)
+                    except StreamInterruptedError as exc:
+                        assert seen == ["0 "]
+                        assert exc.partial_text == "0 "
+                        return "cut"
+                assert seen == ["0 ", "1 ", "2 ", ""]
+                return "whole"
+
+    outcomes = {
+        trio.run(once, clock=trio.testing.MockClock(autojump_threshold=0)) for _ in range(40)
+    }
+    assert outcomes <= {"cut", "whole"}
