@@ -14,6 +14,11 @@ choice, the actor hop, breaker and cooldown bookkeeping, the attempt record). Ti
 the CPU time of the one thread trio runs on (`time.thread_time`), and each figure is
 the best of `--repeat` runs, to keep a shared machine's noise out. Writes
 `benchmarks/results/overhead.json` and `.md`.
+
+`--tracing` also measures `router.submit` with OpenTelemetry tracing on (the SDK's
+provider, a batch processor and an exporter that drops the spans: the spans' cost on
+the event loop's thread, not the export's) and prints it; tracing off costs one
+attribute check per request, which the figures above already include.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import platform
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -72,13 +78,16 @@ async def _drive(call: Callable[[], Awaitable[object]], callers: int, total: int
     return (time.thread_time() - start) / (per_caller * callers)
 
 
-async def measure(callers: int, total: int, repeat: int) -> dict[str, float]:
+async def measure(
+    callers: int, total: int, repeat: int, tracer_provider: Any = None
+) -> dict[str, float]:
     provider = InstantProvider()
     config = RouterConfig.from_toml(CONFIG)
     request = ChatRequest(model="m", messages=[Message(role="user", content="hello")])
     key = ApiKey("instant", "k1", "")
     direct_best = routed_best = float("inf")
-    async with Router.open(config, providers={"instant": provider}) as router:
+    opening = Router.open(config, providers={"instant": provider}, tracer_provider=tracer_provider)
+    async with opening as router:
 
         async def direct() -> object:
             return await provider.complete(request, key)
@@ -141,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tracing", action="store_true", help="also measure tracing on")
     args = parser.parse_args()
     rows = []
     for callers in (1, 1000):
@@ -153,6 +163,12 @@ def main() -> None:
             f"routed {row['routed_us']:6.2f} us  overhead {row['overhead_us']:6.2f} us/request  "
             f"asyncio {row['asyncio_us']:6.2f} us  bridge +{row['bridge_us']:6.2f} us/request"
         )
+        if args.tracing:
+            traced = trio.run(measure, callers, args.requests, args.repeat, _tracer_provider())
+            print(
+                f"callers={callers:5d}  traced {traced['routed_us']:6.2f} us  "
+                f"tracing +{traced['routed_us'] - row['routed_us']:6.2f} us/request"
+            )
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "python": platform.python_version(),
@@ -182,6 +198,19 @@ def main() -> None:
         "mode on the asyncio loop) minus trio's `router.submit`, main-thread CPU time.",
     ]
     (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+
+
+def _tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropped(), max_queue_size=65536))
+    return provider
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ Sections:
 - ``failover``: the emulator (`python -m router.emulator`) with 20 ms upstream latency:
   a healthy baseline, one of two keys failing 30% of the time (503), and a primary
   provider that is down (connection refused); success rate and the added latency.
+- ``streams``: many concurrent token-by-token streams (`--stream-counts`, default 100,
+  1,000 and 3,000) of `--stream-events` events paced `--stream-interval` apart, one event
+  per upstream write, from the minimal upstream of `_paced.py`; through `router.stream`
+  in-process, through the gateway and through LiteLLM's proxy (its own venv). Reports
+  streams completed, CPU µs per relayed event of the process under test, RSS per open
+  stream, time to first event, the largest gap between two events, and connections
+  opened per stream (plus sequential streams on one key: connections reused).
 - ``gateway_overhead``: the gateway's own overhead (``x-router-overhead-ms``) when its
   process is not CPU-saturated: `python -m router serve` in front of the emulator
   answering every request after 0.5 s, so 64 concurrent requests need only ~128 req/s;
@@ -37,6 +44,7 @@ import itertools
 import json
 import math
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,8 +75,11 @@ SECTIONS = (
     "gateway_overhead",
     "hedging",
     "continuation",
+    "streams",
 )
 REQUEST = ChatRequest(model="m", messages=[Message("user", "Say hello.")])
+PACED = c.BENCH / "_paced.py"
+HTTP_MODES = {"raw": "raw httpx", "router": "router.submit"}
 
 
 def custom_config(keys: int, per_key: int, balancing: str) -> RouterConfig:
@@ -205,6 +216,64 @@ def run_inflight(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"inflight {n:6d}  {routed['rps']:8.0f} req/s  p50 {routed['p50_ms']:7.1f} ms  "
               f"p99 {routed['p99_ms']:7.1f} ms  {mem_routed / 1024:6.1f} KiB/request "
               f"(router's share {share:5.1f} KiB)", flush=True)  # fmt: skip
+    return rows
+
+
+async def inflight_http_wave(base: str, n: int, mode: str) -> dict[str, Any]:
+    """N requests in flight at once over real HTTP to an upstream holding each 1.5 s:
+    memory per request while all are parked (tracemalloc), for `router.submit` and for
+    raw httpx on the same upstream."""
+    import httpx
+
+    per_key = 256
+    config = RouterConfig.from_toml(c.router_config(base, -(-n // per_key), per_key))
+    body = json.dumps({"model": c.UPSTREAM_MODEL, "messages": c.PROMPT}).encode()
+    headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+    async with contextlib.AsyncExitStack() as stack:
+        if mode == "router":
+            router = await stack.enter_async_context(Router.open(config))
+
+            async def call() -> object:
+                return await router.submit(REQUEST)
+
+        else:
+            limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
+
+            async def call() -> object:
+                r = await client.post(base + "/chat/completions", content=body, headers=headers)
+                return r.json()
+
+        async def wave() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(call)
+
+        await wave()  # warm: connections open and pooled
+        gc.collect()
+        tracemalloc.start()
+        base_mem = tracemalloc.get_traced_memory()[0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wave)
+            await trio.sleep(0.8)  # every request is parked upstream now
+            mem = (tracemalloc.get_traced_memory()[0] - base_mem) / n
+        tracemalloc.stop()
+    return {"mode": mode, "in_flight": n, "bytes_per_request": mem}
+
+
+def run_inflight_http(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    port = c.free_port()
+    argv = [sys.executable, str(PACED), "upstream", "--port", str(port), "--hold", "1.5"]
+    with c.spawned(argv) as proc:
+        c.wait_port(port, proc, 10)
+        base = f"http://127.0.0.1:{port}/v1"
+        for n in args.inflight_http:
+            for mode in ("raw", "router"):
+                r = trio.run(inflight_http_wave, base, n, mode)
+                rows.append(r)
+                print(f"inflight http {mode:8s} {n:6d}  {r['bytes_per_request'] / 1024:6.1f} "
+                      "KiB/request", flush=True)  # fmt: skip
     return rows
 
 
@@ -526,6 +595,232 @@ def run_continuation(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- streams
+
+
+def _upstream_stats(base: str) -> dict[str, int]:
+    with urllib.request.urlopen(base.replace("/v1", "/stats"), timeout=10) as r:
+        return dict(json.loads(r.read()))
+
+
+def _proc_rss(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _stream_summary(
+    n: int, events: int, cpu: float, rss0: int, rss_peak: int, ttfe: list[float],
+    gaps: list[float], completed: int, errors: int, conns: int, streams: int,
+) -> dict[str, Any]:  # fmt: skip
+    ttfe, gaps = sorted(ttfe), sorted(gaps)
+    return {
+        "streams": n,
+        "completed": completed,
+        "errors": errors,
+        "events": events,
+        "cpu_us_per_event": cpu / events * 1e6 if events else None,
+        "cpu_s": cpu,
+        "rss_kib_per_stream": max(0, rss_peak - rss0) / 1024 / n,
+        "ttfe_p50_ms": c.percentile(ttfe, 0.5) * 1e3 if ttfe else None,
+        "ttfe_p99_ms": c.percentile(ttfe, 0.99) * 1e3 if ttfe else None,
+        "gap_p99_ms": c.percentile(gaps, 0.99) * 1e3 if gaps else None,
+        "gap_max_ms": gaps[-1] * 1e3 if gaps else None,
+        "connections_per_stream": conns / streams if streams else None,
+    }
+
+
+def _ramp(n: int) -> float:
+    return max(1.0, n / 600)  # 3,000 streams start over 5 s
+
+
+async def streams_inprocess(base: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    per_key = 256
+    config = RouterConfig.from_toml(c.router_config(base, -(-n // per_key), per_key))
+    ttfe: list[float] = []
+    gaps: list[float] = []
+    done = events = errors = 0
+    target = -(-n // per_key)
+    all_done = trio.Event()
+    async with Router.open(config) as router:
+
+        async def one(delay: float) -> None:
+            nonlocal done, events, errors
+            await trio.sleep(delay)
+            start = last = time.monotonic()
+            first = True
+            gap = 0.0
+            try:
+                async with router.stream(REQUEST) as stream:
+                    async for chunk in stream:
+                        now = time.monotonic()
+                        if first:
+                            ttfe.append(now - start)
+                            first = False
+                        else:
+                            gap = max(gap, now - last)
+                        last = now
+                        if chunk.text:
+                            events += 1
+                done += 1
+                gaps.append(gap)
+            except Exception:
+                errors += 1
+            if done + errors >= target:
+                all_done.set()
+
+        async with trio.open_nursery() as nursery:  # warm-up: one stream per key
+            for _ in range(-(-n // per_key)):
+                nursery.start_soon(one, 0.0)
+        ttfe.clear()
+        gaps.clear()
+        done = events = errors = 0
+        target = n
+        all_done = trio.Event()
+        before = _upstream_stats(base)
+        gc.collect()
+        rss0 = c.rss_bytes()
+        peak = rss0
+        ramp = _ramp(n)
+        cpu0 = time.process_time()
+        with trio.move_on_after(ramp + args.stream_events * args.stream_interval * 3 + 30):
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, ramp * i / n)
+
+                async def sample() -> None:
+                    nonlocal peak
+                    while True:
+                        await trio.sleep(1.0)
+                        peak = max(peak, c.rss_bytes())
+
+                nursery.start_soon(sample)
+                await all_done.wait()
+                nursery.cancel_scope.cancel()
+        cpu = time.process_time() - cpu0
+        after = await trio.to_thread.run_sync(_upstream_stats, base)
+    return _stream_summary(
+        n, events, cpu, rss0, peak, ttfe, gaps, done, errors,
+        after["connections"] - before["connections"], after["streams"] - before["streams"],
+    )  # fmt: skip
+
+
+async def streams_sequential(base: str, count: int) -> dict[str, Any]:
+    """`count` streams one after the other on one key: connections opened per stream."""
+    config = RouterConfig.from_toml(c.router_config(base, 1, 4))
+    async with Router.open(config) as router:
+        before = await trio.to_thread.run_sync(_upstream_stats, base)
+        for _ in range(count):
+            async with router.stream(REQUEST) as stream:
+                async for _chunk in stream:
+                    pass
+        after = await trio.to_thread.run_sync(_upstream_stats, base)
+    conns = after["connections"] - before["connections"]
+    return {"streams": count, "connections": conns, "connections_per_stream": conns / count}
+
+
+def _streams_over_http(
+    url: str, n: int, pid: int, base: str, token: str = "", model: str = "m"
+) -> dict[str, Any]:
+    before = _upstream_stats(base)
+    rss0 = _proc_rss(pid)
+    cpu0 = c.tree_cpu_seconds(pid)
+    argv = [sys.executable, str(PACED), "client", "--url", url, "--streams", str(n),
+            "--ramp", str(_ramp(n)), "--token", token, "--model", model]  # fmt: skip
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        peak = rss0
+        while proc.poll() is None:
+            time.sleep(1.0)
+            peak = max(peak, _proc_rss(pid))
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    cpu = c.tree_cpu_seconds(pid) - cpu0
+    after = _upstream_stats(base)
+    if not lines:
+        raise RuntimeError("stream client printed no report")
+    rep = json.loads(lines[-1])
+    res = _stream_summary(
+        n, rep["events"], cpu, rss0, peak, rep["ttfe"], rep["gaps"], rep["completed"],
+        rep["errors"], after["connections"] - before["connections"],
+        after["streams"] - before["streams"],
+    )  # fmt: skip
+    res["client_cpu_s"] = rep["client_cpu"]
+    if rep.get("first_error"):
+        res["first_error"] = rep["first_error"]
+    return res
+
+
+def _print_streams(label: str, r: dict[str, Any]) -> None:
+    per_event = r["cpu_us_per_event"]
+    print(f"streams {label:14s} {r['streams']:5d}  completed {r['completed']:5d}  "
+          f"{per_event if per_event is None else round(per_event, 1)} µs/event  "
+          f"gap max {r['gap_max_ms']} ms  conns/stream {r['connections_per_stream']}",
+          flush=True)  # fmt: skip
+
+
+def run_streams(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"events": args.stream_events, "interval": args.stream_interval}
+    rows: dict[str, list[dict[str, Any]]] = {
+        "router.stream": [],
+        "gateway": [],
+        "litellm-proxy": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
+        port = c.free_port()
+        up = [sys.executable, str(PACED), "upstream", "--port", str(port), "--events",
+              str(args.stream_events), "--interval", str(args.stream_interval)]  # fmt: skip
+        quick_port = c.free_port()
+        quick = [sys.executable, str(PACED), "upstream", "--port", str(quick_port),
+                 "--events", "5", "--interval", "0.001"]  # fmt: skip
+        with c.spawned(up, log=Path(tmp) / "up.log") as upp, c.spawned(quick) as qp:
+            c.wait_port(port, upp, 10)
+            c.wait_port(quick_port, qp, 10)
+            base = f"http://127.0.0.1:{port}/v1"
+            out["sequential"] = trio.run(
+                streams_sequential, f"http://127.0.0.1:{quick_port}/v1", 50
+            )
+            print(f"streams sequential: {out['sequential']}", flush=True)
+            for n in args.stream_counts:
+                r = trio.run(streams_inprocess, base, n, args)
+                rows["router.stream"].append(r)
+                _print_streams("router.stream", r)
+            for n in args.stream_counts:
+                gport = c.free_port()
+                cfg = Path(tmp) / "gw.toml"
+                per_key = 256
+                cfg.write_text(c.router_config(base, -(-n // per_key), per_key, gport))
+                argv = [Path(sys.executable).parent / "llm-router", "serve", "--config", cfg,
+                        "--log-level", "WARNING", "--access-log", "off"]  # fmt: skip
+                with c.spawned(argv, log=Path(tmp) / "gw.log") as proc:
+                    c.wait_port(gport, proc, 30)
+                    url = f"http://127.0.0.1:{gport}/v1/chat/completions"
+                    _streams_over_http(url, 8, proc.pid, base)  # warm-up
+                    r = _streams_over_http(url, n, proc.pid, base)
+                rows["gateway"].append(r)
+                _print_streams("gateway", r)
+            if args.stream_litellm:
+                import throughput
+
+                ok, why = throughput.ensure_litellm(True)
+                if not ok:
+                    out["litellm_skipped"] = why
+                for n in args.stream_litellm if ok else []:
+                    proxy = throughput.LiteLLMProxy(base, Path(tmp))
+                    with c.spawned(proxy.argv, env=proxy.env, log=proxy.log, grace=5) as proc:
+                        c.wait_port(proxy.port, proc, 120)
+                        url = f"http://127.0.0.1:{proxy.port}/chat/completions"
+                        _streams_over_http(url, 8, proc.pid, base, proxy.master_key)
+                        r = _streams_over_http(url, n, proc.pid, base, proxy.master_key)
+                    rows["litellm-proxy"].append(r)
+                    _print_streams("litellm-proxy", r)
+    out["rows"] = rows
+    return out
+
+
 # ----------------------------------------------------------------------------- gateway overhead
 
 
@@ -657,6 +952,19 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             ),
             "",
         ]  # fmt: skip
+        if p.get("inflight_http"):
+            lines += [
+                "Over real HTTP: N requests in flight at once to the `_paced.py` upstream, "
+                "which holds each 1.5 s; tracemalloc's traced bytes per request while all are "
+                "parked upstream, connections already open (the same measure for each row).",
+                "",
+                c.markdown_table(
+                    ["path", "in flight", "KiB/request"],
+                    [[HTTP_MODES.get(r["mode"], r["mode"]), str(r["in_flight"]),
+                      f"{r['bytes_per_request'] / 1024:.1f}"] for r in p["inflight_http"]],
+                ),
+                "",
+            ]  # fmt: skip
         worst = max(r["bytes_per_request"] for r in p["inflight"])
         targets.append(["under 20 KB memory per in-flight request", f"{worst / 1000:.1f} KB "
                         "(whole request incl. caller task)",
@@ -790,6 +1098,39 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             ),
             "",
         ]  # fmt: skip
+    if "streams" in p:
+        st = p["streams"]
+        seq = st.get("sequential", {})
+        lines += [
+            "## Many concurrent token-by-token streams",
+            "",
+            f"The minimal upstream of `_paced.py` sends each stream {st['events']} events "
+            f"{st['interval'] * 1000:.0f} ms apart, one event per write (as a model decodes "
+            "token by token). N streams start together (spread over N/600 s, at least 1 s). "
+            "CPU is the process under test over the whole wave (stream set-up included) per "
+            "relayed event; RSS per stream is the process's peak RSS growth over the wave "
+            "divided by N; the gap is the largest time between two events of one stream "
+            "(the pacing is 100 ms, so anything well above it is the relay falling behind). "
+            "The HTTP rows are driven by a separate trio client process, one connection per "
+            "stream.",
+            "",
+            c.markdown_table(
+                ["path", "streams", "completed", "CPU µs/event", "RSS KiB/stream",
+                 "first event p50 ms", "p99 ms", "gap p99 ms", "gap max ms",
+                 "upstream conns/stream"],
+                [[label, str(r["streams"]), str(r["completed"]), c.fmt(r["cpu_us_per_event"], 1),
+                  c.fmt(r["rss_kib_per_stream"], 1), c.fmt(r["ttfe_p50_ms"], 1),
+                  c.fmt(r["ttfe_p99_ms"], 1), c.fmt(r["gap_p99_ms"], 1),
+                  c.fmt(r["gap_max_ms"], 1), c.fmt(r["connections_per_stream"], 2)]
+                 for label, rows in st["rows"].items() for r in rows],
+            ),
+            "",
+            f"Sequential streams on one key: {seq.get('streams', '?')} streams opened "
+            f"{seq.get('connections', '?')} upstream connection(s).",
+            "",
+        ]  # fmt: skip
+        if st.get("litellm_skipped"):
+            lines += [f"LiteLLM's proxy was skipped: {st['litellm_skipped']}", ""]
     if targets:
         table = c.markdown_table(["target", "measured", "status"], targets, "lll")
         lines += ["## Targets (issue #6)", "", table, ""]
@@ -810,6 +1151,8 @@ def main() -> None:
     parser.add_argument("--dispatch-requests", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--inflight", type=int, nargs="+", default=[100, 1000, 10_000])
+    parser.add_argument("--inflight-http", type=int, nargs="+", default=[1000],
+                        help="requests in flight over real HTTP (memory per request)")  # fmt: skip
     parser.add_argument("--stream-levels", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--streams", type=int, default=300, help="streams per level")
     parser.add_argument("--shard-size", type=int, default=8)
@@ -826,6 +1169,12 @@ def main() -> None:
                         help="extra random upstream latency up to this (s)")  # fmt: skip
     parser.add_argument("--overhead-seconds", type=float, default=15.0,
                         help="measured seconds per gateway_overhead level")  # fmt: skip
+    parser.add_argument("--stream-counts", type=int, nargs="+", default=[100, 1000, 3000],
+                        help="concurrent streams in the streams section")  # fmt: skip
+    parser.add_argument("--stream-events", type=int, default=200)
+    parser.add_argument("--stream-interval", type=float, default=0.1)
+    parser.add_argument("--stream-litellm", type=int, nargs="*", default=[100, 1000],
+                        help="stream counts for LiteLLM's proxy (none: skip it)")  # fmt: skip
     args = parser.parse_args()
     payload: dict[str, Any] = {
         "meta": c.machine(),
@@ -846,6 +1195,7 @@ def main() -> None:
         payload["dispatch"] = run_dispatch(args)
     if "inflight" in args.sections:
         payload["inflight"] = run_inflight(args)
+        payload["inflight_http"] = run_inflight_http(args)
     if "stream" in args.sections:
         payload["stream"] = run_stream(args)
     if "failover" in args.sections:
@@ -856,6 +1206,8 @@ def main() -> None:
         payload["hedging"] = run_hedging(args)
     if "continuation" in args.sections:
         payload["continuation"] = run_continuation(args)
+    if "streams" in args.sections:
+        payload["streams"] = run_streams(args)
     markdown = build_markdown(payload, args)
     c.write_results("scaling", payload, markdown)
     if "inflight" in payload:

@@ -11,6 +11,9 @@ requests per concurrency level; a run stops handing out requests after
 - ``raw``: httpx on trio written by hand, one `httpx.AsyncClient` per shard of
   `--shard-size` concurrent callers (httpcore's pool costs O(connections) per request,
   so one client per shard is what a careful user writes): the floor.
+- ``raw-transport``: the same hand-written loop on one `httpx.AsyncClient` whose
+  transport is the router's own (`router._transport.RouterTransport`, the default of
+  the HTTP providers): what the transport alone is worth to an httpx user.
 - ``router``: `router.submit` in-process, ``kind = "openai"`` provider with one key per
   shard (`max_concurrency = --shard-size` each, ``balancing = "round_robin"``), so the
   router's per-key clients shard the pool exactly like the raw row.
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,9 +49,10 @@ from typing import Any
 import _common as c
 import trio
 
-ROWS = ("raw", "router", "router-1key", "gateway", "litellm", "litellm-proxy")
+ROWS = ("raw", "raw-transport", "router", "router-1key", "gateway", "litellm", "litellm-proxy")
 LABELS = {
     "raw": "raw httpx (sharded)",
+    "raw-transport": "raw httpx on our transport",
     "router": "router.submit",
     "router-1key": "router.submit, 1 key",
     "gateway": "llm-router serve",
@@ -88,6 +93,22 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
     conc, shard = args.concurrency, args.shard_size
     warmup = max(conc, 50)
+    if args.worker == "raw-transport":
+        from router._transport import RouterTransport
+
+        client = httpx.AsyncClient(transport=RouterTransport(max_connections=conc + 4))
+        url = args.url + "/chat/completions"
+        body = json.dumps({"model": c.UPSTREAM_MODEL, "messages": c.PROMPT}).encode()
+        headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
+
+        async def call(i: int) -> object:
+            r = await client.post(url, content=body, headers=headers)
+            r.raise_for_status()
+            return json.loads(r.content)["choices"][0]["message"]["content"]
+
+        result = await _measure(call, conc, args, warmup)
+        await client.aclose()
+        return result
     if args.worker == "raw":
         n = c.shard_count(conc, shard)
         per = math.ceil(conc / n) + 4
@@ -407,7 +428,29 @@ def build_markdown(payload: dict[str, Any]) -> str:
         ),
         "",
     ]  # fmt: skip
-    lines += ["## Targets (issue #6)", ""]
+    crows = []
+    for conc in levels:
+        crows.append([
+            str(conc),
+            c.fmt(get("router", conc, "cpu_us")),
+            c.ratio(get("raw", conc, "cpu_us"), get("router", conc, "cpu_us")),
+            c.ratio(get("raw-transport", conc, "cpu_us"), get("router", conc, "cpu_us")),
+            c.ratio(get("litellm", conc, "cpu_us"), get("router", conc, "cpu_us")),
+            c.fmt(get("gateway", conc, "cpu_us")),
+            c.ratio(get("litellm-proxy", conc, "cpu_us"), get("gateway", conc, "cpu_us")),
+        ])  # fmt: skip
+    lines += [
+        "## CPU per request, side by side (how many times the router's CPU the peer spends)",
+        "",
+        c.markdown_table(
+            ["concurrency", "router.submit µs", "raw httpx / router",
+             "raw httpx on our transport / router", "LiteLLM Router / router",
+             "gateway µs", "LiteLLM proxy / gateway"],
+            crows,
+        ),
+        "",
+    ]  # fmt: skip
+    lines += ["## Targets", ""]
     lines += [c.markdown_table(["target", "measured", "status"], payload["targets"], "lll"), ""]
     for note in payload.get("notes", []):
         lines += [note, ""]
@@ -452,6 +495,37 @@ def evaluate_targets(payload: dict[str, Any]) -> list[list[str]]:
         return None if r is None or "skipped" in r else r.get(field)
 
     targets: list[list[str]] = []
+    r64, raw64 = get("router", 64, "cpu_us"), get("raw", 64, "cpu_us")
+    if r64:
+        targets.append([
+            "router.submit over HTTP at 64: ≤ 300 µs CPU/request (#13)",
+            f"{r64:,.0f} µs", "met" if r64 <= 300 else "not met",
+        ])  # fmt: skip
+    if r64 and raw64:
+        targets.append([
+            "router.submit ≥ 3x less CPU than raw httpx at 64 (#13)",
+            f"{raw64:,.0f} / {r64:,.0f} µs = {raw64 / r64:.1f}x",
+            "met" if raw64 / r64 >= 3 else "not met",
+        ])  # fmt: skip
+    lite = get("litellm", 64, "cpu_us")
+    if r64 and lite:
+        targets.append([
+            "router.submit ≥ 20x less CPU than LiteLLM Router at 64 (#13)",
+            f"{lite:,.0f} / {r64:,.0f} µs = {lite / r64:.1f}x",
+            "met" if lite / r64 >= 20 else "not met",
+        ])  # fmt: skip
+    g64, p64 = get("gateway", 64, "cpu_us"), get("litellm-proxy", 64, "cpu_us")
+    if g64:
+        targets.append([
+            "gateway at 64: ≤ 1,000 µs CPU/request (#13)",
+            f"{g64:,.0f} µs", "met" if g64 <= 1000 else "not met",
+        ])  # fmt: skip
+    if g64 and p64:
+        targets.append([
+            "gateway ≥ 10x less CPU than LiteLLM's proxy at 64 (#13)",
+            f"{p64:,.0f} / {g64:,.0f} µs = {p64 / g64:.1f}x",
+            "met" if p64 / g64 >= 10 else "not met",
+        ])  # fmt: skip
     overhead = c.RESULTS / "overhead.json"
     if overhead.exists():
         rows = json.loads(overhead.read_text())["rows"]
@@ -625,24 +699,50 @@ def main() -> None:
                         results.setdefault(row, {}).setdefault(str(conc), {"skipped": why})
                     print(why, file=sys.stderr)
                 continue
+            if row not in ("litellm",):
+                continue  # run below, in alternating blocks
             for conc in args.levels:
                 total = levels_total(args, conc)
                 try:
-                    runs = []
+                    runs_l = []
                     for _ in range(args.repeat):
-                        if row in ("raw", "router", "router-1key"):
-                            runs.append(run_inprocess(row, base, conc, total, args))
-                        elif row == "gateway":
-                            runs.append(run_gateway(base, conc, total, args))
-                        else:
-                            runs.append(run_litellm(base, conc, total, args))
-                            meta["litellm"] = runs[-1].pop("version")
-                    res = max(runs, key=lambda r: r["rps"])
-                    res["runs_rps"] = [round(r["rps"]) for r in runs]
+                        runs_l.append(run_litellm(base, conc, total, args))
+                        meta["litellm"] = runs_l[-1].pop("version")
+                    res = max(runs_l, key=lambda r: r["rps"])
+                    res["runs_rps"] = [round(r["rps"]) for r in runs_l]
+                    res["cpu_us"] = statistics.median(r["cpu_us"] for r in runs_l)
                 except Exception as exc:
                     traceback.print_exc()
                     res = {"skipped": f"failed: {exc}".replace("\n", " ")}
                 record(row, conc, res)
+        # In-process and gateway rows run in alternating blocks (every row once, then
+        # every row again, `--repeat` times), so a slow minute of the shared machine
+        # falls on all rows alike; a cell reports its best req/s run and the median CPU.
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        blocked = [r for r in args.rows if not r.startswith("litellm")]
+        for _ in range(args.repeat):
+            for row in blocked:
+                for conc in args.levels:
+                    total = levels_total(args, conc)
+                    try:
+                        if row in ("raw", "raw-transport", "router", "router-1key"):
+                            one = run_inprocess(row, base, conc, total, args)
+                        else:
+                            one = run_gateway(base, conc, total, args)
+                    except Exception as exc:
+                        traceback.print_exc()
+                        one = {"skipped": f"failed: {exc}".replace("\n", " ")}
+                    runs.setdefault((row, conc), []).append(one)
+        for (row, conc), done in runs.items():
+            ok = [r for r in done if "skipped" not in r]
+            if not ok:
+                record(row, conc, done[0])
+                continue
+            res = dict(max(ok, key=lambda r: r["rps"]))
+            res["runs_rps"] = [round(r["rps"]) for r in ok]
+            res["runs_cpu_us"] = [round(r["cpu_us"]) for r in ok]
+            res["cpu_us"] = statistics.median(r["cpu_us"] for r in ok)
+            record(row, conc, res)
         if args.profile_level and "router" in args.rows:
             conc = args.profile_level
             print(f"profiling router.submit at {conc} ...", flush=True)

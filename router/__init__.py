@@ -24,6 +24,7 @@ Layout (every implementation module is private; this file re-exports the public 
 - `gateway/`      the OpenAI-compatible HTTP gateway (`llm-router serve`)
 - `_chain.py`     ModelChain: request -> ordered, de-duplicated models to try
 - `_router.py`    Router: the supervisor that walks the chain over the actors
+- `_otel.py`      OpenTelemetry traces of requests (imported only when tracing is on)
 - `_demo.py`      the `llm-router demo` command
 """
 

@@ -237,6 +237,7 @@ class Job:
         "lane",
         "member",
         "model",
+        "origin",
         "queued",
         "raise_cancel",
         "request",
@@ -263,8 +264,11 @@ class Job:
         tokens: int = 0,
         count: bool = False,
         alternatives: Callable[[bool, bool], bool] = _no_alternatives,
+        origin: float = 0.0,
     ) -> None:
         self.stream = stream
+        self.origin = origin
+        """When the request began (router clock): attempts record their start from it."""
         self.embed = type(request) is EmbeddingRequest
         """An embedding request (the provider's `embed`), not a chat request: it takes
         the same path (lanes, breakers, cooldowns, budgets, failure table)."""
@@ -778,6 +782,7 @@ class KeyActor:
                             outcome="ok",
                             duration=end - now,
                             backoff=job.backoff,
+                            started=now - job.origin,
                         )
                     )
                     return response
@@ -1209,6 +1214,7 @@ class KeyActor:
                 duration=duration,
                 status=status,
                 backoff=job.backoff,
+                started=job.started - job.origin,
             )
         )
         job.backoff = 0.0

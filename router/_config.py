@@ -32,12 +32,14 @@ __all__ = [
     "HealthConfig",
     "KeyConfig",
     "ModelConfig",
+    "PriceConfig",
     "ProviderConfig",
     "RouterConfig",
     "RouterSettings",
     "SharedConfig",
     "SimulationConfig",
     "TokensConfig",
+    "TracingConfig",
     "capped_growth",
     "mask_url",
     "resolve_headers",
@@ -130,7 +132,8 @@ class TokensConfig(_Section):
 
 
 class GatewayKey(_Section):
-    """A key that callers of the HTTP gateway present; it selects their tenant."""
+    """A key that callers of the HTTP gateway present; it selects their tenant. Its
+    quotas (`rpm`, `tpm`, `budget_usd`) are this key's own (see `router.gateway._quota`)."""
 
     id: Name
     secret: str
@@ -138,6 +141,15 @@ class GatewayKey(_Section):
     models: list[str] | None = None
     """The models (configured names or `provider/upstream` ids) this key may call, as
     the request's model or a fallback; None: any the gateway allows."""
+    rpm: PositiveInt | None = None
+    """Requests per minute this key may make (sliding 60 s window); None: no limit."""
+    tpm: PositiveInt | None = None
+    """Tokens per minute: the prompt estimate is counted up front, then replaced by the
+    usage the provider reported (prompt + completion)."""
+    budget_usd: Positive | None = None
+    """US dollars this key may spend per `budget_period` (priced requests only)."""
+    budget_period: Literal["day", "month"] = "day"
+    """The budget's window: the UTC calendar day or month."""
 
     def __repr__(self) -> str:
         return (
@@ -213,6 +225,35 @@ class SharedConfig(_Section):
         return f"SharedConfig(redis_url={url!r}, key_prefix={self.key_prefix!r})"
 
 
+class TracingConfig(_Section):
+    """The `[router.tracing]` table: OpenTelemetry traces, exported over OTLP/HTTP (the
+    `otel` extra; see `router._otel`). Unset fields fall back to the standard
+    ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_SERVICE_NAME`` environment variables."""
+
+    enabled: bool = True
+    """Trace every request (a table with ``enabled = false`` traces nothing)."""
+    service_name: str | None = None
+    """The ``service.name`` of the spans (default: ``OTEL_SERVICE_NAME``, else
+    ``llm-router``)."""
+    endpoint: str | None = None
+    """The collector's OTLP/HTTP base URL (``http://collector:4318``; spans go to its
+    ``/v1/traces``). Default: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``, else ``http://localhost:4318``."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Headers sent with each export (a collector's API key, say); values may be
+    ``env:VAR``. They are secrets: never printed. Default: ``OTEL_EXPORTER_OTLP_HEADERS``."""
+    sample_rate: Fraction | None = None
+    """Fraction of new traces recorded (a request whose caller's trace is sampled, or
+    not, follows its caller). Default: ``OTEL_TRACES_SAMPLER``, else every trace."""
+
+    def __repr__(self) -> str:  # header values, and any password in the URL, are secrets
+        endpoint = mask_url(self.endpoint) if self.endpoint is not None else None
+        return (
+            f"TracingConfig(enabled={self.enabled!r}, service_name={self.service_name!r}, "
+            f"endpoint={endpoint!r}, headers={ {k: '***' for k in self.headers}!r})"
+        )
+
+
 class RouterSettings(_Section):
     """The `[router]` table."""
 
@@ -276,6 +317,8 @@ class RouterSettings(_Section):
     tokens: TokensConfig = msgspec.field(default_factory=lambda: TokensConfig())
     shared: SharedConfig | None = None
     """Shared state through Redis; None (the default): this process alone."""
+    tracing: TracingConfig | None = None
+    """OpenTelemetry traces; None (the default): none."""
 
 
 class SimulationConfig(_Section):
@@ -315,11 +358,27 @@ class KeyConfig(_Section):
         return f"KeyConfig(id={self.id!r}, secret='***', max_concurrency={self.max_concurrency!r})"
 
 
+class PriceConfig(_Section):
+    """A model's own price in USD per million tokens (overrides the price table)."""
+
+    input: NonNegative
+    output: NonNegative
+    cached_input: NonNegative | None = None
+    """Prompt tokens read from the provider's cache (default: `input`)."""
+    cache_write: NonNegative | None = None
+    """Prompt tokens written to the provider's cache (Anthropic; default: `input`)."""
+
+
 class ProviderConfig(_Section):
     name: Name
     kind: ProviderKind
     keys: list[KeyConfig]
     base_url: str = ""
+    pricing: str | None = None
+    """Whose price table prices this provider's models (a `genai-prices` provider id
+    such as "openai"), or "none". None: the provider whose API `base_url` points at
+    (api.openai.com, api.anthropic.com, ...); a base_url of no known provider (a
+    private deployment, a proxy) gets no price unless configured."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra HTTP headers sent with every request (HTTP kinds). A value may be given as
     ``env:VAR``. Values given so, and those of credential headers (``api-key``,
@@ -332,11 +391,17 @@ class ProviderConfig(_Section):
     """Default tokens-per-minute budget of each key."""
     simulate: SimulationConfig | None = None
     seed: int = 0
+    proxy: str | None = None
+    """An HTTP(S) proxy URL for this provider's requests (HTTP kinds), e.g.
+    ``http://user:pass@proxy:3128``; its credentials are secrets. With a proxy (this one
+    or one from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY) requests go through httpx's own
+    transport instead of the router's."""
 
-    def __repr__(self) -> str:  # header values and the base_url may hold credentials
+    def __repr__(self) -> str:  # header values, base_url and proxy may hold credentials
+        proxy = "" if self.proxy is None else f", proxy={mask_url(self.proxy)!r}"
         return (
             f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, "
-            f"base_url={mask_url(self.base_url)!r}, "
+            f"base_url={mask_url(self.base_url)!r}{proxy}, "
             f"keys={self.keys!r}, headers={ {k: '***' for k in self.headers}!r})"
         )
 
@@ -358,6 +423,8 @@ class ModelConfig(_Section):
     mode: Literal["chat", "embedding"] = "chat"
     """What the model serves: chat requests (`Router.submit`, `Router.stream`) or
     embedding requests (`Router.embed`); a request of the other kind is a 400."""
+    price: PriceConfig | None = None
+    """This model's price (None: the price table's, by provider and upstream id)."""
 
 
 _ERR_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -468,6 +535,19 @@ class RouterConfig(_Section):
                 )
             if p.kind in ("openai", "anthropic", "gemini") and not p.base_url:
                 raise ConfigError(f"providers[{i}].base_url", f"required for kind {p.kind!r}")
+            if p.pricing is not None and p.pricing != "none":
+                from ._usage import known_price_table
+
+                if not known_price_table(p.pricing):
+                    raise ConfigError(
+                        f"providers[{i}].pricing",
+                        f"{p.pricing!r} is no provider of the price table (genai-prices); "
+                        'use its provider id (e.g. "openai") or "none"',
+                    )
+            if p.proxy is not None and not p.proxy.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"providers[{i}].proxy", "must be an http:// or https:// proxy URL"
+                )
         models: set[str] = set()
         for i, m in enumerate(self.models):
             if m.name in models:
@@ -528,6 +608,15 @@ class RouterConfig(_Section):
             raise ConfigError("router.breaker.open_for_max", "must be >= open_for")
         if r.cooldown.max < r.cooldown.min:
             raise ConfigError("router.cooldown.max", "must be >= min")
+        if r.tracing is not None:
+            endpoint = r.tracing.endpoint
+            if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+                raise ConfigError("router.tracing.endpoint", "must be an http:// or https:// URL")
+            for header, value in r.tracing.headers.items():
+                if value.startswith("env:") and not value[4:]:
+                    raise ConfigError(
+                        f"router.tracing.headers.{header}", "`env:` needs a variable name"
+                    )
         if r.shared is not None:
             url = r.shared.redis_url
             if not url.startswith(("redis://", "rediss://", "unix://", "env:")):

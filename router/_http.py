@@ -3,13 +3,16 @@
 `HttpProvider` is the `Provider` behind ``kind = "openai" | "anthropic" | "gemini"``;
 `HttpProvider.count_tokens` asks a protocol with a count-tokens endpoint (Anthropic's)
 for an exact prompt count.
-Each key gets its own clients: `max_concurrency / SHARD_SIZE` of them, each with a pool
-of `SHARD_SIZE` connections (plus headroom), and a request takes the least busy one.
-So requests queue in the key actor, never in httpcore, no key waits behind another
-key's connections, and no pool grows large: httpcore's pool does work proportional to
-its connections on every request, and one pool measured 2.3x slower than separate
-ones at 64 concurrent requests here (0.29x raw httpx at 64 for a single key before the
-sharding, benchmarks/results/throughput.md). httpx's timeouts are set from the time the attempt has
+Each key gets its own client: a `router._transport.LeanClient` over a
+`RouterTransport` whose pool holds up to the key's `max_concurrency` connections, so
+requests queue in the key actor, never in the pool, and no key waits behind another
+key's connections (taking a connection from that pool costs the same whatever its
+size). With a proxy (the provider's `proxy`, or HTTP_PROXY / HTTPS_PROXY / ALL_PROXY)
+the key's requests go through httpx's own transport instead, over
+`max_concurrency / SHARD_SIZE` plain clients of `SHARD_SIZE` connections each (plus
+headroom), the least busy taking each request: httpcore's pool does work proportional
+to its connections on every request, and one pool measured 2.3x slower than separate
+ones at 64 concurrent requests. httpx's timeouts are set from the time the attempt has
 left (`trio.current_effective_deadline()`); the key actor's cancel scope stays the
 outer bound.
 
@@ -40,6 +43,7 @@ import logging
 import math
 import ssl
 import time
+import urllib.request
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Protocol, TypeVar, runtime_checkable
@@ -61,6 +65,7 @@ from ._secrets import (
     url_secrets,
 )
 from ._sse import SseParser
+from ._transport import LeanClient, RouterTransport
 from ._types import (
     ApiKey,
     ChatRequest,
@@ -76,7 +81,7 @@ __all__ = ["HttpProvider", "protocol_for"]
 _log = logging.getLogger("router.http")
 
 SHARD_SIZE = 8
-"""Connections per httpx client of a key."""
+"""Connections per httpx client of a key on httpx's own transport (with a proxy)."""
 # Extra connections per pool: room for connections being torn down.
 _POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
@@ -241,6 +246,11 @@ class HttpProvider:
         """key id -> (its secret, the scrubber of its requests)"""
         _LIVE.add(self)
         self._max_concurrency = dict(max_concurrency)
+        self._proxy = config.proxy
+        if config.proxy is not None:
+            self.known_secrets = tuple(
+                dict.fromkeys((*self.known_secrets, *url_secrets(config.proxy)))
+            )
         self._shards: dict[str, _Shards] = {}
         self._route_404_logged: set[str] = set()
         _ssl_context()  # built now, at Router.open, not on the first request
@@ -271,8 +281,13 @@ class HttpProvider:
     def _shards_for(self, key: ApiKey) -> _Shards:
         shards = self._shards.get(key.id)
         if shards is None:
-            count = -(-self._max_concurrency.get(key.id, 64) // SHARD_SIZE)
-            shards = self._shards[key.id] = _Shards(count)
+            limit = self._max_concurrency.get(key.id, 64)
+            if self._proxy is None and not _environment_proxies():
+                shards = _Shards(1, limit, lambda: _lean_client(limit))
+            else:
+                proxy = self._proxy
+                shards = _Shards(-(-limit // SHARD_SIZE), SHARD_SIZE, lambda: _httpx_client(proxy))
+            self._shards[key.id] = shards
         return shards
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
@@ -520,32 +535,60 @@ class HttpProvider:
             await group.aclose()
 
 
+def _environment_proxies() -> bool:
+    """Whether httpx would send through a proxy taken from the environment."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
+def _lean_client(connections: int) -> httpx.AsyncClient:
+    transport = RouterTransport(max_connections=connections, ssl_context=_ssl_context())
+    return LeanClient(transport=transport, timeout=_DEFAULT_TIMEOUT, follow_redirects=False)
+
+
+def _httpx_client(proxy: str | None) -> httpx.AsyncClient:
+    size = SHARD_SIZE + _POOL_HEADROOM
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        timeout=_DEFAULT_TIMEOUT,
+        follow_redirects=False,
+        verify=_ssl_context(),
+        proxy=proxy,
+    )
+
+
 class _Shards:
-    """A key's httpx clients (made as load needs them, up to `limit`) and how many
-    requests each is carrying."""
+    """A key's httpx clients (made by `make` as load needs them, up to `limit`, each
+    carrying up to `size` requests before another is made) and how many requests each
+    is carrying. On the router's transport a key has one client (`limit` 1), and
+    leasing it costs no allocation (a reusable `nullcontext`)."""
 
-    __slots__ = ("busy", "clients", "limit")
+    __slots__ = ("busy", "clients", "limit", "make", "single", "size")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, size: int, make: Callable[[], httpx.AsyncClient]) -> None:
         self.limit = limit
+        self.size = size
+        self.make = make
         self.clients: list[httpx.AsyncClient] = []
         self.busy: list[int] = []
+        self.single: contextlib.AbstractContextManager[httpx.AsyncClient] | None = None
+
+    def lease(self) -> contextlib.AbstractContextManager[httpx.AsyncClient]:
+        """The least busy client, held for one request; a new one when all are full."""
+        if self.single is not None:
+            return self.single
+        if self.limit == 1:
+            self.clients.append(self.make())
+            self.single = contextlib.nullcontext(self.clients[0])
+            return self.single
+        return self._least_busy()
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[httpx.AsyncClient]:
-        """The least busy client, held for one request; a new one when all are full."""
+    def _least_busy(self) -> Iterator[httpx.AsyncClient]:
         busy = self.busy
         index = busy.index(min(busy)) if busy else -1
-        if index < 0 or (busy[index] >= SHARD_SIZE and len(busy) < self.limit):
-            size = SHARD_SIZE + _POOL_HEADROOM
-            self.clients.append(
-                httpx.AsyncClient(
-                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-                    timeout=_DEFAULT_TIMEOUT,
-                    follow_redirects=False,
-                    verify=_ssl_context(),
-                )
-            )
+        if index < 0 or (busy[index] >= self.size and len(busy) < self.limit):
+            self.clients.append(self.make())
             busy.append(0)
             index = len(busy) - 1
         busy[index] += 1

@@ -21,9 +21,10 @@ import functools
 import itertools
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
@@ -48,7 +49,7 @@ from ._params import check as check_params
 from ._provider import Provider
 from ._shared import SharedSnapshot, SharedState
 from ._simulated import SimulatedProvider
-from ._stream import ChatStream, Continuation, StreamStart
+from ._stream import ChatStream, Continuation, Segment, StreamStart
 from ._tokens import (
     CascadingTokenCounter,
     ExactTokenCounter,
@@ -70,7 +71,14 @@ from ._types import (
     Message,
     TextPart,
     Tool,
+    Usage,
 )
+from ._usage import PriceBook, UsageLedger, UsageSnapshot, load_table, needs_table
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from ._otel import Tracing
 
 __all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
 
@@ -201,6 +209,8 @@ class Router:
         self._adhoc: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._rng = rng
         self._open = False
+        self._tracing: Tracing | None = None
+        """Traces of requests (`router._otel`); None: tracing is off."""
         self._clock: trio.abc.Clock = trio.lowlevel.current_clock()
         self._strategy = config.router.balancing
         for m in config.models:
@@ -223,6 +233,10 @@ class Router:
             for rt in runtimes.values():
                 for a in rt.actors:
                     a.shared = self._shared
+        self.prices = PriceBook(config)
+        """Prices of the models (`cost_usd` on answers; see `router._usage`)."""
+        self.ledger = UsageLedger(time.time())
+        """Tokens and cost per model, provider, key and tenant since the router opened."""
         self._offline_counter = OfflineTokenCounter()
         self._exact_counter: TokenCounter | None = None
         tokens = config.router.tokens
@@ -240,11 +254,17 @@ class Router:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: RouterConfig, providers: Mapping[str, Provider] | None = None
+        cls,
+        config: RouterConfig,
+        providers: Mapping[str, Provider] | None = None,
+        *,
+        tracer_provider: TracerProvider | None = None,
     ) -> AsyncIterator[Router]:
         """Start the router: one actor task per (provider, key), stopped on exit.
 
         `providers` maps the names of ``kind = "custom"`` providers to instances.
+        `tracer_provider`: trace every request into this OpenTelemetry provider (else
+        `[router.tracing]` decides; see `router._otel`).
         """
         if not isinstance(config, RouterConfig):
             raise ConfigError("<root>", f"expected RouterConfig, got {type(config).__name__}")
@@ -276,8 +296,13 @@ class Router:
         if router._any_windows or router._any_tpm:
             # Load the tiktoken encoding once, off the event loop, before any request.
             await trio.to_thread.run_sync(get_encoding)
+        if needs_table(config):  # the price table, likewise (about a second)
+            await trio.to_thread.run_sync(load_table)
         body_error: BaseException | None = None
         try:
+            tracing = config.router.tracing
+            if tracer_provider is not None or (tracing is not None and tracing.enabled):
+                router._tracing = _open_tracing(router, tracer_provider)
             async with trio.open_nursery() as nursery:
                 for rt in runtimes.values():
                     for actor in rt.actors:
@@ -302,12 +327,16 @@ class Router:
                     aclose = getattr(rt.provider, "aclose", None)
                     if aclose is not None:
                         await aclose()
+                if router._tracing is not None:
+                    await router._tracing.aclose()
 
     # -- the request path -------------------------------------------------------------------
 
     async def submit(self, request: ChatRequest) -> ChatResponse:
         """Serve `request` along its model chain; returns the response or raises one
         `RouterError` (see `router._errors` for the tree)."""
+        if self._tracing is not None:
+            return await self._tracing.submit(self._route, request)
         result = await self._route(request, False)
         assert type(result) is ChatResponse
         return result
@@ -326,6 +355,10 @@ class Router:
         `idle_timeout` or any upstream failure raises `StreamInterruptedError` with
         the text received so far. Leaving the block closes the upstream stream.
         """
+        if self._tracing is not None:
+            async with self._tracing.stream(self._route, request) as traced:
+                yield traced
+            return
         start = await self._route(request, True)
         assert isinstance(start, ChatStream)
         try:
@@ -339,7 +372,7 @@ class Router:
         _check_request(request)
         settings = self._settings
         clock = self._clock
-        now = clock.current_time()
+        now = origin = clock.current_time()
         timeout = request.timeout if request.timeout is not None else settings.timeout
         deadline = now + timeout
         if stream and request.n is not None and request.n > 1:
@@ -436,6 +469,7 @@ class Router:
                     stream,
                     tokens,
                     alternatives=alternatives,
+                    origin=origin,
                 )
                 hedge_after = self._hedge_after(route, actor)
                 if hedge_after is None:
@@ -462,12 +496,28 @@ class Router:
                     result.attempts = attempts
                     if dropped:
                         result.dropped_params[:0] = dropped
+                    result.cost_usd = self._account(
+                        route.name,
+                        actor.provider_name,
+                        actor.key_id,
+                        upstream,
+                        tenant,
+                        result.usage,
+                    )
                     return result
                 if type(result) is StreamStart:
                     if health is not None:
                         health.on_success()
                     continuer = functools.partial(
-                        self._continuation, request, routes, index - 1, actor, deadline, tokens
+                        self._continuation,
+                        request,
+                        routes,
+                        index - 1,
+                        actor,
+                        deadline,
+                        tokens,
+                        origin,
+                        attempts,
                     )
                     return ChatStream(
                         result,
@@ -478,6 +528,7 @@ class Router:
                         dropped_params=list(dropped),
                         continuer=continuer if settings.max_continuations else None,
                         max_continuations=settings.max_continuations,
+                        meter=functools.partial(self._meter, tenant),
                     )
                 if result is SKIPPED:
                     continue
@@ -520,13 +571,19 @@ class Router:
         model must be an embedding model (``mode = "embedding"``, or a
         `provider/upstream` name); later chat models are passed over. Returns one
         vector per input, in order, or raises one `RouterError`."""
+        if self._tracing is not None:
+            return await self._tracing.embed(self._embed, request)
+        return await self._embed(request)
+
+    async def _embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
         if not self._open:
             raise RouterClosedError()
         _check_embedding(request)
         settings = self._settings
         clock = self._clock
         timeout = request.timeout if request.timeout is not None else settings.timeout
-        deadline = clock.current_time() + timeout
+        origin = clock.current_time()
+        deadline = origin + timeout
         if len(request.fallbacks) > settings.max_chain:
             raise InvalidRequestError(
                 "fallbacks",
@@ -564,7 +621,9 @@ class Router:
                     )
                 if not actor.is_available(now, tenant, tokens, route.upstream):
                     continue
-                job = Job(upstream_request, route.name, deadline, attempts, tokens=tokens)
+                job = Job(
+                    upstream_request, route.name, deadline, attempts, tokens=tokens, origin=origin
+                )
                 result = await actor.call(job)
                 if type(result) is EmbeddingResponse:
                     if health is not None:
@@ -584,6 +643,15 @@ class Router:
                     result.provider = actor.provider_name
                     result.key_id = actor.key_id
                     result.attempts = attempts
+                    prompt = result.usage.prompt_tokens
+                    result.cost_usd = self._account(
+                        route.name,
+                        actor.provider_name,
+                        actor.key_id,
+                        route.upstream,
+                        tenant,
+                        Usage(prompt_tokens=prompt, total_tokens=prompt),
+                    )
                     return result
                 if result is SKIPPED:
                     continue
@@ -612,6 +680,35 @@ class Router:
             self._retry_after(chain, tenant, tokens),
             chain_length=len(chain),
         )
+
+    def _account(
+        self,
+        model: str,
+        provider: str,
+        key_id: str,
+        upstream: str,
+        tenant: str | None,
+        usage: Usage,
+    ) -> float | None:
+        """Price an answer and add it to the ledger; returns its cost (None: no price)."""
+        cost = self.prices.cost(model, provider, upstream, usage)
+        self.ledger.record(model, provider, key_id, tenant, usage, cost)
+        return cost
+
+    def _meter(self, tenant: str | None, segment: Segment, usage: Usage) -> float | None:
+        """`_account` for one segment of a stream, when its usage is final."""
+        return self._account(
+            segment.model, segment.provider, segment.key_id, segment.upstream, tenant, usage
+        )
+
+    @property
+    def shared_state(self) -> SharedState | None:
+        """The link to the state shared through Redis (None: this process alone)."""
+        return self._shared
+
+    def usage(self) -> UsageSnapshot:
+        """Tokens and cost per (model, provider, key, tenant) since the router opened."""
+        return self.ledger.snapshot()
 
     def _hedge_after(self, route: Route[_ProviderRuntime], actor: KeyActor) -> float | None:
         """Seconds after which a second attempt races the first (None: no hedging).
@@ -728,7 +825,13 @@ class Router:
             except InvalidRequestError:
                 continue
             hedge = Job(
-                upstream_request, route.name, job.deadline, job.attempts, job.stream, tokens
+                upstream_request,
+                route.name,
+                job.deadline,
+                job.attempts,
+                job.stream,
+                tokens,
+                origin=job.origin,
             )
             return _Won(hedge, actor, route, dropped, None)
         return None
@@ -741,6 +844,8 @@ class Router:
         failed: KeyActor,
         deadline: float,
         tokens: int,
+        origin: float,
+        tried: list[Attempt],
         partial: str,
     ) -> Continuation | None:
         """Resume a stream that broke after `partial` reached the caller: on another key
@@ -749,7 +854,8 @@ class Router:
         message and answers only the rest; any other gets a replay of the request, which
         the stream accepts only if it begins with exactly `partial`. A candidate that
         fails or refuses is passed over; None when none could start (the caller then
-        gets the original interruption)."""
+        gets the original interruption, and `tried`, the request's attempts, gets the
+        failed ones)."""
         clock = self._clock
         tenant = request.tenant
         candidates: list[tuple[Route[_ProviderRuntime], KeyActor]] = [
@@ -761,7 +867,7 @@ class Router:
         for route, actor in candidates:
             now = clock.current_time()
             if now >= deadline:
-                return None
+                break
             health = self._health.get(route.name)
             if health is not None and not health.is_callable(now):
                 continue
@@ -789,14 +895,15 @@ class Router:
                 )
             except InvalidRequestError:
                 continue  # this model cannot honour the request: never used
-            job = Job(upstream_request, route.name, deadline, attempts, True, tokens)
+            job = Job(upstream_request, route.name, deadline, attempts, True, tokens, origin=origin)
             result = await actor.call(job)
             if type(result) is StreamStart:
                 return Continuation(
                     result, route.name, actor.provider_name, actor.key_id, route.upstream, prefill
                 )
             if result is DEADLINE or isinstance(result, RouterClosedError):
-                return None
+                break
+        tried.extend(attempts)
         return None
 
     def _context_fallback(
@@ -1187,6 +1294,21 @@ def _load(actor: KeyActor) -> float:
     """Jobs held or queued by the key, as a fraction of its concurrency (counted at
     dispatch, so a burst of submits sees its own earlier picks)."""
     return (actor.busy + actor.queued) / actor.max_concurrency
+
+
+def _open_tracing(router: Router, provider: TracerProvider | None) -> Tracing:
+    """The router's tracer (`router._otel`), which needs the `otel` extra."""
+    try:
+        from ._otel import open_tracing
+
+        return open_tracing(
+            router.config, provider, lambda name: router._chain.resolve(name).upstream
+        )
+    except ImportError:
+        raise ConfigError(
+            "router.tracing",
+            "tracing needs the OpenTelemetry packages: pip install 'llm-router[otel]'",
+        ) from None
 
 
 def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provider]) -> Provider:

@@ -317,6 +317,9 @@ class SharedState:
         self.published = 0
         self.received = 0
         self.budget_fallbacks = 0
+        self.tickers: list[Callable[[], None]] = []
+        """Called every `ping_interval` while Redis is reachable (other modules' batched
+        writes: the gateway's usage totals)."""
         # What this instance last knew of each piece of state, to tell its own changes
         # (published) from merged ones (not republished). Targets are (actor, upstream
         # model; "" for the key itself); records of lanes the actor dropped, and of
@@ -515,6 +518,42 @@ class SharedState:
         """The provider reported the usage of a shared reservation (sync: queued)."""
         if actor.budget is not None and actor.budget.tpm is not None:
             self._send(self._reconcile, self._budget_keys(actor), member, tokens)
+
+    # -- scripts of other modules (the gateway's tenant quotas) ---------------------------
+
+    def key(self, kind: str, name: str) -> str:
+        """A Redis key under this router's prefix."""
+        return self._key(kind, name)
+
+    async def call(
+        self, source: str, keys: list[str], args: list[Any], within: float
+    ) -> Any | None:
+        """Run a Lua script (`source`, registered on first use) within `within` s; None
+        when Redis is unreachable, slow or failing (then marked unreachable, as for any
+        other operation): the caller decides locally."""
+        client = self._client
+        if not self.reachable or client is None:
+            return None
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = client.register_script(source)
+        result: Any = None
+        with trio.move_on_after(within):
+            try:
+                result = await script(keys=keys, args=args)
+            except Exception as exc:
+                self._failed(exc)
+        return result
+
+    def call_later(self, source: str, keys: list[str], args: list[Any]) -> None:
+        """Queue a Lua script run off the request path (dropped while Redis is down)."""
+        self._send(self._call_script, source, keys, args)
+
+    async def _call_script(self, source: str, keys: list[str], args: list[Any]) -> None:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._client.register_script(source)
+        await script(keys=keys, args=args)
 
     def _budget_keys(self, actor: KeyActor) -> list[str]:
         base = self._actor_key("budget", actor)
@@ -764,6 +803,8 @@ class SharedState:
         while True:
             await trio.sleep(self.config.ping_interval)
             await self._check()
+            for tick in self.tickers:
+                tick()
 
     async def _writer(self) -> None:
         outbox = self._outbox

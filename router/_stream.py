@@ -102,14 +102,18 @@ class Segment:
     """One upstream answer a stream relayed: who served it and how many characters of
     the text came from it (a continued stream has several)."""
 
-    __slots__ = ("chars", "key_id", "mode", "model", "provider")
+    __slots__ = ("chars", "key_id", "mode", "model", "provider", "upstream")
 
-    def __init__(self, model: str, provider: str, key_id: str, mode: str) -> None:
+    def __init__(
+        self, model: str, provider: str, key_id: str, mode: str, upstream: str = ""
+    ) -> None:
         self.model = model
         self.provider = provider
         self.key_id = key_id
         self.mode = mode
         """"first", "prefill" (continued after a prefill) or "replay"."""
+        self.upstream = upstream
+        """The upstream model id that served it (prices it)."""
         self.chars = 0
 
     def __repr__(self) -> str:
@@ -117,6 +121,8 @@ class Segment:
 
 
 Continuer = Callable[[str], Awaitable[Continuation | None]]
+Meter = Callable[[Segment, Usage], float | None]
+"""Prices one segment's final usage and counts it (the router's ledger): its cost or None."""
 
 
 class ChatStream:
@@ -148,6 +154,7 @@ class ChatStream:
         dropped_params: list[str] | None = None,
         continuer: Continuer | None = None,
         max_continuations: int = 0,
+        meter: Meter | None = None,
     ) -> None:
         self.model = model
         self.dropped_params = list(dropped_params or [])
@@ -163,7 +170,15 @@ class ChatStream:
         self.attempts: list[Attempt] = start.job.attempts
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        self.segments: list[Segment] = [Segment(model, provider, key_id, "first")]
+        self.segments: list[Segment] = [Segment(model, provider, key_id, "first", upstream_model)]
+        self._meter = meter
+        self._segment_usage: Usage | None = None
+        """The current segment's usage, until it is priced (when the segment ends)."""
+        self._cost: float | None = None
+        self._unpriced = False
+        self.error: StreamInterruptedError | None = None
+        """The interruption the stream ended with, once raised (a caller that caught it
+        and the trace of the request both read it here)."""
         self._text: list[str] = []
         """The text so far, in pieces (`text` joins them when read)."""
         self._pending = start.first
@@ -184,6 +199,24 @@ class ChatStream:
         self._trim = ""
         """Whitespace the text so far ends with, left out of a prefill: a continuation
         that starts with it again does not repeat it."""
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What the answer cost in USD once the stream has ended (the sum over its
+        segments); None before that, or when a segment's model has no price."""
+        return None if self._unpriced or not self._ended else self._cost
+
+    def _settle(self) -> None:
+        """The current segment is over: price its usage (once) and count it."""
+        usage = self._segment_usage
+        if usage is None or self._meter is None:
+            return
+        self._segment_usage = None
+        cost = self._meter(self.segments[-1], usage)
+        if cost is None:
+            self._unpriced = True
+        else:
+            self._cost = cost + (self._cost or 0.0)
 
     def __repr__(self) -> str:
         return (
@@ -272,6 +305,7 @@ class ChatStream:
         if self._skip:  # a replay that ended before it caught up: not the answer
             self._diverged()
         self._ended = True
+        self._settle()
         raise StopAsyncIteration
 
     async def _interrupted(self, cause: RouterError) -> None:
@@ -286,14 +320,13 @@ class ChatStream:
             or not self.text
             or not isinstance(cause, ProviderError)
         ):
-            self._ended = True
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._continuations_left -= 1
         self._stop_pump()
+        self._settle()
         resumed = await self._continuer(self.text)
         if resumed is None:
-            self._ended = True
-            raise StreamInterruptedError(cause, self.text, self.attempts)
+            raise self._interruption(cause)
         self._cause = cause
         if self.usage is not None:
             self._usage_before = self.usage
@@ -305,7 +338,9 @@ class ChatStream:
         self._skip = "" if resumed.prefill else self.text
         self._trim = self.text[len(self.text.rstrip()) :] if resumed.prefill else ""
         mode = "prefill" if resumed.prefill else "replay"
-        self.segments.append(Segment(resumed.model, resumed.provider, resumed.key_id, mode))
+        self.segments.append(
+            Segment(resumed.model, resumed.provider, resumed.key_id, mode, resumed.upstream_model)
+        )
         self.attempts.extend(a for a in start.job.attempts if a not in self.attempts)
 
     def _match(self, chunk: StreamChunk) -> StreamChunk | None:
@@ -337,9 +372,15 @@ class ChatStream:
 
     def _diverged(self) -> NoReturn:
         self._stop_pump()
+        raise self._interruption(
+            self._cause or RouterClosedError("the replay did not repeat the answer")
+        )
+
+    def _interruption(self, cause: RouterError) -> StreamInterruptedError:
         self._ended = True
-        cause = self._cause or RouterClosedError("the replay did not repeat the answer")
-        raise StreamInterruptedError(cause, self.text, self.attempts)
+        self._settle()
+        self.error = StreamInterruptedError(cause, self.text, self.attempts)
+        return self.error
 
     def _stop_pump(self) -> None:
         pump = self._job.scope
@@ -357,6 +398,7 @@ class ChatStream:
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
+            self._segment_usage = chunk.usage
             before = self._usage_before
             self.usage = chunk.usage if before is None else _sum_usage(before, chunk.usage)
         return chunk
@@ -365,6 +407,7 @@ class ChatStream:
         """Stop reading: the worker stops pumping and closes the upstream connection."""
         self._ended = True
         self._stop_pump()
+        self._settle()  # usage reported before the caller stopped reading still counts
         await trio.lowlevel.checkpoint()
 
 

@@ -238,6 +238,9 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     status: int | None = None
     backoff: float = 0.0
     """Seconds the key actor waited before this attempt (a retry's backoff)."""
+    started: float = 0.0
+    """Seconds from the request's start to this attempt's send (its backoff comes
+    before it). Traces place each attempt by it."""
 
 
 class ChatResponse(msgspec.Struct, kw_only=True):
@@ -274,6 +277,9 @@ class ChatResponse(msgspec.Struct, kw_only=True):
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    cost_usd: float | None = None
+    """What the answer cost in USD, by the serving model's price (see `router._usage`);
+    None when the model has no price."""
 
 
 class Choice(msgspec.Struct, kw_only=True):
@@ -366,6 +372,8 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     provider: str = ""
     key_id: str = ""
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    cost_usd: float | None = None
+    """What the input cost in USD (None: the model has no price)."""
 
 
 class ApiKey:

@@ -43,7 +43,7 @@ import collections
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import outcome
 import trio
@@ -53,6 +53,11 @@ from ._provider import Provider
 from ._router import Router, RouterSnapshot
 from ._stream import ChatStream, Segment
 from ._types import Attempt, ChatRequest, ChatResponse, StreamChunk, Usage
+from ._usage import UsageSnapshot
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["AsyncioChatStream", "AsyncioRouter"]
 
@@ -97,10 +102,15 @@ class AsyncioRouter:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: Any, providers: Mapping[str, Provider] | None = None
+        cls,
+        config: Any,
+        providers: Mapping[str, Provider] | None = None,
+        *,
+        tracer_provider: TracerProvider | None = None,
     ) -> AsyncIterator[AsyncioRouter]:
         """Start trio in guest mode on the running asyncio loop and open `Router.open(config,
-        providers)` in it; leaving the block stops it and waits for the run to end."""
+        providers, tracer_provider=...)` in it; leaving the block stops it and waits for
+        the run to end."""
         loop = asyncio.get_running_loop()
         self = cls(loop)
         opened: asyncio.Future[None] = loop.create_future()
@@ -120,6 +130,7 @@ class AsyncioRouter:
             self._main,
             config,
             providers,
+            tracer_provider,
             opened,
             run_sync_soon_threadsafe=loop.call_soon_threadsafe,
             run_sync_soon_not_threadsafe=loop.call_soon,
@@ -149,10 +160,12 @@ class AsyncioRouter:
         self,
         config: Any,
         providers: Mapping[str, Provider] | None,
+        tracer_provider: TracerProvider | None,
         opened: asyncio.Future[None],
     ) -> None:
         with self._run_scope:
-            async with Router.open(config, providers) as router, trio.open_nursery() as nursery:
+            opening = Router.open(config, providers, tracer_provider=tracer_provider)
+            async with opening as router, trio.open_nursery() as nursery:
                 self._router = router
                 self._nursery = nursery
                 if not opened.done():
@@ -231,6 +244,10 @@ class AsyncioRouter:
     async def submit(self, request: ChatRequest) -> ChatResponse:
         """`Router.submit` from asyncio: the response, or the same `RouterError`."""
         router = self.router
+        tracing = router._tracing
+        if tracing is not None:  # the caller's span (asyncio's context) is the parent
+            parent = tracing.current()
+            return await self._call(lambda: tracing.under(parent, router.submit(request)))
         return await self._call(lambda: router.submit(request))
 
     @asynccontextmanager
@@ -241,7 +258,9 @@ class AsyncioRouter:
         ended: asyncio.Future[None] = loop.create_future()
         send, receive = trio.open_memory_channel[asyncio.Future[StreamChunk | None]](math.inf)
         scope = trio.CancelScope()
-        self._start(opened, self._serve_stream, request, opened, ended, receive, scope)
+        tracing = self.router._tracing
+        parent = tracing.current() if tracing is not None else None
+        self._start(opened, self._serve_stream, request, opened, ended, receive, scope, parent)
         try:
             inner = await opened
         except asyncio.CancelledError:
@@ -261,10 +280,14 @@ class AsyncioRouter:
         ended: asyncio.Future[None],
         pulls: trio.MemoryReceiveChannel[asyncio.Future[StreamChunk | None]],
         scope: trio.CancelScope,
+        parent: Context | None,
     ) -> None:
         """The trio task that owns one stream: opens it, then answers each pull with the
         next chunk (None at the end) until the asyncio side closes `pulls`."""
         pull: asyncio.Future[StreamChunk | None] | None = None
+        tracing = self.router._tracing
+        if tracing is not None and parent is not None:
+            tracing.attach(parent)  # this task's own context: it ends with the task
         try:
             with scope:
                 async with self.router.stream(request) as stream:
@@ -318,6 +341,10 @@ class AsyncioRouter:
     def callable_keys(self) -> int:
         """`Router.callable_keys()`."""
         return self.router.callable_keys()
+
+    def usage(self) -> UsageSnapshot:
+        """`Router.usage()`: tokens and cost per model, provider, key and tenant."""
+        return self.router.usage()
 
 
 async def _job(
@@ -438,6 +465,10 @@ class AsyncioChatStream:
     @property
     def usage(self) -> Usage | None:
         return self.stream.usage
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self.stream.cost_usd
 
     @property
     def segments(self) -> list[Segment]:

@@ -46,6 +46,7 @@ class Access:
 
     __slots__ = (
         "attempts",
+        "cost",
         "dropped",
         "error",
         "key_id",
@@ -60,6 +61,7 @@ class Access:
         "stream",
         "tenant",
         "time",
+        "trace_id",
         "usage",
     )
 
@@ -80,6 +82,10 @@ class Access:
         self.usage: Usage | EmbeddingUsage | None = None
         self.error: str | None = None
         self.dropped = ""
+        self.cost: float | None = None
+        """The answer's cost in USD (None: no price, or no answer)."""
+        self.trace_id: str | None = None
+        """The request's OpenTelemetry trace id (hex), when it was traced."""
 
     def fields(self, status: int, latency: float) -> dict[str, Any]:
         usage = self.usage
@@ -112,6 +118,8 @@ class Access:
         cached = getattr(usage, "cached_tokens", 0)
         if cached:
             entry["cached_tokens"] = cached
+        if self.cost is not None:
+            entry["cost_usd"] = self.cost
         if self.segments is not None and len(self.segments) > 1:
             entry["segments"] = [
                 {
@@ -127,6 +135,8 @@ class Access:
             entry["error"] = self.error
         if self.dropped:
             entry["dropped_params"] = self.dropped.split(",")
+        if self.trace_id is not None:
+            entry["trace_id"] = self.trace_id
         return entry
 
 
@@ -151,6 +161,8 @@ def line(access: Access, status: int, latency: float, fmt: str) -> str:
         f"tokens={f['input_tokens'] if f['input_tokens'] is not None else '-'}"
         f"/{f['output_tokens'] if f['output_tokens'] is not None else '-'}",
     ]
+    if "cost_usd" in f:
+        parts.append(f"cost_usd={f['cost_usd']:.10f}".rstrip("0").rstrip("."))
     if "segments" in f:
         parts.append(f"segments={len(f['segments'])}")
     if "error" in f:

@@ -48,6 +48,7 @@ from .._errors import (
 )
 from .._router import Router, RouterSnapshot
 from .._stream import Segment
+from .._tokens import OfflineTokenCounter, get_encoding
 from .._types import (
     Attempt,
     ChatRequest,
@@ -57,7 +58,8 @@ from .._types import (
     StreamChunk,
     Usage,
 )
-from . import _access
+from .._usage import UsageSnapshot
+from . import _access, _quota
 from ._embeddings import embeddings_json, parse_embeddings_body
 from ._messages import (
     MessageEvents,
@@ -211,7 +213,7 @@ class _Watch:
 class _Served:
     """Who served a request, for the x-router-* headers and the metrics."""
 
-    __slots__ = ("attempts", "dropped", "key_id", "model", "overhead", "provider")
+    __slots__ = ("attempts", "cost", "dropped", "key_id", "model", "overhead", "provider")
 
     def __init__(
         self,
@@ -229,6 +231,8 @@ class _Served:
         """The ``x-router-dropped-params`` value ("": no such header)."""
         self.overhead: float | None = None
         """Seconds of our own time up to the response head (set by `headers`)."""
+        self.cost: float | None = None
+        """The answer's cost in USD (``x-router-cost-usd``; None: no price)."""
 
     @classmethod
     def from_attempts(cls, attempts: list[Attempt], model: str = "") -> _Served:
@@ -254,10 +258,18 @@ class _Served:
         ]
         if self.dropped:
             headers.append((b"x-router-dropped-params", self.dropped.encode()))
+        if self.cost is not None:
+            headers.append((b"x-router-cost-usd", usd(self.cost).encode()))
         return headers
 
 
 _NOBODY: Final = _Served("", "", "", [])
+
+
+def usd(cost: float) -> str:
+    """A cost as a plain decimal (no exponent), to the 1e-10 dollar."""
+    text = f"{cost:.10f}".rstrip("0").rstrip(".")
+    return text or "0"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -311,7 +323,12 @@ class GatewayApp:
         """Open client connections (kept by the server loop in `_serve`)."""
         self._lag = 0.0
         self._lag_due = math.inf
-        self.metrics = GatewayMetrics(self._snapshot)
+        self.quotas = _quota.TenantQuotas(gw.api_keys)
+        if config.router.shared is not None:
+            self.quotas.shared_timeout = config.router.shared.budget_timeout
+        self._counter = OfflineTokenCounter()
+        self._encoding_loaded = False
+        self.metrics = GatewayMetrics(self._snapshot, self._usage, self.quotas)
         self._models = self._models_json([m.name for m in config.models])
         self._access_format = gw.access_log
 
@@ -329,6 +346,9 @@ class GatewayApp:
 
     def _snapshot(self) -> RouterSnapshot | None:
         return self.router.snapshot() if self.router is not None else None
+
+    def _usage(self) -> UsageSnapshot | None:
+        return self.router.usage() if self.router is not None else None
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -361,6 +381,9 @@ class GatewayApp:
         token = _access.current.set(entry)
         send = _tracked(raw_send, exchange)
         status = 500
+        # Traced: the request span is a child of the client's `traceparent`, if any.
+        tracing = self.router._tracing if self.router is not None and entry is not None else None
+        traced = tracing.enter(scope["headers"]) if tracing is not None else None
         try:
             with trio.CancelScope(deadline=self._drain_deadline) as cut:
                 self._active.add(cut)
@@ -372,6 +395,9 @@ class GatewayApp:
                 status = await self._cut_short(send, exchange, started)
         finally:
             _access.current.reset(token)
+            if traced is not None:
+                assert tracing is not None and entry is not None
+                entry.trace_id = tracing.leave(traced)
         endpoint = path if path in _ENDPOINTS else "other"
         self.metrics.http_responses.labels(endpoint, str(status)).inc()
         if (
@@ -437,6 +463,10 @@ class GatewayApp:
                 status = await self._admin_call(scope, receive, send, started, "GET")
             elif path == "/v1/router/reset":
                 status = await self._admin_call(scope, receive, send, started, "POST")
+            elif path == "/v1/router/usage":
+                status = await self._admin_call(
+                    scope, receive, send, started, "GET", self._usage_report
+                )
             else:
                 status = await self._error(
                     send,
@@ -676,7 +706,13 @@ class GatewayApp:
         return await self._json(send, code, payload, _NOBODY, started)
 
     async def _admin_call(
-        self, scope: Scope, receive: Receive, send: Send, started: float, method: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        method: str,
+        report: Callable[[Router], Awaitable[bytes]] | None = None,
     ) -> int:
         if scope["method"] != method:
             return await self._method_not_allowed(send, started)
@@ -696,7 +732,7 @@ class GatewayApp:
             body = error_body("router is not running", "service_unavailable", None, "closed")
             return await self._error(send, 503, body, _NOBODY, started)
         if method == "GET":
-            raw = msgspec.json.encode(router.snapshot())
+            raw = await report(router) if report is not None else _encode(router.snapshot())
             return await self._send(send, 200, [_JSON], raw, _NOBODY, started)
         raw_body = await self._read_body(scope, receive)
         try:
@@ -761,6 +797,27 @@ class GatewayApp:
                 if not event.get("more_body", False):
                     return bytes(body)
         raise _Stalled
+
+    async def _usage_report(self, router: Router) -> bytes:
+        """``GET /v1/router/usage``: tokens and spend per tenant and per model, and each
+        quota key's spend this period. From Redis (every instance, since the shared
+        totals began) with `[router.shared]`; else (or while Redis does not answer) this
+        process's own since it started."""
+        quotas = self.quotas
+        quotas.shared = router.shared_state
+        shared = await quotas.read_shared()
+        if shared is not None:
+            rows, spent = shared
+            report = _quota.usage_report(rows)
+            report = {"source": "shared", "since": None, **report}
+        else:
+            snap = router.usage()
+            rows = [msgspec.structs.asdict(r) for r in snap.rows]
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.since))
+            report = {"source": "local", "since": since, **_quota.usage_report(rows)}
+            spent = quotas.local_spend()
+        report["quotas"] = quotas.limits(spent)
+        return _encode(report)
 
     async def _too_large(self, send: Send, started: float) -> int:
         body = error_body(
@@ -844,8 +901,11 @@ class GatewayApp:
         if isinstance(result, RouterError):
             return await self._fail(request, result, send, started)
         served = _Served(result.model, result.provider, result.key_id, result.attempts, [])
-        self._record(request, served, "ok", started, result.usage)
+        served.cost = result.cost_usd
+        self._record(request, served, "ok", started, result.usage, cost=result.cost_usd)
         answer = embeddings_json(result, request.encoding_format)
+        if result.cost_usd is not None:
+            answer["x_router"] = {"cost_usd": result.cost_usd}
         return await self._json(send, 200, answer, served, started)
 
     async def _admit(
@@ -892,7 +952,47 @@ class GatewayApp:
             return await self._error(send, 503, body, _NOBODY, started)
         if self.in_flight >= self.max_in_flight:  # others got in while the body arrived
             return await self._overloaded(send, started, "in_flight")
+        self.quotas.shared = router.shared_state
+        if key is not None and self.quotas:
+            refused = await self._quota(key, request, send, started)
+            if refused is not None:
+                return refused
         return router, request, options
+
+    async def _quota(
+        self,
+        key: _GatewayKey,
+        request: ChatRequest | EmbeddingRequest,
+        send: Send,
+        started: float,
+    ) -> int | None:
+        """The key's quota (see `_quota`): None when admitted (its ticket is kept for
+        `_record`), else the status of the 429 sent."""
+        quotas = self.quotas
+        tokens = 0
+        if quotas.needs_tokens(key.id):
+            if not self._encoding_loaded:
+                await trio.to_thread.run_sync(get_encoding)
+                self._encoding_loaded = True
+            if isinstance(request, EmbeddingRequest):
+                tokens = sum(self._counter.count_text(t) for t in request.inputs)
+            else:
+                counter = self._counter
+                tokens = await counter.count_messages(
+                    request.model, request.messages, request.tools
+                )
+        verdict = await quotas.admit(key.id, tokens)
+        if isinstance(verdict, _quota.Refusal):
+            entry = _access.current.get()
+            if entry is not None:
+                entry.model_asked = request.model
+            self.metrics.quota_rejected.labels(key.id, verdict.limit).inc()
+            seconds = str(max(1, math.ceil(verdict.retry_after)))
+            code = f"{verdict.limit}_quota_exceeded"
+            body = error_body(verdict.message, "rate_limit_error", None, code)
+            return await self._error(send, 429, body, _NOBODY, started, [("retry-after", seconds)])
+        _quota.current.set(verdict)
+        return None
 
     async def _overloaded(self, send: Send, started: float, reason: str) -> int:
         if reason == "in_flight":
@@ -958,7 +1058,9 @@ class GatewayApp:
         started: float,
         usage: Usage | EmbeddingUsage | None = None,
         segments: list[Segment] | None = None,
+        cost: float | None = None,
     ) -> None:
+        self._account(request, served, usage, cost)
         entry = _access.current.get()
         if entry is not None:
             entry.model_asked = request.model
@@ -972,6 +1074,7 @@ class GatewayApp:
                 entry.error = outcome
             entry.usage = usage
             entry.segments = segments
+            entry.cost = cost
         m = self.metrics
         model = served.model or request.model
         m.requests.labels(model, served.provider, served.key_id, outcome).inc()
@@ -983,6 +1086,24 @@ class GatewayApp:
             if overhead is None:
                 overhead = max(0.0, total - sum(a.duration + a.backoff for a in served.attempts))
             m.overhead.observe(overhead)
+
+    def _account(
+        self,
+        request: ChatRequest | EmbeddingRequest,
+        served: _Served,
+        usage: Usage | EmbeddingUsage | None,
+        cost: float | None,
+    ) -> None:
+        """Settle the request's quota ticket, and add its usage to the shared totals."""
+        if isinstance(usage, EmbeddingUsage):
+            usage = Usage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens)
+        ticket = _quota.current.get()
+        if ticket is not None:
+            _quota.current.set(None)
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else None
+            self.quotas.settle(ticket, tokens, cost)
+        if usage is not None and served is not _NOBODY:
+            self.quotas.add_usage(request.tenant, served.model, usage, cost)
 
     async def _fail(
         self,
@@ -1018,8 +1139,11 @@ class GatewayApp:
         served = _Served(
             result.model, result.provider, result.key_id, result.attempts, _dropped(result, options)
         )
-        self._record(request, served, "ok", started, result.usage)
+        served.cost = result.cost_usd
+        self._record(request, served, "ok", started, result.usage, cost=result.cost_usd)
         payload = message_json(result) if anthropic else completion_json(result)
+        if result.cost_usd is not None:
+            payload.setdefault("x_router", {})["cost_usd"] = result.cost_usd
         return await self._json(send, 200, payload, served, started)
 
     async def _chat_stream(
@@ -1081,7 +1205,15 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 await send(_event(reply.body))
                 watch.finishing = True
@@ -1107,8 +1239,12 @@ class GatewayApp:
             if include_usage:
                 tail = chunk_json(cid, created, stream.model, None, first=False, include_usage=True)
                 tail["usage"] = usage_json(stream.usage)
+                if stream.cost_usd is not None:
+                    tail["x_router"] = {"cost_usd": stream.cost_usd}
                 await send(_event(tail))
-            self._record(request, served, "ok", started, stream.usage, stream.segments)
+            self._record(
+                request, served, "ok", started, stream.usage, stream.segments, stream.cost_usd
+            )
             watch.finishing = True
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
             return 200
@@ -1215,13 +1351,23 @@ class GatewayApp:
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
-                self._record(request, served, exc.kind, started, stream.usage, stream.segments)
+                self._record(
+                    request,
+                    served,
+                    exc.kind,
+                    started,
+                    stream.usage,
+                    stream.segments,
+                    stream.cost_usd,
+                )
                 log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
                 watch.finishing = True
                 body = error_event(reply.status, reply.body)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return 200
-            self._record(request, served, "ok", started, stream.usage, stream.segments)
+            self._record(
+                request, served, "ok", started, stream.usage, stream.segments, stream.cost_usd
+            )
             watch.finishing = True
             tail = events.end(stream.usage)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -1238,13 +1384,14 @@ _ENDPOINTS: Final = frozenset(
         "/metrics",
         "/v1/router/state",
         "/v1/router/reset",
+        "/v1/router/usage",
         *_MESSAGES_PATHS,
     }
 )
 
 
 _UNLOGGED: Final = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset"}
+    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset", "/v1/router/usage"}
 )
 """Paths without an access-log line or ``x-request-id`` (probes, metrics, admin)."""
 

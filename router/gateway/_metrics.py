@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 
 from .._router import RouterSnapshot
 from .._types import Attempt
+from .._usage import UsageSnapshot
+from ._quota import TenantQuotas
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
@@ -112,10 +114,91 @@ class _SnapshotCollector(Collector):
         yield from (lane_breaker, lane_cooling, lane_opens, health)
 
 
+class _UsageCollector(Collector):
+    """Tokens and cost from the router's ledger, at scrape time.
+
+    Per (model, provider, key_id) and, apart, per tenant: tenants are bounded under the
+    gateway (one per configured gateway key), but a tenant label on the per-key series
+    would multiply them (models x keys x tenants); two families keep the series count
+    additive, and ``/v1/router/usage`` has the tenant x model breakdown."""
+
+    def __init__(
+        self, usage: Callable[[], UsageSnapshot | None], quotas: TenantQuotas | None
+    ) -> None:
+        self._usage = usage
+        self._quotas = quotas
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._usage()
+        if snap is not None:
+            labels = ["model", "provider", "key_id"]
+            tokens = CounterMetricFamily(
+                "llm_router_tokens",
+                "Tokens of answered requests by direction (input, output, cached_input: the "
+                "part of input read from the provider's cache) and the model/provider/key "
+                "that served",
+                labels=["direction", *labels],
+            )
+            cost = CounterMetricFamily(
+                "llm_router_cost_usd",
+                "Cost in USD of answered requests whose model has a price",
+                labels=labels,
+            )
+            t_tokens = CounterMetricFamily(
+                "llm_router_tenant_tokens",
+                "Tokens of answered requests by direction and tenant (the gateway key's)",
+                labels=["direction", "tenant"],
+            )
+            t_cost = CounterMetricFamily(
+                "llm_router_tenant_cost_usd",
+                "Cost in USD of answered requests by tenant",
+                labels=["tenant"],
+            )
+            per_key: dict[tuple[str, str, str], list[float]] = {}
+            per_tenant: dict[str, list[float]] = {}
+            for r in snap.rows:
+                counts: tuple[float, ...] = (
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cached_input_tokens,
+                    r.cost_usd,
+                )
+                for into in (
+                    per_key.setdefault((r.model, r.provider, r.key_id), [0.0] * 4),
+                    per_tenant.setdefault(r.tenant or "", [0.0] * 4),
+                ):
+                    for at, n in enumerate(counts):
+                        into[at] += n
+            for (model, provider, key_id), (i, o, c, usd) in per_key.items():
+                tokens.add_metric(["input", model, provider, key_id], i)
+                tokens.add_metric(["output", model, provider, key_id], o)
+                tokens.add_metric(["cached_input", model, provider, key_id], c)
+                cost.add_metric([model, provider, key_id], usd)
+            for tenant, (i, o, c, usd) in per_tenant.items():
+                t_tokens.add_metric(["input", tenant], i)
+                t_tokens.add_metric(["output", tenant], o)
+                t_tokens.add_metric(["cached_input", tenant], c)
+                t_cost.add_metric([tenant], usd)
+            yield from (tokens, cost, t_tokens, t_cost)
+        if self._quotas is not None:
+            local = CounterMetricFamily(
+                "llm_router_quota_local_decisions",
+                "Tenant quota checks decided by this instance's own counts because Redis "
+                "did not answer",
+            )
+            local.add_metric([], self._quotas.local_decisions)
+            yield local
+
+
 class GatewayMetrics:
     """Every metric of one gateway app, on `self.registry`."""
 
-    def __init__(self, snapshot: Callable[[], RouterSnapshot | None]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], RouterSnapshot | None],
+        usage: Callable[[], UsageSnapshot | None] | None = None,
+        quotas: TenantQuotas | None = None,
+    ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "llm_router_requests",
@@ -192,7 +275,15 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.quota_rejected = Counter(
+            "llm_router_quota_rejected",
+            "Requests refused (429) by their gateway key's quota, by limit (rpm, tpm, budget)",
+            ["gateway_key", "limit"],
+            registry=registry,
+        )
         registry.register(_SnapshotCollector(snapshot))
+        if usage is not None:
+            registry.register(_UsageCollector(usage, quotas))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""The gateway writes a response head together with its first body bytes
+(`router.gateway._serve._one_write_per_response_head`, a replacement of Hypercorn's
+`H11Protocol._send_h11_event`): one socket write for a JSON answer instead of three,
+and a stream's chunks still each written as they come."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+from hypercorn.events import RawData
+from hypercorn.protocol.h11 import H11Protocol
+
+from router.gateway._serve import _one_write_per_response_head
+
+
+class _Protocol:
+    """The two attributes of `H11Protocol` the replaced method uses."""
+
+    def __init__(self) -> None:
+        self.connection = h11.Connection(h11.SERVER)
+        self.connection.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert isinstance(self.connection.next_event(), h11.Request)
+        assert type(self.connection.next_event()) is h11.EndOfMessage
+        self.writes: list[bytes] = []
+
+    async def send(self, event: Any) -> None:
+        assert isinstance(event, RawData)
+        self.writes.append(event.data)
+
+
+async def _send(protocol: _Protocol, event: Any) -> None:
+    await H11Protocol._send_h11_event(protocol, event)  # type: ignore[arg-type]
+
+
+async def test_json_answer_is_one_write() -> None:
+    _one_write_per_response_head()
+    _one_write_per_response_head()  # applied once, whatever the number of calls
+    assert getattr(H11Protocol._send_h11_event, "_router_coalesced", False)
+    p = _Protocol()
+    body = b'{"ok":true}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"11")]
+    await _send(p, h11.Response(status_code=200, headers=headers))
+    assert p.writes == []  # the head waits for the body
+    await _send(p, h11.Data(data=body))
+    await _send(p, h11.EndOfMessage())  # nothing left to write with Content-Length
+    assert len(p.writes) == 1
+    assert p.writes[0].startswith(b"HTTP/1.1 200 ")
+    assert p.writes[0].endswith(b"\r\n\r\n" + body)
+    assert p.connection.our_state is h11.DONE
+
+
+async def test_stream_chunks_are_written_as_they_come() -> None:
+    _one_write_per_response_head()
+    p = _Protocol()
+    headers = [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")]
+    await _send(p, h11.Response(status_code=200, headers=headers))
+    await _send(p, h11.Data(data=b"data: 1\n\n"))
+    assert len(p.writes) == 1 and p.writes[0].startswith(b"HTTP/1.1 200 ")
+    await _send(p, h11.Data(data=b"data: 2\n\n"))
+    await _send(p, h11.EndOfMessage())
+    assert p.writes[1:] == [b"9\r\ndata: 2\n\n\r\n", b"0\r\n\r\n"]
+
+
+async def test_empty_answer_flushes_the_head_at_the_end() -> None:
+    _one_write_per_response_head()
+    p = _Protocol()
+    await _send(p, h11.Response(status_code=204, headers=[]))
+    assert p.writes == []
+    await _send(p, h11.EndOfMessage())
+    assert len(p.writes) == 1 and p.writes[0].startswith(b"HTTP/1.1 204 ")
