@@ -45,7 +45,7 @@ import ssl
 import time
 import urllib.request
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Protocol, TypeVar, runtime_checkable
 
 import httpx
@@ -370,9 +370,22 @@ class HttpProvider:
             raise self._scrubbed(exc, scrubber) from None
 
     async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
-        """Yield the answer's chunks. Ends normally after the upstream's end marker or
-        its finish reason (even when the connection breaks after the finish reason);
-        anything else raises a (transient) `ProviderError`."""
+        """The answer's chunks one by one (`stream_batches`, flattened)."""
+        batches = self.stream_batches(request, key)
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    async def stream_batches(
+        self, request: ChatRequest, key: ApiKey
+    ) -> AsyncGenerator[list[StreamChunk], None]:
+        """Yield the answer's chunks, all those one read of the body produced together
+        (the key actor relays them as one batch). Ends normally after the upstream's
+        end marker or its finish reason (even when the connection breaks after the
+        finish reason); anything else raises a (transient) `ProviderError`."""
         scrubber = self._scrubber(key)
         try:
             wire = self._protocol.build(
@@ -383,7 +396,7 @@ class HttpProvider:
                 headers=self._headers,
             )
             if wire.dropped:  # said before any content (`ChatStream.dropped_params`)
-                yield StreamChunk(provider_fields={"dropped_params": list(wire.dropped)})
+                yield [StreamChunk(provider_fields={"dropped_params": list(wire.dropped)})]
             remaining = _remaining()
             decoder: StreamDecoder | None = None
             head = False
@@ -404,23 +417,37 @@ class HttpProvider:
                                     response.status_code, response.headers, body, wire, key
                                 )
                             raise error
-                        parser = SseParser()
+                        feed = SseParser().feed
                         decoder = self._protocol.stream_decoder()
+                        decode = decoder.feed
                         raw = response.aiter_raw()
                         async for data in raw:
-                            for event in parser.feed(data):
-                                with scrubbing(scrubber):  # no await or yield inside
-                                    chunks = decoder.feed(event)
-                                for chunk in chunks:
-                                    yield chunk
-                                if decoder.done:
-                                    # Read the body to its end (briefly) so the
-                                    # connection goes back to the pool for the next
-                                    # request instead of being dropped.
-                                    with trio.move_on_after(_DRAIN_GRACE):
-                                        async for _ in raw:
-                                            pass
-                                    return
+                            events = feed(data)
+                            if not events:
+                                continue
+                            broken: ProviderError | None = None
+                            with scrubbing(scrubber):  # no await or yield inside
+                                if len(events) == 1:
+                                    batch = decode(events[0])
+                                else:
+                                    batch = []
+                                    try:
+                                        for event in events:
+                                            batch += decode(event)
+                                    except ProviderError as exc:
+                                        broken = exc  # after the chunks before it
+                            if batch:
+                                yield batch
+                            if broken is not None:
+                                raise broken
+                            if decoder.done:
+                                # Read the body to its end (briefly) so the connection
+                                # goes back to the pool for the next request instead of
+                                # being dropped.
+                                with trio.move_on_after(_DRAIN_GRACE):
+                                    async for _ in raw:
+                                        pass
+                                return
                         if not decoder.finished:
                             raise ProviderError(
                                 "transient", f"{self.name}: stream ended before its finish reason"

@@ -31,6 +31,12 @@ class Provider(Protocol):
     key: ApiKey) -> EmbeddingResponse`` to serve `Router.embed` (one vector per input,
     in order; failures raised as for `complete`). Without it, an embedding request
     sent to the provider fails as ``bad_request``.
+
+    To stream, define ``async def stream(self, request, key)``, an async generator
+    of `StreamChunk`; or ``stream_batches``, an async generator of ``list[StreamChunk]``
+    whose every list holds the chunks that arrived together (one upstream read): the
+    router relays each list as one batch, and the gateway writes it as one body
+    message. Without either, a stream is the `complete` answer as one chunk.
     """
 
     async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse: ...

@@ -75,12 +75,19 @@ class SseParser:
             if buffer.startswith(_BOM):
                 buffer = buffer[len(_BOM) :]
         events: list[SseEvent] = []
+        line = self._line
+        if b"\r" not in buffer:  # LF endings only (nearly every upstream): split at once
+            lines = buffer.split(b"\n")
+            self._buffer = lines.pop()
+            for raw in lines:
+                line(raw, events)
+            return events
         position = 0
         size = len(buffer)
         for match in _LINE_END.finditer(buffer):
             if match.end() == size and match.group() == b"\r":
                 self._skip_lf = True
-            self._line(buffer[position : match.start()], events)
+            line(buffer[position : match.start()], events)
             position = match.end()
         self._buffer = buffer[position:]
         return events
@@ -96,6 +103,9 @@ class SseParser:
         return []
 
     def _line(self, raw: bytes, events: list[SseEvent]) -> None:
+        if raw[:6] == b"data: ":  # the common line first
+            self._data.append(raw[6:].decode("utf-8", "replace"))
+            return
         if not raw:
             if self._data:
                 events.append(SseEvent(event=self._event or "message", data="\n".join(self._data)))

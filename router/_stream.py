@@ -13,7 +13,7 @@ which closes the upstream connection.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import msgspec
@@ -53,7 +53,8 @@ class StreamFailure:
         self.error = error
 
 
-StreamItem = StreamChunk | StreamFailure | _End
+StreamItem = list[StreamChunk] | StreamFailure | _End
+"""One channel item: a batch (the chunks one upstream read produced), or the end."""
 
 
 class StreamStart:
@@ -167,7 +168,6 @@ class ChatStream:
         self.key_id = key_id
         self.upstream_model = upstream_model
         self.attempts: list[Attempt] = start.job.attempts
-        self.text = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.segments: list[Segment] = [Segment(model, provider, key_id, "first", upstream_model)]
@@ -179,7 +179,11 @@ class ChatStream:
         self.error: StreamInterruptedError | None = None
         """The interruption the stream ended with, once raised (a caller that caught it
         and the trace of the request both read it here)."""
-        self._pending = list(start.first)
+        self._text: list[str] = []
+        """The text so far, in pieces (`text` joins them when read)."""
+        self._pending = start.first
+        self._at = 0
+        """The next chunk of `_pending` to hand out."""
         self._receive = start.receive
         self._job = start.job
         self._ended = False
@@ -220,42 +224,89 @@ class ChatStream:
             f"key_id={self.key_id!r} received={len(self.text)} chars>"
         )
 
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        parts = self._text
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
     def __aiter__(self) -> ChatStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
         while True:
-            if self._pending:
-                chunk = self._match(self._pending.pop(0))
+            pending = self._pending
+            at = self._at
+            if at < len(pending):
+                self._at = at + 1
+                chunk = self._match(pending[at])
                 if chunk is not None:
                     return self._take(chunk)
                 continue
-            if self._ended:
-                raise StopAsyncIteration
-            try:
-                item = await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                failure = self._job.failure  # a failure the full channel had no room for
-                cause: RouterError = (
-                    failure
-                    if failure is not None
-                    else RouterClosedError("the stream was closed before it finished")
-                )
-                await self._interrupted(cause)
+            await self._refill()
+
+    def batches(self) -> AsyncIterator[list[StreamChunk]]:
+        """The same chunks, as they arrived together: each batch holds the chunks one
+        upstream read produced (never empty), so a relay can write them at once::
+
+            async for batch in stream.batches():
+                out.write(b"".join(render(chunk) for chunk in batch))
+
+        Iterating the stream and its batches can be mixed; each chunk is handed out
+        once. Failures, continuations and the end behave as for ``async for chunk``."""
+        return _Batches(self)
+
+    async def _next_batch(self) -> list[StreamChunk]:
+        while True:
+            pending = self._pending
+            at = self._at
+            if at < len(pending):
+                self._at = len(pending)
+                if at == 0 and not self._skip and not self._trim:
+                    out = pending  # the common case: the batch as it came
+                    for chunk in out:
+                        self._take(chunk)
+                    return out
+                out = []
+                for chunk in pending[at:]:
+                    matched = self._match(chunk)
+                    if matched is not None:
+                        out.append(self._take(matched))
+                if out:
+                    return out
                 continue
-            if isinstance(item, StreamChunk):
-                chunk = self._match(item)
-                if chunk is not None:
-                    return self._take(chunk)
-                continue
-            if isinstance(item, StreamFailure):
-                await self._interrupted(item.error)
-                continue
-            if self._skip:  # a replay that ended before it caught up: not the answer
-                self._diverged()
-            self._ended = True
-            self._settle()
+            await self._refill()
+
+    async def _refill(self) -> None:
+        """The next batch from the worker into `_pending`, or the end (raises
+        StopAsyncIteration), or the interruption (continued, or raised)."""
+        if self._ended:
             raise StopAsyncIteration
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            failure = self._job.failure  # a failure the full channel had no room for
+            cause: RouterError = (
+                failure
+                if failure is not None
+                else RouterClosedError("the stream was closed before it finished")
+            )
+            await self._interrupted(cause)
+            return
+        if type(item) is list:
+            self._pending = item
+            self._at = 0
+            return
+        if isinstance(item, StreamFailure):
+            await self._interrupted(item.error)
+            return
+        if self._skip:  # a replay that ended before it caught up: not the answer
+            self._diverged()
+        self._ended = True
+        self._settle()
+        raise StopAsyncIteration
 
     async def _interrupted(self, cause: RouterError) -> None:
         """The upstream broke: continue elsewhere if allowed, else raise the original
@@ -282,7 +333,8 @@ class ChatStream:
         start = resumed.start
         self._receive = start.receive
         self._job = start.job
-        self._pending = list(start.first)
+        self._pending = start.first
+        self._at = 0
         self._skip = "" if resumed.prefill else self.text
         self._trim = self.text[len(self.text.rstrip()) :] if resumed.prefill else ""
         mode = "prefill" if resumed.prefill else "replay"
@@ -337,9 +389,10 @@ class ChatStream:
         self._receive.close()
 
     def _take(self, chunk: StreamChunk) -> StreamChunk:
-        if chunk.text:
-            self.text += chunk.text
-            self.segments[-1].chars += len(chunk.text)
+        text = chunk.text
+        if text:
+            self._text.append(text)
+            self.segments[-1].chars += len(text)
         if chunk.tool_calls:
             self._tool_calls = True
         if chunk.finish_reason:
@@ -356,6 +409,21 @@ class ChatStream:
         self._stop_pump()
         self._settle()  # usage reported before the caller stopped reading still counts
         await trio.lowlevel.checkpoint()
+
+
+class _Batches:
+    """`ChatStream.batches()`: the stream's chunks a batch at a time."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: ChatStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[StreamChunk]:
+        return await self._stream._next_batch()
 
 
 def _sum_usage(a: Usage, b: Usage) -> Usage:

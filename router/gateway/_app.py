@@ -55,6 +55,7 @@ from .._types import (
     ChatResponse,
     EmbeddingRequest,
     EmbeddingUsage,
+    StreamChunk,
     Usage,
 )
 from .._usage import UsageSnapshot
@@ -1194,16 +1195,13 @@ class GatewayApp:
             cid = completion_id()
             created = int(time.time())
             include_usage = options.include_usage
-            first = True
+            frames = _ChunkFrames(cid, created, stream.model, include_usage)
             try:
-                async for chunk in stream:
-                    if not (first or has_news(chunk)):
-                        continue
-                    payload = chunk_json(
-                        cid, created, stream.model, chunk, first=first, include_usage=include_usage
-                    )
-                    first = False
-                    await send(_event(payload))
+                # One body message per batch (what one upstream read produced).
+                async for batch in stream.batches():
+                    body = frames.render(batch)
+                    if body:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
             except StreamInterruptedError as exc:
                 reply = error_reply(exc)
                 served.attempts = exc.attempts
@@ -1342,8 +1340,12 @@ class GatewayApp:
             events = MessageEvents(stream.model, thinking=thinking)
             await send({"type": "http.response.body", "body": events.start(), "more_body": True})
             try:
-                async for chunk in stream:
-                    out = events.chunk(chunk)
+                # One body message per batch (what one upstream read produced).
+                async for batch in stream.batches():
+                    if len(batch) == 1:
+                        out = events.chunk(batch[0])
+                    else:
+                        out = b"".join([events.chunk(chunk) for chunk in batch])
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
             except StreamInterruptedError as exc:
@@ -1406,11 +1408,18 @@ def _dropped(source: ChatResponse | Any, options: ChatOptions | None) -> list[st
 
 
 def _tracked(send: Send, exchange: _Exchange) -> Send:
-    """`send` that records what went out in `exchange`. Each send is shielded from
-    cancellation, so a response is never left half-sent in our own bookkeeping
-    (Hypercorn shields its socket writes the same way)."""
+    """`send` that records what went out in `exchange`. Each send that changes the
+    record (the head, the last body message) is shielded from cancellation, so a
+    response is never left half-sent in our own bookkeeping (Hypercorn shields its
+    socket writes the same way)."""
 
     async def tracked(event: Event) -> None:
+        if event.get("more_body", False):
+            # A stream's body message: nothing to record, and Hypercorn shields its
+            # socket write, so a cancellation (only ever before the write) cannot
+            # leave it half-sent. No shield of ours per message.
+            await send(event)
+            return
         if event["type"] == "http.response.start" and exchange.request_id is not None:
             rid = (b"x-request-id", exchange.request_id)
             event = {**event, "headers": [*event["headers"], rid]}
@@ -1427,6 +1436,64 @@ def _tracked(send: Send, exchange: _Exchange) -> Send:
 
 def _has(scope: Scope, name: bytes) -> bool:
     return any(k == name for k, _ in scope["headers"])
+
+
+class _ChunkFrames:
+    """Renders one stream's chunks as ``chat.completion.chunk`` SSE frames. A chunk
+    that carries only text (nearly all of them) is spliced into bytes made once per
+    stream, byte for byte what `chunk_json` would give, without building and encoding
+    a dict per chunk; every other chunk goes through `chunk_json`."""
+
+    __slots__ = ("_cid", "_created", "_first", "_head", "_include_usage", "_model", "_tail")
+
+    def __init__(self, cid: str, created: int, model: str, include_usage: bool) -> None:
+        self._cid = cid
+        self._created = created
+        self._model = model
+        self._include_usage = include_usage
+        self._first = True
+        self._head = (
+            b'data: {"id":'
+            + _encode(cid)
+            + b',"object":"chat.completion.chunk","created":'
+            + _encode(created)
+            + b',"model":'
+            + _encode(model)
+            + b',"choices":[{"index":0,"delta":{"content":'
+        )
+        usage = b',"usage":null' if include_usage else b""
+        self._tail = b'},"finish_reason":null,"logprobs":null}]' + usage + b"}\n\n"
+
+    def render(self, batch: list[StreamChunk]) -> bytes:
+        """The frames of `batch`, concatenated (empty when none has news)."""
+        head, tail = self._head, self._tail
+        parts: list[bytes] = []
+        for chunk in batch:
+            if (
+                chunk.text
+                and not self._first
+                and chunk.finish_reason is None
+                and not chunk.tool_calls
+                and not chunk.reasoning
+                and not chunk.refusal
+                and not chunk.thinking
+                and chunk.logprobs is None
+                and chunk.stop_sequence is None
+                and not chunk.provider_fields
+            ):
+                parts.append(head + _encode(chunk.text) + tail)
+            elif self._first or has_news(chunk):
+                payload = chunk_json(
+                    self._cid,
+                    self._created,
+                    self._model,
+                    chunk,
+                    first=self._first,
+                    include_usage=self._include_usage,
+                )
+                self._first = False
+                parts.append(b"data: " + _encode(payload) + b"\n\n")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _event(payload: Any) -> Event:

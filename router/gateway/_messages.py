@@ -550,6 +550,8 @@ class MessageEvents:
         """The open block: "thinking", "text", "tool:<n>" or None."""
         self.finish: str | None = None
         self.stop_sequence: str | None = None
+        self._text_head = b""
+        """The bytes before the text of a ``text_delta`` of the open text block."""
 
     def start(self) -> bytes:
         message: dict[str, Any] = {
@@ -576,6 +578,12 @@ class MessageEvents:
         out = self._close()
         self.index += 1
         self.open = kind
+        if kind == "text":
+            self._text_head = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                + str(self.index).encode()
+                + b',"delta":{"type":"text_delta","text":'
+            )
         payload = {"type": "content_block_start", "index": self.index, "content_block": block}
         return out + sse("content_block_start", payload)
 
@@ -584,6 +592,23 @@ class MessageEvents:
         return sse("content_block_delta", payload)
 
     def chunk(self, chunk: StreamChunk) -> bytes:
+        text = chunk.text
+        if (
+            text
+            and self.open == "text"
+            and not chunk.refusal
+            and not chunk.reasoning
+            and not chunk.thinking
+            and not chunk.tool_calls
+            and chunk.finish_reason is None
+            and chunk.stop_sequence is None
+        ):
+            # More text for the open text block (nearly every chunk): spliced into
+            # bytes made when the block opened, as `_delta` would encode them.
+            return self._text_head + _encode(text) + b"}}\n\n"
+        return self._render(chunk)
+
+    def _render(self, chunk: StreamChunk) -> bytes:
         out = b""
         if chunk.reasoning and self.thinking:
             if self.open != "thinking":
