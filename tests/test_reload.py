@@ -15,7 +15,14 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scripted import Fail, Reply, ScriptedProvider, make_config
+from scripted import (
+    Fail,
+    Reply,
+    ScriptedProvider,
+    StreamingScriptedProvider,
+    StreamScript,
+    make_config,
+)
 
 from router import (
     ChatRequest,
@@ -148,6 +155,37 @@ async def test_removed_key_drains_its_in_flight_request_then_stops(autojump_cloc
         assert router.draining == set()
         assert set(actors(router)) == {"b"}
         assert [k.key_id for k in router.snapshot().keys] == ["b"]
+
+
+async def test_a_stream_on_a_removed_key_runs_to_its_end(autojump_clock):
+    provider = StreamingScriptedProvider()
+    provider.script("a", [StreamScript(("one ", "two ", "three"), interval=2.0)])
+    async with Router.open(conf(("a", "b")), providers={"p": provider}) as router:
+        old_a = actors(router)["a"]
+        async with router.stream(req()) as stream:
+            text = ""
+            async for chunk in stream:
+                text += chunk.text
+                if text == "one ":
+                    await router.reload(conf(("b",)))
+                    assert (await router.submit(req())).key_id == "b"
+                    assert not old_a.stopped
+        assert text == "one two three"
+        await trio.testing.wait_all_tasks_blocked()
+        assert old_a.stopped
+
+
+async def test_a_kept_key_keeps_its_budget(autojump_clock):
+    provider = ScriptedProvider()
+    config = conf(("a",), key_extra={"a": ", rpm = 2"})
+    async with Router.open(config, providers={"p": provider}) as router:
+        await router.submit(req())
+        await router.submit(req())
+        assert router.snapshot().keys[0].rpm_remaining == 0
+        result = await router.reload(conf(("a", "b"), key_extra={"a": ", rpm = 2"}))
+        assert result.keys_kept == ["p/a"]
+        assert router.snapshot().keys[0].rpm_remaining == 0
+        assert (await router.submit(req())).key_id == "b"  # a's window is spent
 
 
 async def test_a_model_is_added_and_removed(autojump_clock):
@@ -367,3 +405,83 @@ def test_no_secret_in_reload_result_or_error(monkeypatch):
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert os.environ["RELOAD_SECRET"]
+
+
+# -- shared state (a real redis-server) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from test_shared import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-reload"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _shared_config(port: int, prefix: str, keys: tuple[str, ...]) -> RouterConfig:
+    key_list = ", ".join(f'{{ id = "{k}" }}' for k in keys)
+    return RouterConfig.from_toml(f"""
+[router]
+transient_retries = 0
+[router.breaker]
+failure_threshold = 1
+open_for = 30
+jitter = 0.0
+[router.shared]
+redis_url = "redis://127.0.0.1:{port}/0"
+key_prefix = "{prefix}"
+ping_interval = 0.1
+[[providers]]
+name = "c"
+kind = "custom"
+keys = [{key_list}]
+""")
+
+
+async def _lane_opens(router: Router, key_id: str) -> None:
+    with trio.fail_after(5):
+        while True:
+            key = next(k for k in router.snapshot().keys if k.key_id == key_id)
+            if any(lane.breaker == "open" for lane in key.lanes):
+                return
+            await trio.sleep(0.01)
+
+
+async def test_kept_and_added_keys_share_state_through_redis_after_reload(redis, tmp_path):  # type: ignore[no-untyped-def]
+    prefix = f"reload-{tmp_path.name}"
+    one, two = ScriptedProvider(), ScriptedProvider()
+    request = ChatRequest(model="c/m", messages=[Message("user", "hi")])
+    async with (
+        Router.open(_shared_config(redis.port, prefix, ("k1",)), providers={"c": one}) as r1,
+        Router.open(_shared_config(redis.port, prefix, ("k1",)), providers={"c": two}) as r2,
+    ):
+        kept = actors(r2)["k1"]
+        for r in (r1, r2):
+            result = await r.reload(_shared_config(redis.port, prefix, ("k1", "k2")))
+            assert result.keys_kept == ["c/k1"] and result.keys_added == ["c/k2"]
+        assert actors(r2)["k1"] is kept
+        assert set(r2._shared._actors) == {("c", "k1"), ("c", "k2")}  # type: ignore[union-attr]
+        # A trip on r1 reaches r2's kept key and its new key alike.
+        one.script("k1", [Fail("transient")])
+        one.script("k2", [Fail("transient")])
+        for _ in range(2):  # a transient failure moves on to the next model, not key
+            with pytest.raises(RouterError):
+                await r1.submit(request)
+        assert [c.key_id for c in one.calls] == ["k1", "k2"]
+        await _lane_opens(r2, "k1")
+        await _lane_opens(r2, "k2")
+        # A removed key is no longer registered; news of it is ignored.
+        await r2.reload(_shared_config(redis.port, prefix, ("k2",)))
+        await trio.sleep(0.1)  # the removed key drains (it has nothing in flight)
+        assert not r2.draining
+        assert set(r2._shared._actors) == {("c", "k2")}  # type: ignore[union-attr]
+        assert all(t[0].key_id == "k2" for t in r2._shared._targets)  # type: ignore[union-attr]
+        r1.reset(provider="c", key_id="k1")
+        one.script("k1", [Fail("transient")])
+        with pytest.raises(RouterError):
+            await r1.submit(ChatRequest(model="c/m", messages=[Message("user", "hi")]))
+        await trio.sleep(0.3)
+        assert [k.key_id for k in r2.snapshot().keys] == ["k2"]
