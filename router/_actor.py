@@ -45,6 +45,10 @@ How a job travels, and why this way:
 - The actor's task also ends queued jobs at their deadlines, so a request waiting for
   a free worker still ends at its deadline.
 
+Draining (a key a reload removed, `drain`): the key takes no new job (`is_available`
+says no, `call` answers SKIPPED so the router moves on), its idle workers retire, busy
+ones retire once their job (a stream included) ends, and then the actor's task ends.
+
 Cancellation: if the caller is cancelled while its job runs, the worker's scope is
 cancelled and the caller stays parked until the attempt has unwound (so `in_flight`
 is back and the breaker's probe slot is freed before the caller sees `Cancelled`). A

@@ -9,6 +9,11 @@ route an upstream context-length error to its `context_window_fallbacks` target.
 also owns per-model health (disabled models), which only it writes; a model's cooling
 is derived from its keys and lanes.
 
+`reload(config)` applies a new config to the running router: what a config determines
+is set in one synchronous step (`_configure`), a request reads it once at its start and
+its chain keeps that config's providers and key actors to its end; unchanged keys keep
+their actors (and so all their state), removed ones drain (`KeyActor.drain`).
+
 What this module must never do: count the caller's cancellation or its deadline as a
 provider failure, leave a task running after `Router.open` exits, or let a request end
 in anything but exactly one response or one `RouterError`.

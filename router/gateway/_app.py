@@ -20,6 +20,11 @@ loop runs a task that is ready (`watch_event_loop`). The wait for the connection
 itself to run is (b) again; time spent in the kernel's accept queue or socket buffer is
 not visible to the process at all. The refusal uses the larger of (a) and (b).
 
+Reload (`reload`, POST /v1/router/reload with the admin key): the config (file) is
+applied to the router first, then to the gateway's own settings (api_keys, tenants and
+their models lists, admin_key, limits), in one step with no await between, so a
+request sees one config or the other; a refused config changes neither.
+
 Draining (`begin_drain`): chat requests that arrive are refused with 503; those
 running get until `shutdown_grace`, then end with 503 (or, for a stream already under
 way, an error event) rather than a dropped connection.

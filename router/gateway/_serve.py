@@ -8,6 +8,16 @@ them, restarts a worker that dies, and exits when all have stopped. A worker who
 parent disappears drains and stops by itself. Workers share breaker, cooldown, health
 and budget state only through `[router.shared]` (Redis); without it each has its own.
 
+Reload: SIGHUP (and the admin endpoint POST /v1/router/reload) reads the config file
+`serve` was started with again and applies it (`GatewayApp.reload`, `Router.reload`):
+requests in flight finish, nothing is refused meanwhile, and a file that does not load
+or validate is one error line with the running config kept. Under ``--workers`` the
+supervisor forwards SIGHUP to every worker, and each reloads the file itself; the admin
+endpoint reaches one worker, which reloads and then signals the supervisor so that the
+others do too (it answers with its own result; the others log theirs). SIGHUP is ignored
+until the gateway runs, so an early one never kills a starting process. The listen
+address cannot change without a restart.
+
 Connections: the accept loop is ours (`_serve_http`), each accepted connection is
 served by Hypercorn's own connection handler (`TCPServer`, HTTP/1.1 and h2c). Hypercorn
 has no connection limit, so the loop keeps `gateway.max_connections`: past it a new
