@@ -579,6 +579,7 @@ class Router:
         async with trio.open_nursery() as nursery:
             for actor in actors:
                 nursery.start_soon(self._drain_one, actor)
+        closing = []
         for actor in actors:
             close_key = getattr(actor.provider, "close_key", None)
             if (
@@ -586,12 +587,17 @@ class Router:
                 and (actor.provider_name, actor.key_id) not in keep
                 and all(actor.provider is not i for i in instances)
             ):
-                await close_key(actor.key_id)
+                closing.append(functools.partial(close_key, actor.key_id))
         for instance in instances:
             self._instances.pop(id(instance), None)
             aclose = getattr(instance, "aclose", None)
             if aclose is not None:
-                await aclose()
+                closing.append(aclose)
+        for close in closing:
+            try:
+                await close()
+            except Exception:  # a failed close costs its connections, never the router
+                log.exception("closing a retired key's or provider's connections failed")
 
     async def _drain_one(self, actor: KeyActor) -> None:
         await actor.drain()
