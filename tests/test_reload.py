@@ -325,17 +325,20 @@ step = st.tuples(
     st.frozensets(st.sampled_from(MODELS), min_size=1),
     st.lists(st.floats(0.0, 3.0), max_size=6),
     st.floats(0.0, 2.0),
+    st.sampled_from(["", ', secret = "rotated"', ", rpm = 1000"]),  # key a changed or not
 )
 
+Step = tuple[frozenset[str], frozenset[str], list[float], float, str]
 
-async def _run_sequence(steps: list[tuple[frozenset[str], frozenset[str], list[float], float]]):
+
+async def _run_sequence(steps: list[Step]) -> None:
     provider = ScriptedProvider(default=Reply(latency=1.0))
     outcomes: list[str] = []
     submitted = 0
     ever: list[object] = []
 
-    def cfg(keys: frozenset[str], models: frozenset[str]) -> RouterConfig:
-        return conf(tuple(sorted(keys)), tuple(sorted(models)))
+    def cfg(keys: frozenset[str], models: frozenset[str], a: str = "") -> RouterConfig:
+        return conf(tuple(sorted(keys)), tuple(sorted(models)), key_extra={"a": a})
 
     async def one(router: Router, n: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -351,9 +354,15 @@ async def _run_sequence(steps: list[tuple[frozenset[str], frozenset[str], list[f
     async with Router.open(cfg(first_keys, first_models), providers={"p": provider}) as router:
         ever.extend(actors(router).values())
         async with trio.open_nursery() as nursery:
-            for keys, models, delays, pause in steps:
-                result = await router.reload(cfg(keys, models))
+            for keys, models, delays, pause, a in steps:
+                before = actors(router)
+                result = await router.reload(cfg(keys, models, a))
                 assert isinstance(result, ReloadResult)
+                after = actors(router)
+                # Kept keys are the very same actors; the result says which.
+                kept = {k for k in before if k in after and after[k] is before[k]}
+                assert result.keys_kept == sorted(f"p/{k}" for k in kept)
+                assert result.keys_added == sorted(f"p/{k}" for k in set(after) - kept)
                 # The actors are exactly the config's keys; none of them drains.
                 live = actors(router)
                 assert set(live) == set(keys)
@@ -374,7 +383,7 @@ async def _run_sequence(steps: list[tuple[frozenset[str], frozenset[str], list[f
 
 
 @settings(
-    max_examples=25,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
