@@ -336,3 +336,48 @@ def test_workers_each_reload_on_sighup_and_the_admin_endpoint_fans_out(
         assert load.ok > 10
     finally:
         stop(proc)
+
+
+def test_a_changed_provider_header_is_a_new_instance_and_the_old_one_closes(
+    emulator: Proc,
+) -> None:
+    """Library over real HTTP: changing a provider's headers replaces its instance; the
+    old instance's connections close once its keys drained, the new header is sent, and
+    a removed key's connections close while its provider stays."""
+    import trio
+
+    from router import ChatRequest, Message, Router, RouterConfig
+
+    def cfg(header: str, keys: tuple[str, ...]) -> RouterConfig:
+        text = config_text(emulator.url, keys).replace(
+            'kind = "openai"', f'kind = "openai"\nheaders = {{ x-team = "{header}" }}'
+        )
+        return RouterConfig.from_toml(text)
+
+    async def main() -> None:
+        request = ChatRequest(model="smart", messages=[Message("user", "hi")])
+        async with Router.open(cfg("red", ("k1", "k2"))) as router:
+            old = router.provider("emu")
+            await router.submit(request)
+            assert old._shards  # type: ignore[attr-defined]
+            result = await router.reload(cfg("red", ("k2",)))
+            assert result.keys_removed == ["emu/k1"] and result.providers_replaced == []
+            await router.submit(request)
+            await trio.sleep(0.2)  # nothing in flight: the drain is immediate
+            assert not router.draining
+            assert set(old._shards) == {"k2"}  # type: ignore[attr-defined]
+            result = await router.reload(cfg("blue", ("k2",)))
+            assert result.providers_replaced == ["emu"]
+            assert result.keys_added == ["emu/k2"] and result.keys_removed == ["emu/k2"]
+            assert router.provider("emu") is not old
+            response = await router.submit(request)
+            assert response.key_id == "k2"
+            await trio.sleep(0.2)  # nothing in flight: the drain is immediate
+            assert not router.draining
+            assert old._shards == {}  # type: ignore[attr-defined]
+
+    httpx.post(f"{emulator.url}/_emulator/reset", timeout=5).raise_for_status()
+    trio.run(main)
+    calls = httpx.get(f"{emulator.url}/_emulator/calls", timeout=5).json()
+    assert [c["headers"].get("x-team") for c in calls] == ["red", "red", "blue"]
+    assert [c["key"] for c in calls] == [UP1, UP2, UP2]
