@@ -154,6 +154,8 @@ async def _reload_on_sighup(
                 log.error("SIGHUP: config reload refused, the running config is kept: %s", exc)
             except RouterClosedError:
                 return
+            except Exception:  # a bug in a reload must not take the serving gateway down
+                log.exception("SIGHUP: config reload failed, the running config is kept")
             else:
                 log.info("SIGHUP: config reloaded from %s: %s", app.config_path, _changes(result))
 
