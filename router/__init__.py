@@ -59,7 +59,14 @@ from ._errors import (
 )
 from ._health import ModelHealth
 from ._provider import Provider
-from ._router import KeySnapshot, LaneSnapshot, ModelSnapshot, Router, RouterSnapshot
+from ._router import (
+    KeySnapshot,
+    LaneSnapshot,
+    ModelSnapshot,
+    ReloadResult,
+    Router,
+    RouterSnapshot,
+)
 from ._simulated import SimulatedProvider
 from ._stream import ChatStream
 from ._tokens import CascadingTokenCounter, ExactTokenCounter, OfflineTokenCounter, TokenCounter
@@ -126,6 +133,7 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderError",
+    "ReloadResult",
     "ResponseFormat",
     "Router",
     "RouterClosedError",

@@ -50,6 +50,10 @@ How a job travels, and why this way:
   stream about once per idle timeout. (A fresh cancel scope per chunk, as before,
   measured about a third of the library's CPU per chunk in bursts.)
 
+Draining (a key a reload removed, `drain`): the key takes no new job (`is_available`
+says no, `call` answers SKIPPED so the router moves on), its idle workers retire, busy
+ones retire once their job (a stream included) ends, and then the actor's task ends.
+
 Cancellation: if the caller is cancelled while its job runs, the worker's scope is
 cancelled and the caller stays parked until the attempt has unwound (so `in_flight`
 is back and the breaker's probe slot is freed before the caller sees `Cancelled`). A
@@ -379,6 +383,13 @@ class KeyActor:
         self._idle_timers: list[tuple[float, _IdleTimer]] = []
         """Idle timeouts of the streams this key is pumping (a heap; see `_IdleTimer`)."""
         self._watch_scope: trio.CancelScope | None = None
+        self.draining = False
+        """Removed by a reload (`Router.reload`): takes no new job, finishes the ones it
+        has, then its task ends (`drain`)."""
+        self._drained: trio.Event | None = None
+        self._ended: trio.Event | None = None
+        self.stopped = False
+        """The actor's task has ended (set by `run`)."""
 
     def __repr__(self) -> str:
         return f"KeyActor(provider={self.provider_name!r}, key_id={self.key_id!r})"
@@ -403,7 +414,7 @@ class KeyActor:
         self, now: float, tenant: str | None, tokens: int = 0, model: str = ""
     ) -> bool:
         """Whether the key could take a request for upstream `model` now."""
-        if now < self.cooldown.until or not self.breaker.can_attempt(now):
+        if now < self.cooldown.until or self.draining or not self.breaker.can_attempt(now):
             return False
         lane = self.lanes.get(model)
         if lane is not None and not lane.is_available(now, tenant):
@@ -476,6 +487,9 @@ class KeyActor:
                 await self._watch()
         finally:
             self._nursery = None
+            self.stopped = True
+            if self._ended is not None:
+                self._ended.set()
             closed = RouterClosedError("router closed while the request was queued")
             while self._queue:
                 job = self._queue.popleft()
@@ -546,12 +560,30 @@ class KeyActor:
         if watch is not None and due < watch.deadline:
             watch.deadline = due
 
+    async def drain(self) -> None:
+        """Stop taking jobs, let the running and queued ones finish, then end the
+        actor's task (a key a reload removed). Returns once the task has ended."""
+        self.draining = True
+        self._drained = trio.Event()
+        while self._idle:  # idle workers retire now; busy ones as their job ends
+            self._idle_since.pop()
+            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(None))
+        if self._workers:
+            await self._drained.wait()
+        nursery = self._nursery
+        if nursery is not None and not self.stopped:
+            self._ended = trio.Event()
+            nursery.cancel_scope.cancel()
+            await self._ended.wait()
+
     # -- the hop --------------------------------------------------------------------------
 
     async def call(self, job: Job) -> JobResult:
         """Run `job` on this key and return its result; see the module docstring."""
         nursery = self._nursery
-        if nursery is None:
+        if nursery is None or self.draining:
+            if self.draining:
+                return SKIPPED  # a reload removed the key: the request goes elsewhere
             return RouterClosedError("router is closed (key actor stopped)")
         job.waiter = trio.lowlevel.current_task()
         if self._idle:
@@ -637,11 +669,15 @@ class KeyActor:
                 # passed or its caller left): `_serve` settles that in a fresh scope.
         finally:
             self._workers -= 1
+            if not self._workers and self._drained is not None:
+                self._drained.set()
             if job is not None and not job.done:
                 self._finish(job, RouterClosedError("router closed while the request was running"))
 
     async def _park(self, me: trio.lowlevel.Task) -> Job | None:
         """Wait for the next job; None tells the worker to retire."""
+        if self.draining:
+            return None
         idle, since = self._idle, self._idle_since
         idle.append(me)
         now = self._clock.current_time()

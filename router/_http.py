@@ -529,6 +529,19 @@ class HttpProvider:
             key_wide=True,
         )
 
+    def configure_keys(self, config: ProviderConfig) -> None:
+        """A reload changed the provider's keys (its own settings are the same): the
+        connection limits of new keys."""
+        for k in config.keys:
+            self._max_concurrency[k.id] = k.max_concurrency or config.max_concurrency
+
+    async def close_key(self, key_id: str) -> None:
+        """Close the connections of a key a reload removed (once its last call ended)."""
+        shards = self._shards.pop(key_id, None)
+        self._max_concurrency.pop(key_id, None)
+        if shards is not None:
+            await shards.aclose()
+
     async def aclose(self) -> None:
         shards, self._shards = self._shards, {}
         for group in shards.values():

@@ -9,6 +9,11 @@ route an upstream context-length error to its `context_window_fallbacks` target.
 also owns per-model health (disabled models), which only it writes; a model's cooling
 is derived from its keys and lanes.
 
+`reload(config)` applies a new config to the running router: what a config determines
+is set in one synchronous step (`_configure`), a request reads it once at its start and
+its chain keeps that config's providers and key actors to its end; unchanged keys keep
+their actors (and so all their state), removed ones drain (`KeyActor.drain`).
+
 What this module must never do: count the caller's cancellation or its deadline as a
 provider failure, leave a task running after `Router.open` exits, or let a request end
 in anything but exactly one response or one `RouterError`.
@@ -17,8 +22,10 @@ in anything but exactly one response or one `RouterError`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
+import logging
 import math
 import random
 import time
@@ -31,7 +38,7 @@ import trio
 
 from ._actor import DEADLINE, SKIPPED, Job, JobResult, KeyActor
 from ._chain import ModelChain, Route
-from ._config import ProviderConfig, RouterConfig, resolve_secret
+from ._config import KeyConfig, ProviderConfig, RouterConfig, RouterSettings, resolve_secret
 from ._errors import (
     ChainExhaustedError,
     ConfigError,
@@ -80,7 +87,16 @@ if TYPE_CHECKING:
 
     from ._otel import Tracing
 
-__all__ = ["KeySnapshot", "LaneSnapshot", "ModelSnapshot", "Router", "RouterSnapshot"]
+__all__ = [
+    "KeySnapshot",
+    "LaneSnapshot",
+    "ModelSnapshot",
+    "ReloadResult",
+    "Router",
+    "RouterSnapshot",
+]
+
+log = logging.getLogger("router")
 
 
 class LaneSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,6 +193,55 @@ class RouterSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Shared state through Redis (None when `[router.shared]` is not configured)."""
 
 
+class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What `Router.reload` changed. Keys are named ``provider/key_id`` (never a secret)."""
+
+    keys_added: list[str]
+    """Keys that got a new actor (new keys, and keys whose settings or secret changed)."""
+    keys_removed: list[str]
+    """Keys whose actor drains (removed keys, and the old actors of changed ones)."""
+    keys_kept: list[str]
+    """Keys that kept their actor and its state."""
+    models_added: list[str]
+    models_removed: list[str]
+    providers_replaced: list[str]
+    """Providers whose connection settings changed: a new instance, new actors."""
+    settings_changed: list[str]
+    """`[router]` settings that changed (live)."""
+
+
+_RESTART_ONLY: Final = (
+    "shared",
+    "seed",
+    "breaker",
+    "cooldown",
+    "health",
+    "lanes_per_key",
+    "per_tenant_breakers",
+    "attempt_timeout",
+    "tokens",
+    "tracing",
+)
+"""`[router]` settings a reload may not change: the state keys keep was shaped by them
+(breakers, cooldowns, lanes; attempt timers queue in the order of one fixed timeout), or
+they are wired in at open (`shared`, `seed`, the exact token counter, the tracer)."""
+
+
+class _Plan:
+    """A reload worked out before anything changes: the new runtimes, and which actors
+    are kept and which start."""
+
+    __slots__ = ("custom", "kept", "replaced", "runtimes", "started", "windows_needed")
+
+    def __init__(self) -> None:
+        self.runtimes: dict[str, _ProviderRuntime] = {}
+        self.kept: list[KeyActor] = []
+        self.started: list[KeyActor] = []
+        self.replaced: list[str] = []
+        self.custom: dict[str, Provider] = {}
+        self.windows_needed = False
+
+
 class _ProviderRuntime:
     """A provider's key actors in their configured order, plus balancing state."""
 
@@ -198,30 +263,29 @@ class Router:
     def __init__(
         self, config: RouterConfig, runtimes: dict[str, _ProviderRuntime], rng: random.Random
     ) -> None:
-        self.config = config
-        self._settings = config.router
-        self._runtimes = runtimes
-        self._chain: ModelChain[_ProviderRuntime] = ModelChain(config, runtimes)
+        self._configure(config, runtimes)
         self._health: dict[str, ModelHealth] = {}
         """Configured models' health, and that of `provider/upstream` names seen (at most
         `adhoc_models` of those, least recently marked first out)."""
-        self._configured = {m.name for m in config.models}
         self._adhoc: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._rng = rng
         self._open = False
         self._tracing: Tracing | None = None
         """Traces of requests (`router._otel`); None: tracing is off."""
         self._clock: trio.abc.Clock = trio.lowlevel.current_clock()
-        self._strategy = config.router.balancing
         for m in config.models:
             self._health_of(m.name)
-        self._any_windows = any(m.context_window for m in config.models)
-        self._any_embedding = any(m.mode == "embedding" for m in config.models)
-        self._any_tpm = any(
-            a.budget is not None and a.budget.tpm is not None
-            for rt in runtimes.values()
-            for a in rt.actors
-        )
+        self._nursery: trio.Nursery | None = None
+        """Where the actors run (set by `open`); a reload starts new ones there."""
+        self._custom: dict[str, Provider] = {}
+        """The custom provider instances given to `open` or `reload`."""
+        self._instances: dict[int, Provider] = {
+            id(rt.provider): rt.provider for rt in runtimes.values()
+        }
+        """Every provider instance not yet closed (a reload's retired ones included)."""
+        self._reloading: trio.Lock | None = None
+        self.draining: set[KeyActor] = set()
+        """Actors of keys a reload removed whose in-flight jobs are still running."""
         self._shared: SharedState | None = None
         if config.router.shared is not None:
             self._shared = SharedState(
@@ -233,8 +297,6 @@ class Router:
             for rt in runtimes.values():
                 for a in rt.actors:
                     a.shared = self._shared
-        self.prices = PriceBook(config)
-        """Prices of the models (`cost_usd` on answers; see `router._usage`)."""
         self.ledger = UsageLedger(time.time())
         """Tokens and cost per model, provider, key and tenant since the router opened."""
         self._offline_counter = OfflineTokenCounter()
@@ -244,6 +306,26 @@ class Router:
             self._exact_counter = CascadingTokenCounter(
                 ExactTokenCounter(self._count_exactly), self._offline_counter
             )
+
+    def _configure(self, config: RouterConfig, runtimes: dict[str, _ProviderRuntime]) -> None:
+        """Set what `config` determines, all at once (no await: a request sees one
+        config or the other). A request reads it once at its start; its chain holds the
+        runtimes (and so the key actors) of that config to its end."""
+        self.config = config
+        self._settings = config.router
+        self._runtimes = runtimes
+        self._chain: ModelChain[_ProviderRuntime] = ModelChain(config, runtimes)
+        self._configured = {m.name for m in config.models}
+        self._strategy = config.router.balancing
+        self.prices = PriceBook(config)
+        """Prices of the models (`cost_usd` on answers; see `router._usage`)."""
+        self._any_windows = any(m.context_window for m in config.models)
+        self._any_embedding = any(m.mode == "embedding" for m in config.models)
+        self._any_tpm = any(
+            a.budget is not None and a.budget.tpm is not None
+            for rt in runtimes.values()
+            for a in rt.actors
+        )
 
     def __repr__(self) -> str:
         keys = sum(len(r.actors) for r in self._runtimes.values())
@@ -270,29 +352,20 @@ class Router:
             raise ConfigError("<root>", f"expected RouterConfig, got {type(config).__name__}")
         supplied = dict(providers or {})
         rng = random.Random(config.router.seed)
+        custom = dict(supplied)
         runtimes: dict[str, _ProviderRuntime] = {}
         for i, pc in enumerate(config.providers):
             instance = _provider_instance(i, pc, supplied)
             actors = []
             for j, kc in enumerate(pc.keys):
                 secret = resolve_secret(kc.secret, f"providers[{i}].keys[{j}].secret")
-                actors.append(
-                    KeyActor(
-                        pc.name,
-                        ApiKey(pc.name, kc.id, secret),
-                        instance,
-                        kc.max_concurrency or pc.max_concurrency,
-                        config.router,
-                        rng,
-                        rpm=kc.rpm if kc.rpm is not None else pc.rpm,
-                        tpm=kc.tpm if kc.tpm is not None else pc.tpm,
-                    )
-                )
+                actors.append(_key_actor(pc, kc, secret, instance, config.router, rng))
             runtimes[pc.name] = _ProviderRuntime(pc, instance, actors)
         if supplied:
             name = next(iter(supplied))
             raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
         router = cls(config, runtimes, rng)
+        router._custom = custom
         if router._any_windows or router._any_tpm:
             # Load the tiktoken encoding once, off the event loop, before any request.
             await trio.to_thread.run_sync(get_encoding)
@@ -309,6 +382,7 @@ class Router:
                         await nursery.start(actor.run)
                 if router._shared is not None:
                     await nursery.start(router._shared.run)
+                router._nursery = nursery
                 router._open = True
                 try:
                     yield router
@@ -318,17 +392,249 @@ class Router:
                     body_error = exc
                 finally:
                     router._open = False
+                    router._nursery = None
                     nursery.cancel_scope.cancel()
             if body_error is not None:
                 raise body_error
         finally:
             with trio.CancelScope(shield=True):
-                for rt in runtimes.values():
-                    aclose = getattr(rt.provider, "aclose", None)
+                for instance in router._instances.values():
+                    aclose = getattr(instance, "aclose", None)
                     if aclose is not None:
                         await aclose()
                 if router._tracing is not None:
                     await router._tracing.aclose()
+
+    # -- live reload --------------------------------------------------------------------
+
+    async def reload(
+        self, config: RouterConfig, providers: Mapping[str, Provider] | None = None
+    ) -> ReloadResult:
+        """Apply a new config to the running router, without dropping a request.
+
+        Requests already under way finish on the config they started with (their
+        chain keeps that config's providers and keys), except that a removed key takes
+        no new attempt. A key whose provider name, id, secret and budget-relevant
+        settings (max_concurrency, rpm, tpm, `simulate`) are unchanged keeps its actor:
+        its breakers, cooldowns, lanes and budget, and its shared-state registration.
+        A model whose provider and upstream are unchanged keeps its health. A provider
+        whose connection settings changed (kind, base_url, headers, `simulate`, seed)
+        gets a new instance, and all its keys new actors. Removed keys drain: no new
+        attempt goes to them, the running ones finish, then their tasks end (and a
+        retired provider instance is closed). New keys start at once.
+
+        Router settings change live, except those that shape the state keys keep
+        (`breaker`, `cooldown`, `health`, `lanes_per_key`, `per_tenant_breakers`,
+        `attempt_timeout`) and `shared` and `seed`: changing those is a `ConfigError`
+        (they need a restart). Anything wrong (those, an unset ``env:`` secret, a custom
+        provider without its instance) raises `ConfigError` and nothing changes.
+        `providers`: instances of new or replaced ``kind = "custom"`` providers (a
+        custom provider already running keeps its instance).
+        """
+        if not isinstance(config, RouterConfig):
+            raise ConfigError("<root>", f"expected RouterConfig, got {type(config).__name__}")
+        nursery = self._nursery
+        if not self._open or nursery is None:
+            raise RouterClosedError()
+        if self._reloading is None:
+            self._reloading = trio.Lock()
+        async with self._reloading:
+            plan = self._plan(config, dict(providers or {}))
+            if plan.windows_needed and not (self._any_windows or self._any_tpm):
+                await trio.to_thread.run_sync(get_encoding)
+            if needs_table(config):  # loaded once per process; a no-op when it is
+                await trio.to_thread.run_sync(load_table)
+            for actor in plan.started:
+                await nursery.start(actor.run)
+            if self._nursery is not nursery:  # closed meanwhile
+                raise RouterClosedError()
+            return self._switch(config, plan, nursery)
+
+    def _plan(self, config: RouterConfig, supplied: dict[str, Provider]) -> _Plan:
+        """What `config` keeps, starts and retires; raises `ConfigError` having changed
+        nothing."""
+        old = self.config.router
+        new = config.router
+        for field in _RESTART_ONLY:
+            if getattr(old, field) != getattr(new, field):
+                raise ConfigError(
+                    f"router.{field}",
+                    "cannot change while the router runs (keys keep the state it shapes); "
+                    "restart to change it",
+                )
+        old_rts = self._runtimes
+        plan = _Plan()
+        for i, pc in enumerate(config.providers):
+            previous = old_rts.get(pc.name)
+            given = supplied.get(pc.name)
+            if pc.kind == "custom" and given is None:
+                if previous is not None and previous.kind == "custom":
+                    given = previous.provider
+                else:
+                    given = self._custom.get(pc.name)
+                if given is not None:
+                    supplied[pc.name] = given
+            same = (
+                previous is not None
+                and _instance_settings(previous.config) == _instance_settings(pc)
+                and (pc.kind != "custom" or given is previous.provider)
+            )
+            if same:
+                assert previous is not None
+                supplied.pop(pc.name, None)
+                instance = previous.provider
+            else:
+                instance = _provider_instance(i, pc, supplied)
+                if previous is not None:
+                    plan.replaced.append(pc.name)
+            kept_by_id: dict[str, KeyActor] = {}
+            if same:
+                assert previous is not None
+                old_keys = {k.id: k for k in previous.config.keys}
+                for a in previous.actors:
+                    kept_by_id[a.key_id] = a
+            actors = []
+            for j, kc in enumerate(pc.keys):
+                secret = resolve_secret(kc.secret, f"providers[{i}].keys[{j}].secret")
+                actor = kept_by_id.get(kc.id)
+                if (
+                    actor is not None
+                    and previous is not None
+                    and actor.key.secret == secret
+                    and _key_settings(previous.config, old_keys[kc.id]) == _key_settings(pc, kc)
+                ):
+                    plan.kept.append(actor)
+                else:
+                    actor = _key_actor(pc, kc, secret, instance, new, self._rng)
+                    plan.started.append(actor)
+                actors.append(actor)
+            rt = _ProviderRuntime(pc, instance, actors)
+            if previous is not None:
+                rt.next_index = previous.next_index % len(actors)
+            plan.runtimes[pc.name] = rt
+        if supplied:
+            name = next(iter(supplied))
+            raise ConfigError(f"providers[{name!r}]", f"no [[providers]] entry named {name!r}")
+        plan.custom = {n: rt.provider for n, rt in plan.runtimes.items() if rt.kind == "custom"}
+        plan.windows_needed = any(m.context_window for m in config.models) or any(
+            a.budget is not None and a.budget.tpm is not None for a in plan.started
+        )
+        return plan
+
+    def _switch(self, config: RouterConfig, plan: _Plan, nursery: trio.Nursery) -> ReloadResult:
+        """Swap to `config` (synchronous: no request sees half of it), then drain what it
+        removed in the background."""
+        old_config = self.config
+        old_rts = self._runtimes
+        kept = set(plan.kept)
+        removed = [a for rt in old_rts.values() for a in rt.actors if a not in kept]
+        live = {id(rt.provider): rt.provider for rt in plan.runtimes.values()}
+        retired = {
+            id(rt.provider): rt.provider for rt in old_rts.values() if id(rt.provider) not in live
+        }
+        for actor in plan.kept:
+            actor.settings = config.router
+        shared = self._shared
+        if shared is not None:
+            for actor in plan.started:
+                actor.shared = shared
+            shared.set_actors(a for rt in plan.runtimes.values() for a in rt.actors)
+        for rt in plan.runtimes.values():
+            configure_keys = getattr(rt.provider, "configure_keys", None)
+            if configure_keys is not None and id(rt.provider) not in retired:
+                configure_keys(rt.config)
+        self._instances.update(live)
+        self._custom.update(plan.custom)
+        self._configure(config, plan.runtimes)
+        # Health: a model routed to the same place keeps it; others start healthy.
+        old_models = {m.name: (m.provider, m.upstream) for m in old_config.models}
+        new_models = {m.name: (m.provider, m.upstream) for m in config.models}
+        health: dict[str, ModelHealth] = {}
+        for name, where in new_models.items():
+            previous = self._health.get(name)
+            if (
+                previous is not None
+                and old_models.get(name) == where
+                and where[0] not in plan.replaced
+            ):
+                health[name] = previous
+        for name in list(self._adhoc):
+            prov = name.partition("/")[0]
+            if name in new_models or prov not in plan.runtimes or prov in plan.replaced:
+                del self._adhoc[name]
+            else:
+                health[name] = self._health[name]
+        self._health = health
+        for name in new_models:
+            self._health_of(name)
+        tokens = config.router.tokens
+        if tokens.exact_provider is None:
+            self._exact_counter = None
+        elif self._exact_counter is None:
+            self._exact_counter = CascadingTokenCounter(
+                ExactTokenCounter(self._count_exactly), self._offline_counter
+            )
+        for actor in removed:
+            actor.draining = True  # from now on no attempt goes to it
+            self.draining.add(actor)
+        keep_ids = {(a.provider_name, a.key_id) for rt in plan.runtimes.values() for a in rt.actors}
+        nursery.start_soon(self._retire, removed, list(retired.values()), keep_ids)
+        result = ReloadResult(
+            keys_added=sorted(_key_name(a) for a in plan.started),
+            keys_removed=sorted(_key_name(a) for a in removed),
+            keys_kept=sorted(_key_name(a) for a in plan.kept),
+            models_added=sorted(set(new_models) - set(old_models)),
+            models_removed=sorted(set(old_models) - set(new_models)),
+            providers_replaced=sorted(plan.replaced),
+            settings_changed=sorted(
+                f
+                for f in msgspec.structs.asdict(config.router)
+                if getattr(config.router, f) != getattr(old_config.router, f)
+            ),
+        )
+        log.info(
+            "router reloaded: keys +%d -%d =%d, models +%d -%d",
+            len(result.keys_added),
+            len(result.keys_removed),
+            len(result.keys_kept),
+            len(result.models_added),
+            len(result.models_removed),
+        )
+        return result
+
+    async def _retire(
+        self, actors: list[KeyActor], instances: list[Provider], keep: set[tuple[str, str]]
+    ) -> None:
+        """Drain the actors a reload removed, then close what only they used: retired
+        provider instances, and the connections of keys no longer configured."""
+        async with trio.open_nursery() as nursery:
+            for actor in actors:
+                nursery.start_soon(self._drain_one, actor)
+        closing = []
+        for actor in actors:
+            close_key = getattr(actor.provider, "close_key", None)
+            if (
+                close_key is not None
+                and (actor.provider_name, actor.key_id) not in keep
+                and all(actor.provider is not i for i in instances)
+            ):
+                closing.append(functools.partial(close_key, actor.key_id))
+        for instance in instances:
+            self._instances.pop(id(instance), None)
+            aclose = getattr(instance, "aclose", None)
+            if aclose is not None:
+                closing.append(aclose)
+        for close in closing:
+            try:
+                await close()
+            except Exception:  # a failed close costs its connections, never the router
+                log.exception("closing a retired key's or provider's connections failed")
+
+    async def _drain_one(self, actor: KeyActor) -> None:
+        await actor.drain()
+        self.draining.discard(actor)
+        if self._shared is not None:  # forget what its last jobs recorded
+            self._shared.set_actors(a for rt in self._runtimes.values() for a in rt.actors)
 
     # -- the request path -------------------------------------------------------------------
 
@@ -915,7 +1221,10 @@ class Router:
         name = self._settings.context_window_fallbacks.get(route.name)
         if name is None:
             return None
-        target = self._chain.resolve(name)
+        try:
+            target = self._chain.resolve(name)
+        except RouterError:  # a reload removed it while the request ran
+            return None
         tried = routes[:index]
         if any(
             r.name == target.name
@@ -965,7 +1274,8 @@ class Router:
             target = larger.get(route.name)
             if target is not None and target not in seen:
                 seen.add(target)
-                queue.insert(0, self._chain.resolve(target))
+                with contextlib.suppress(RouterError):  # a reload may have removed it
+                    queue.insert(0, self._chain.resolve(target))
         if not fitted:
             raise ContextWindowError(prompt, max_tokens, too_small)
         return tuple(fitted) if too_small else chain
@@ -1309,6 +1619,46 @@ def _open_tracing(router: Router, provider: TracerProvider | None) -> Tracing:
             "router.tracing",
             "tracing needs the OpenTelemetry packages: pip install 'llm-router[otel]'",
         ) from None
+
+
+def _key_actor(
+    pc: ProviderConfig,
+    kc: KeyConfig,
+    secret: str,
+    instance: Provider,
+    settings: RouterSettings,
+    rng: random.Random,
+) -> KeyActor:
+    return KeyActor(
+        pc.name,
+        ApiKey(pc.name, kc.id, secret),
+        instance,
+        kc.max_concurrency or pc.max_concurrency,
+        settings,
+        rng,
+        rpm=kc.rpm if kc.rpm is not None else pc.rpm,
+        tpm=kc.tpm if kc.tpm is not None else pc.tpm,
+    )
+
+
+def _instance_settings(pc: ProviderConfig) -> tuple[object, ...]:
+    """What a provider instance is built from (besides its keys): a change means a new
+    instance on reload."""
+    return (pc.kind, pc.base_url, pc.headers, pc.proxy, pc.simulate, pc.seed)
+
+
+def _key_settings(pc: ProviderConfig, kc: KeyConfig) -> tuple[object, ...]:
+    """What a key's actor is built from (besides its secret), defaults applied."""
+    return (
+        kc.max_concurrency or pc.max_concurrency,
+        kc.rpm if kc.rpm is not None else pc.rpm,
+        kc.tpm if kc.tpm is not None else pc.tpm,
+        kc.simulate,
+    )
+
+
+def _key_name(actor: KeyActor) -> str:
+    return f"{actor.provider_name}/{actor.key_id}"
 
 
 def _provider_instance(index: int, pc: ProviderConfig, supplied: dict[str, Provider]) -> Provider:

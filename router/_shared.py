@@ -328,6 +328,15 @@ class SharedState:
         self._health_known: dict[str, tuple[str, float]] = {}
         self.health_sources: dict[str, Source] = {}
 
+    def set_actors(self, actors: Iterable[KeyActor]) -> None:
+        """The actors this instance has now (after a reload): events about other keys
+        are ignored from here on, and what was recorded of a removed key is forgotten
+        (what Redis holds of it stays, for the instances that still have it)."""
+        self._actors = {(a.provider_name, a.key_id): a for a in actors}
+        live = set(self._actors.values())
+        for target in [t for t in self._targets if t[0] not in live]:
+            del self._targets[target]
+
     # -- clocks ----------------------------------------------------------------------
 
     @staticmethod

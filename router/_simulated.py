@@ -59,6 +59,17 @@ class SimulatedProvider:
             for k in config.keys
         }
 
+    def configure_keys(self, config: ProviderConfig) -> None:
+        """A reload changed the provider's keys (its own settings are the same): new
+        keys, and keys whose `simulate` changed, get a fresh random stream. Removed keys
+        keep theirs, for the calls still running on them."""
+        default = config.simulate or SimulationConfig()
+        for k in config.keys:
+            cfg = k.simulate or default
+            known = self._keys.get(k.id)
+            if known is None or known.cfg != cfg:
+                self._keys[k.id] = _SimKey(cfg, f"{config.seed}:{config.name}:{k.id}")
+
     def calls(self, key_id: str) -> int:
         """How many calls this key has received."""
         return self._keys[key_id].calls

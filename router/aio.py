@@ -48,9 +48,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import outcome
 import trio
 
+from ._config import RouterConfig
 from ._errors import RouterClosedError
 from ._provider import Provider
-from ._router import Router, RouterSnapshot
+from ._router import ReloadResult, Router, RouterSnapshot
 from ._stream import ChatStream, Segment
 from ._types import Attempt, ChatRequest, ChatResponse, StreamChunk, Usage
 from ._usage import UsageSnapshot
@@ -320,6 +321,14 @@ class AsyncioRouter:
             pulls.close()
             if not ended.done():
                 ended.set_result(None)
+
+    async def reload(
+        self, config: RouterConfig, providers: Mapping[str, Provider] | None = None
+    ) -> ReloadResult:
+        """`Router.reload` from asyncio: what changed, or the same `ConfigError` (and
+        nothing changed)."""
+        router = self.router
+        return await self._call(lambda: router.reload(config, providers))
 
     # -- state ----------------------------------------------------------------------------
 

@@ -275,3 +275,18 @@ def test_fastapi_app_with_200_concurrent_requests() -> None:
             assert peak > 100  # the requests really overlapped
 
     asyncio.run(main())
+
+
+def test_reload_from_asyncio() -> None:
+    async def body(router: AsyncioRouter, provider: StreamingScriptedProvider) -> None:
+        assert (await router.submit(request())).key_id == "k1"
+        two_keys = CONFIG.replace('keys = [{ id = "k1" }]', 'keys = [{ id = "k1" }, { id = "k2" }]')
+        result = await router.reload(make_config(two_keys))
+        assert result.keys_added == ["p/k2"] and result.keys_kept == ["p/k1"]
+        assert [k.key_id for k in router.snapshot().keys] == ["k1", "k2"]
+        with pytest.raises(ConfigError) as err:
+            await router.reload(make_config(two_keys.replace("[router]", "[router]\nseed = 1")))
+        assert err.value.field == "router.seed"
+        assert (await router.submit(request())).key_id == "k1"
+
+    run(body)

@@ -59,6 +59,7 @@ EXPECTED_ALL = [
     "Provider",
     "ProviderConfig",
     "ProviderError",
+    "ReloadResult",
     "ResponseFormat",
     "Router",
     "RouterClosedError",

@@ -20,6 +20,11 @@ loop runs a task that is ready (`watch_event_loop`). The wait for the connection
 itself to run is (b) again; time spent in the kernel's accept queue or socket buffer is
 not visible to the process at all. The refusal uses the larger of (a) and (b).
 
+Reload (`reload`, POST /v1/router/reload with the admin key): the config (file) is
+applied to the router first, then to the gateway's own settings (api_keys, tenants and
+their models lists, admin_key, limits), in one step with no await between, so a
+request sees one config or the other; a refused config changes neither.
+
 Draining (`begin_drain`): chat requests that arrive are refused with 503; those
 running get until `shutdown_grace`, then end with 503 (or, for a stream already under
 way, an error event) rather than a dropped connection.
@@ -41,12 +46,14 @@ import trio
 
 from .._config import RouterConfig, resolve_secret
 from .._errors import (
+    ConfigError,
     InvalidRequestError,
+    RouterClosedError,
     RouterError,
     StreamInterruptedError,
     UnknownModelError,
 )
-from .._router import Router, RouterSnapshot
+from .._router import ReloadResult, Router, RouterSnapshot
 from .._stream import Segment
 from .._tokens import OfflineTokenCounter, get_encoding
 from .._types import (
@@ -283,8 +290,42 @@ class GatewayApp:
     """The ASGI app. `router` must be set (by `serve`) before requests arrive."""
 
     def __init__(self, config: RouterConfig, router: Router | None = None) -> None:
-        self.config = config
+        self.quotas = _quota.TenantQuotas([])
+        """Tenant quotas of the gateway keys (`_configure` sets their limits)."""
+        self._configure(config)
+        self.router = router
+        self.config_path: str | None = None
+        """The file `reload` reads again (set by `serve`)."""
+        self.fan_out: Callable[[], None] | None = None
+        """After a reload through the admin endpoint: tell the other workers (set by a
+        `--workers` worker: it signals the supervisor, which forwards SIGHUP)."""
+        self._reloading = trio.Lock()
+        self.accepting = True
+        """False once shutdown began: /readyz answers 503."""
+        self.draining = False
+        self._drain_deadline = math.inf
+        self._active: set[trio.CancelScope] = set()
+        """Every running exchange's cancel scope: draining gives each a deadline."""
+        self.in_flight = 0
+        """Chat requests and streams being served (admission control)."""
+        self.connections = 0
+        """Open client connections (kept by the server loop in `_serve`)."""
+        self._lag = 0.0
+        self._lag_due = math.inf
+        self._counter = OfflineTokenCounter()
+        self._encoding_loaded = False
+        self.metrics = GatewayMetrics(self._snapshot, self._usage, self.quotas)
+
+    def _configure(self, config: RouterConfig) -> None:
+        """Set everything `config` determines (at startup and on reload). Resolves the
+        gateway's secrets before it sets anything, so a bad one changes nothing."""
         gw = config.gateway
+        secrets = [
+            resolve_secret(k.secret, f"gateway.api_keys[{i}].secret").encode()
+            for i, k in enumerate(gw.api_keys)
+        ]
+        admin = resolve_secret(gw.admin_key, "gateway.admin_key") if gw.admin_key else ""
+        self.config = config
         self.max_body = gw.max_body_bytes
         self.body_timeout = gw.body_timeout
         self.max_in_flight = gw.max_in_flight
@@ -300,37 +341,54 @@ class GatewayApp:
         self._max_timeout = (
             gw.max_request_timeout if gw.max_request_timeout is not None else config.router.timeout
         )
-        self._keys: list[_GatewayKey] = []
-        for i, k in enumerate(gw.api_keys):
-            secret = resolve_secret(k.secret, f"gateway.api_keys[{i}].secret").encode()
+        keys: list[_GatewayKey] = []
+        for k, secret in zip(gw.api_keys, secrets, strict=True):
             models = frozenset(m.strip() for m in k.models) if k.models is not None else None
             key = _GatewayKey(secret, k.tenant if k.tenant is not None else k.id, k.id, models)
             if k.models is not None:
                 key.models_json = self._models_json([m.strip() for m in k.models])
-            self._keys.append(key)
-        admin = resolve_secret(gw.admin_key, "gateway.admin_key") if gw.admin_key else ""
+            keys.append(key)
+        self._keys = keys
         self._admin: bytes | None = admin.encode() if admin else None
-        self.router = router
-        self.accepting = True
-        """False once shutdown began: /readyz answers 503."""
-        self.draining = False
-        self._drain_deadline = math.inf
-        self._active: set[trio.CancelScope] = set()
-        """Every running exchange's cancel scope: draining gives each a deadline."""
-        self.in_flight = 0
-        """Chat requests and streams being served (admission control)."""
-        self.connections = 0
-        """Open client connections (kept by the server loop in `_serve`)."""
-        self._lag = 0.0
-        self._lag_due = math.inf
-        self.quotas = _quota.TenantQuotas(gw.api_keys)
+        self.quotas.reconfigure(gw.api_keys)
         if config.router.shared is not None:
             self.quotas.shared_timeout = config.router.shared.budget_timeout
-        self._counter = OfflineTokenCounter()
-        self._encoding_loaded = False
-        self.metrics = GatewayMetrics(self._snapshot, self._usage, self.quotas)
         self._models = self._models_json([m.name for m in config.models])
         self._access_format = gw.access_log
+
+    async def reload(self, config: RouterConfig | None = None) -> ReloadResult:
+        """Apply `config` (default: `config_path` read again) to the router and the
+        gateway, or raise `ConfigError` having changed nothing. Live: the router's
+        keys, models and live settings (`Router.reload`), the gateway's api_keys (their
+        tenants and models lists), admin_key, limits and fallback policy. Not live: the
+        listen address (logged when it changed) and the access-log format."""
+        router = self.router
+        if router is None:
+            raise RouterClosedError()
+        async with self._reloading:
+            if config is None:
+                if self.config_path is None:
+                    raise ConfigError("<file>", "the gateway was not started from a config file")
+                config = RouterConfig.load(self.config_path)
+            old = self.config.gateway
+            gw = config.gateway
+            if gw.access_log != old.access_log:
+                gw = msgspec.structs.replace(gw, access_log=old.access_log)
+                config = msgspec.structs.replace(config, gateway=gw)
+            for i, k in enumerate(gw.api_keys):  # the gateway's secrets, before any change
+                resolve_secret(k.secret, f"gateway.api_keys[{i}].secret")
+            if gw.admin_key:
+                resolve_secret(gw.admin_key, "gateway.admin_key")
+            result = await router.reload(config)
+            self._configure(config)
+            if (gw.host, gw.port) != (old.host, old.port):
+                log.warning(
+                    "gateway.host/port changed to %s:%s: the listen address changes only on "
+                    "restart (still serving the old one)",
+                    gw.host,
+                    gw.port,
+                )
+            return result
 
     def _models_json(self, names: list[str]) -> bytes:
         data = []
@@ -467,6 +525,8 @@ class GatewayApp:
                 status = await self._admin_call(
                     scope, receive, send, started, "GET", self._usage_report
                 )
+            elif path == "/v1/router/reload":
+                status = await self._admin_call(scope, receive, send, started, "POST", reload=True)
             else:
                 status = await self._error(
                     send,
@@ -713,6 +773,7 @@ class GatewayApp:
         started: float,
         method: str,
         report: Callable[[Router], Awaitable[bytes]] | None = None,
+        reload: bool = False,
     ) -> int:
         if scope["method"] != method:
             return await self._method_not_allowed(send, started)
@@ -734,6 +795,8 @@ class GatewayApp:
         if method == "GET":
             raw = await report(router) if report is not None else _encode(router.snapshot())
             return await self._send(send, 200, [_JSON], raw, _NOBODY, started)
+        if reload:
+            return await self._reload_reply(send, started)
         raw_body = await self._read_body(scope, receive)
         try:
             data = decode_body(raw_body) if raw_body.strip() else {}
@@ -769,6 +832,25 @@ class GatewayApp:
             "model": reset.model,
             "upstream": reset.upstream,
         }
+        return await self._json(send, 200, payload, _NOBODY, started)
+
+    async def _reload_reply(self, send: Send, started: float) -> int:
+        """POST /v1/router/reload: the config file read again and applied; what changed,
+        or 400 with the config error (which never holds a secret's value)."""
+        try:
+            result = await self.reload()
+        except ConfigError as exc:
+            log.error("config reload refused, the running config is kept: %s", exc)
+            body = error_body(f"config reload refused: {exc}", "invalid_request_error")
+            body["error"]["code"] = "invalid_config"
+            body["error"]["param"] = exc.field
+            return await self._error(send, 400, body, _NOBODY, started)
+        log.info("config reloaded (admin endpoint): %s", _changes(result))
+        workers = "this one"
+        if self.fan_out is not None:
+            self.fan_out()
+            workers = "all"
+        payload = {"ok": True, "workers": workers, **msgspec.structs.asdict(result)}
         return await self._json(send, 200, payload, _NOBODY, started)
 
     # ------------------------------------------------------------------ body
@@ -1385,18 +1467,44 @@ _ENDPOINTS: Final = frozenset(
         "/v1/router/state",
         "/v1/router/reset",
         "/v1/router/usage",
+        "/v1/router/reload",
         *_MESSAGES_PATHS,
     }
 )
 
 
 _UNLOGGED: Final = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v1/router/state", "/v1/router/reset", "/v1/router/usage"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/router/state",
+        "/v1/router/reset",
+        "/v1/router/usage",
+        "/v1/router/reload",
+    }
 )
 """Paths without an access-log line or ``x-request-id`` (probes, metrics, admin)."""
 
 
 _Pump = Callable[[Router, ChatRequest, ChatOptions, Send, float, _Watch], Awaitable[int]]
+
+
+def _changes(result: ReloadResult) -> str:
+    """A reload's changes in one log line (key and model names, never a secret)."""
+    parts = []
+    for label, names in (
+        ("keys added", result.keys_added),
+        ("keys removed", result.keys_removed),
+        ("models added", result.models_added),
+        ("models removed", result.models_removed),
+        ("providers replaced", result.providers_replaced),
+        ("settings changed", result.settings_changed),
+    ):
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    parts.append(f"{len(result.keys_kept)} keys kept")
+    return "; ".join(parts)
 
 
 def _dropped(source: ChatResponse | Any, options: ChatOptions | None) -> list[str]:

@@ -204,6 +204,10 @@ class Refusal:
         self.message = message
 
 
+def _limits(key: GatewayKey) -> tuple[object, ...]:
+    return (key.rpm, key.tpm, key.budget_usd, key.budget_period)
+
+
 class _KeyQuota:
     """One gateway key's limits and local counts."""
 
@@ -267,6 +271,23 @@ class TenantQuotas:
 
     def __bool__(self) -> bool:
         return bool(self._quotas)
+
+    def reconfigure(self, keys: list[GatewayKey]) -> None:
+        """The gateway keys after a reload: a key whose limits did not change keeps its
+        counts (its window and this period's spend); a new or changed one starts
+        afresh; a removed one is forgotten (tickets it issued still settle)."""
+        old = self._quotas
+        quotas: dict[str, _KeyQuota] = {}
+        for k in keys:
+            if k.rpm is None and k.tpm is None and k.budget_usd is None:
+                continue
+            kept = old.get(k.id)
+            if kept is not None and _limits(kept.config) == _limits(k):
+                kept.config = k
+                quotas[k.id] = kept
+            else:
+                quotas[k.id] = _KeyQuota(k)
+        self._quotas = quotas
 
     def needs_tokens(self, key_id: str) -> bool:
         quota = self._quotas.get(key_id)

@@ -8,6 +8,16 @@ them, restarts a worker that dies, and exits when all have stopped. A worker who
 parent disappears drains and stops by itself. Workers share breaker, cooldown, health
 and budget state only through `[router.shared]` (Redis); without it each has its own.
 
+Reload: SIGHUP (and the admin endpoint POST /v1/router/reload) reads the config file
+`serve` was started with again and applies it (`GatewayApp.reload`, `Router.reload`):
+requests in flight finish, nothing is refused meanwhile, and a file that does not load
+or validate is one error line with the running config kept. Under ``--workers`` the
+supervisor forwards SIGHUP to every worker, and each reloads the file itself; the admin
+endpoint reaches one worker, which reloads and then signals the supervisor so that the
+others do too (it answers with its own result; the others log theirs). SIGHUP is ignored
+until the gateway runs, so an early one never kills a starting process. The listen
+address cannot change without a restart.
+
 Connections: the accept loop is ours (`_serve_http`), each accepted connection is
 served by Hypercorn's own connection handler (`TCPServer`, HTTP/1.1 and h2c). Hypercorn
 has no connection limit, so the loop keeps `gateway.max_connections`: past it a new
@@ -60,11 +70,11 @@ from .._config import (
     resolve_headers,
     resolve_secret,
 )
-from .._errors import ConfigError
+from .._errors import ConfigError, RouterClosedError
 from .._provider import Provider
 from .._router import Router
 from .._secrets import header_is_secret, mask_url
-from ._app import GatewayApp
+from ._app import GatewayApp, _changes
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -84,6 +94,8 @@ async def serve(
     providers: Mapping[str, Provider] | None = None,
     fd: int | None = None,
     tracer_provider: TracerProvider | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    reload_on_sighup: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the gateway until `shutdown_trigger` returns (forever when None).
@@ -92,9 +104,15 @@ async def serve(
     ``await nursery.start(partial(serve, config, port=0))`` tells the free port chosen.
     `fd`: serve an inherited listening socket instead of binding (a `--workers` worker).
     `tracer_provider`: trace requests into it (see `Router.open`).
+    `config_path`: the file `config` came from, which POST /v1/router/reload (and, with
+    `reload_on_sighup`, SIGHUP: main thread only) reads again and applies.
     """
     gw = config.gateway
     app = GatewayApp(config)  # resolves the gateway secrets first: a bad one fails fast
+    app.config_path = str(config_path) if config_path is not None else None
+    if fd is not None:
+        parent = os.getppid()
+        app.fan_out = partial(os.kill, parent, signal.SIGHUP)
     hc = HypercornConfig()
     bind_host = host if host is not None else gw.host
     bind_port = port if port is not None else gw.port
@@ -118,9 +136,14 @@ async def serve(
             app.router = router
             try:
                 async with trio.open_nursery() as nursery:
-                    binds: list[str] = await nursery.start(
-                        _serve_http, app, hc, sockets, shutdown_trigger
-                    )
+                    if reload_on_sighup:
+                        await nursery.start(_reload_on_sighup, app)
+
+                    async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                        await _serve_http(app, hc, sockets, shutdown_trigger, task_status)
+                        nursery.cancel_scope.cancel()  # the SIGHUP watcher too
+
+                    binds: list[str] = await nursery.start(http)
                     task_status.started(binds)
             finally:
                 app.accepting = False
@@ -128,6 +151,26 @@ async def serve(
     finally:
         for sock in sockets:
             sock.close()
+
+
+async def _reload_on_sighup(
+    app: GatewayApp, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Reload the config file on every SIGHUP; a bad file is one log line, and the
+    running config stays."""
+    with trio.open_signal_receiver(signal.SIGHUP) as hups:
+        task_status.started()
+        async for _ in hups:
+            try:
+                result = await app.reload()
+            except ConfigError as exc:
+                log.error("SIGHUP: config reload refused, the running config is kept: %s", exc)
+            except RouterClosedError:
+                return
+            except Exception:  # a bug in a reload must not take the serving gateway down
+                log.exception("SIGHUP: config reload failed, the running config is kept")
+            else:
+                log.info("SIGHUP: config reloaded from %s: %s", app.config_path, _changes(result))
 
 
 _FLUSH: Final = 1.0
@@ -388,7 +431,11 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve_until_signal(
-    config: RouterConfig, host: str | None, port: int | None, fd: int | None = None
+    config: RouterConfig,
+    host: str | None,
+    port: int | None,
+    fd: int | None = None,
+    config_path: str | None = None,
 ) -> None:
     parent = os.getppid()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -404,7 +451,16 @@ async def _serve_until_signal(
 
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                partial(serve, config, host=host, port=port, shutdown_trigger=on_signal, fd=fd)
+                partial(
+                    serve,
+                    config,
+                    host=host,
+                    port=port,
+                    shutdown_trigger=on_signal,
+                    fd=fd,
+                    config_path=config_path,
+                    reload_on_sighup=True,
+                )
             )
             if fd is None:
                 for url in binds:
@@ -471,11 +527,18 @@ async def _supervise(args: argparse.Namespace, config: RouterConfig, workers: in
             await trio.sleep(1.0)
 
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 for n in range(workers):
                     nursery.start_soon(worker, n)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # Each worker reloads the file itself (and logs how it went).
+                        log.info("received SIGHUP: telling %d workers to reload", len(procs))
+                        for proc in procs.values():
+                            if proc.returncode is None:
+                                proc.send_signal(signal.SIGHUP)
+                        continue
                     log.info("received %s: stopping the workers", signal.Signals(signum).name)
                     stopping = True
                     # Stop listening first: the kernel queues connections for as long
@@ -500,6 +563,9 @@ def serve_command(args: argparse.Namespace) -> int:
     # httpx logs every upstream URL at INFO: keep it (and anything it might carry) out.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # SIGHUP reloads the config once the gateway runs; until then (and in the
+    # supervisor of --workers, which forwards it) it must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = RouterConfig.load(args.config)
         if args.access_log is not None:
@@ -512,7 +578,9 @@ def serve_command(args: argparse.Namespace) -> int:
             GatewayApp(config)  # a bad gateway secret fails here, not in every worker
             trio.run(_supervise, args, config, args.workers)
         else:
-            trio.run(_serve_until_signal, config, args.host, args.port, args.worker_fd)
+            trio.run(
+                _serve_until_signal, config, args.host, args.port, args.worker_fd, str(args.config)
+            )
     except ConfigError as exc:
         print(f"llm-router: {exc}", file=sys.stderr)
         return 2
