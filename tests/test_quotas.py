@@ -29,6 +29,7 @@ from test_gateway import Proc
 from test_shared import RedisServer
 
 from router import ConfigError, RouterConfig
+from router._config import GatewayKey
 from router._types import Usage
 from router.emulator import Emulator, Fault
 from router.gateway import _access, _quota
@@ -514,3 +515,22 @@ def test_the_text_access_line_has_the_cost() -> None:
     assert "cost_usd=0.0225" in _access.line(entry, 200, 0.01, "text")
     entry.cost = None
     assert "cost_usd" not in _access.line(entry, 200, 0.01, "text")
+
+
+async def test_a_reload_keeps_the_counts_of_keys_whose_limits_did_not_change() -> None:
+    def keys(rpm: int, tenant: str) -> list[GatewayKey]:
+        return [
+            GatewayKey(id="a", secret="gw-a-secret-0001", tenant=tenant, rpm=rpm),
+            GatewayKey(id="b", secret="gw-b-secret-0002", rpm=1),
+        ]
+
+    quotas = _quota.TenantQuotas(keys(2, "team-a"), FakeClock())
+    assert isinstance(await quotas.admit("a", 1), _quota.Ticket)
+    assert isinstance(await quotas.admit("a", 1), _quota.Ticket)
+    assert isinstance(await quotas.admit("a", 1), _quota.Refusal)
+    quotas.reconfigure(keys(2, "team-x"))  # same limits (a new tenant name): counts kept
+    assert isinstance(await quotas.admit("a", 1), _quota.Refusal)
+    quotas.reconfigure(keys(3, "team-x"))  # a new limit starts afresh
+    assert isinstance(await quotas.admit("a", 1), _quota.Ticket)
+    quotas.reconfigure(keys(3, "team-x")[1:])  # key a removed: no quota any more
+    assert await quotas.admit("a", 1) is None
