@@ -316,9 +316,11 @@ class _Body(httpx.AsyncByteStream):
         try:
             while connection.generation == generation and connection.request is not None:
                 if connection.body:
+                    # What one socket read brought is handed over as one piece (a
+                    # chunked body parses into one piece per HTTP chunk): a stream's
+                    # parser then sees the whole burst, and its events travel together.
                     pieces, connection.body = connection.body, []
-                    for piece in pieces:
-                        yield piece
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 if connection.complete:
                     break
                 timeout = connection.read_timeout

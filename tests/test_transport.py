@@ -352,6 +352,20 @@ async def test_slow_body_arrives_piece_by_piece(serve, autojump_clock):
     assert server.accepted == 1
 
 
+async def test_the_chunks_of_one_read_come_as_one_piece(serve, autojump_clock):
+    # An SSE upstream sends one HTTP chunk per event; a burst of them in one write is
+    # handed over as one piece, so the stream's parser sees the burst at once.
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    burst = b"3\r\none\r\n3\r\ntwo\r\n5\r\nthree\r\n"
+    pieces = [head, burst, b"4\r\nfour\r\n0\r\n\r\n"]
+    server = await serve(answer(Reply(pieces, delay=1.0)))
+    async with client(server) as http:
+        async with http.stream("GET", "/", timeout=httpx.Timeout(5.0, read=None)) as response:
+            seen = [data async for data in response.aiter_raw()]
+        assert seen == [b"onetwothree", b"four"]
+    assert server.accepted == 1
+
+
 async def test_read_timeout_in_the_body(serve, autojump_clock):
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
     server = await serve(answer(Reply([head + b"12345"], stall=True), ok()))
