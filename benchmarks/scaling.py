@@ -599,8 +599,11 @@ def run_continuation(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _upstream_stats(base: str) -> dict[str, int]:
+    """The upstream's counts, not counting the connection this request itself opened."""
     with urllib.request.urlopen(base.replace("/v1", "/stats"), timeout=10) as r:
-        return dict(json.loads(r.read()))
+        stats = dict(json.loads(r.read()))
+    stats["connections"] -= 1
+    return stats
 
 
 def _proc_rss(pid: int) -> int:
@@ -792,7 +795,10 @@ def run_streams(args: argparse.Namespace) -> dict[str, Any]:
                 gport = c.free_port()
                 cfg = Path(tmp) / "gw.toml"
                 per_key = 256
-                cfg.write_text(c.router_config(base, -(-n // per_key), per_key, gport))
+                cfg.write_text(
+                    c.router_config(base, -(-n // per_key), per_key, gport)
+                    + f"max_in_flight = {n + 64}\nmax_connections = {n + 256}\n"
+                )
                 argv = [Path(sys.executable).parent / "llm-router", "serve", "--config", cfg,
                         "--log-level", "WARNING", "--access-log", "off"]  # fmt: skip
                 with c.spawned(argv, log=Path(tmp) / "gw.log") as proc:

@@ -19,6 +19,9 @@ requests per concurrency level; a run stops handing out requests after
   router's per-key clients shard the pool exactly like the raw row.
 - ``router-1key``: the same with a single key of `max_concurrency = concurrency` (one
   client whose pool has `concurrency + 4` connections): what the pool sizing costs.
+- ``hypercorn``: Hypercorn's trio worker with an ASGI app that answers a fixed
+  completion without calling anything (`_trivial_asgi.py`): the HTTP server's own cost,
+  the floor under the gateway row.
 - ``gateway``: `llm-router serve` (same config as ``router``) in its own process, driven
   over HTTP by the load generator of `_common.py` in another process.
 - ``litellm``: LiteLLM's `Router.acompletion` (asyncio) in its own virtual environment
@@ -49,12 +52,22 @@ from typing import Any
 import _common as c
 import trio
 
-ROWS = ("raw", "raw-transport", "router", "router-1key", "gateway", "litellm", "litellm-proxy")
+ROWS = (
+    "raw",
+    "raw-transport",
+    "router",
+    "router-1key",
+    "hypercorn",
+    "gateway",
+    "litellm",
+    "litellm-proxy",
+)
 LABELS = {
     "raw": "raw httpx (sharded)",
     "raw-transport": "raw httpx on our transport",
     "router": "router.submit",
     "router-1key": "router.submit, 1 key",
+    "hypercorn": "Hypercorn, trivial ASGI app",
     "gateway": "llm-router serve",
     "litellm": "LiteLLM Router",
     "litellm-proxy": "LiteLLM proxy",
@@ -254,6 +267,19 @@ def run_gateway(base: str, conc: int, total: int, args: argparse.Namespace) -> d
         llm_router = Path(sys.executable).parent / "llm-router"
         argv = [llm_router, "serve", "--config", cfg, "--log-level", "WARNING"]
         with c.spawned(argv, log=Path(tmp) / "gateway.log") as proc:
+            c.wait_port(port, proc, 30)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            return _drive_http(url, "m", proc.pid, conc, total, args)
+
+
+def run_hypercorn(conc: int, total: int, args: argparse.Namespace) -> dict[str, Any]:
+    port = c.free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-hc-") as tmp:
+        argv = [Path(sys.executable).parent / "hypercorn", "--worker-class", "trio",
+                "--bind", f"127.0.0.1:{port}", "--root-path", "",
+                "_trivial_asgi:app"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(c.BENCH)}
+        with c.spawned(argv, env=env, log=Path(tmp) / "hypercorn.log") as proc:
             c.wait_port(port, proc, 30)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             return _drive_http(url, "m", proc.pid, conc, total, args)
@@ -727,6 +753,8 @@ def main() -> None:
                     try:
                         if row in ("raw", "raw-transport", "router", "router-1key"):
                             one = run_inprocess(row, base, conc, total, args)
+                        elif row == "hypercorn":
+                            one = run_hypercorn(conc, total, args)
                         else:
                             one = run_gateway(base, conc, total, args)
                     except Exception as exc:
