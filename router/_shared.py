@@ -158,10 +158,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: the reservation times (sorted set), their tokens (hash), the tokens held.
-# ARGV: rpm (0: none), tpm (0: none), tokens, member, window ms.
-# Returns {1, 0} when admitted, {0, ms until the window has a free request} or {0, 0}.
-_RESERVE: Final = """
+WINDOW_SLIDE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[5])
@@ -176,6 +173,20 @@ if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
   redis.call('DECRBY', KEYS[3], freed)
 end
+"""
+"""The start of every sliding-window script (the key budgets' here, the tenant quotas'
+in `router.gateway._quota`): KEYS[1] the window's reservation times (a sorted set),
+KEYS[2] their tokens (a hash), KEYS[3] the tokens held; ARGV[5] the window in ms. Drops
+the reservations older than the window and frees their tokens; leaves `now` and
+`window` (ms) set for the rest of the script."""
+
+
+# KEYS: the reservation times (sorted set), their tokens (hash), the tokens held.
+# ARGV: rpm (0: none), tpm (0: none), tokens, member, window ms.
+# Returns {1, 0} when admitted, {0, ms until the window has a free request} or {0, 0}.
+_RESERVE: Final = (
+    WINDOW_SLIDE
+    + """
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3])
@@ -192,6 +203,7 @@ redis.call('INCRBY', KEYS[3], tokens)
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], window * 2) end
 return {1, 0}
 """
+)
 
 # KEYS: as _RESERVE. ARGV: member, actual tokens.
 _RECONCILE: Final = """

@@ -43,6 +43,7 @@ import trio
 
 from .._budget import WINDOW, RateBudget, Reservation
 from .._config import GatewayKey
+from .._shared import WINDOW_SLIDE
 
 if TYPE_CHECKING:
     from .._shared import SharedState
@@ -66,25 +67,15 @@ _LIMITS: Final = ("", "rpm", "tpm")
 # period's spend. ARGV: rpm (0: none), tpm (0: none), tokens, member, window ms, budget
 # ("": none). Returns {1, 0, 0} admitted, {0, ms until it would be, 1 rpm | 2 tpm}, or
 # {2, 0, 0} when the budget is spent.
-_ADMIT: Final = """
+_ADMIT: Final = (
+    """
 if ARGV[6] ~= '' then
   local spent = tonumber(redis.call('GET', KEYS[4])) or 0
   if spent >= tonumber(ARGV[6]) then return {2, 0, 0} end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[5])
-local cutoff = now - window
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-if #expired > 0 then
-  local freed = 0
-  for _, m in ipairs(expired) do
-    freed = freed + (tonumber(redis.call('HGET', KEYS[2], m)) or 0)
-    redis.call('HDEL', KEYS[2], m)
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-  redis.call('DECRBY', KEYS[3], freed)
-end
+"""
+    + WINDOW_SLIDE
+    + """
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3])
@@ -111,6 +102,7 @@ redis.call('INCRBY', KEYS[3], tokens)
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], window * 2) end
 return {1, 0, 0}
 """
+)
 
 # KEYS: as _ADMIT's first three. ARGV: member, actual tokens.
 _RECONCILE: Final = """
