@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import h11
-from hypercorn.events import RawData
+import trio
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from router.gateway._serve import _one_write_per_response_head
+from router.gateway._serve import _Connection, _one_write_per_response_head
 
 
 class _Protocol:
@@ -69,3 +70,49 @@ async def test_empty_answer_flushes_the_head_at_the_end() -> None:
     assert p.writes == []
     await _send(p, h11.EndOfMessage())
     assert len(p.writes) == 1 and p.writes[0].startswith(b"HTTP/1.1 204 ")
+
+
+class _Wrapper:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    async def handle(self, event: object) -> None:
+        self.events.append(event)
+
+
+async def _connection_over(sock: trio.socket.SocketType) -> Any:
+    """A `_Connection` with just what `protocol_send` uses (Hypercorn builds the rest
+    when it serves a connection)."""
+    conn = _Connection.__new__(_Connection)
+    conn.stream = trio.SocketStream(sock)  # type: ignore[assignment]
+    conn.send_lock = trio.Lock()
+    conn.protocol = _Wrapper()  # type: ignore[assignment]
+    return conn
+
+
+async def test_writes_the_kernel_refuses_go_through_hypercorns_path_in_order() -> None:
+    a, b = trio.socket.socketpair()
+    conn = await _connection_over(a)
+    pieces = [bytes([65 + i]) * 300_000 for i in range(4)]  # far over the socket buffer
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+
+        async def read_slowly() -> None:
+            while len(received) < sum(map(len, pieces)):
+                await trio.sleep(0.001)
+                received.extend(await b.recv(65536))
+
+        nursery.start_soon(read_slowly)
+        for piece in pieces:  # the first fills the buffer; the rest wait their turn
+            await conn.protocol_send(RawData(data=piece))
+    assert bytes(received) == b"".join(pieces)
+    assert conn.protocol.events == []
+
+
+async def test_a_write_to_a_closed_peer_reports_the_connection_closed() -> None:
+    a, b = trio.socket.socketpair()
+    conn = await _connection_over(a)
+    b.close()
+    await conn.protocol_send(RawData(data=b"x" * 10))
+    await conn.protocol_send(RawData(data=b"x" * 10))  # the second write sees the reset
+    assert any(isinstance(e, Closed) for e in conn.protocol.events)

@@ -56,7 +56,7 @@ import msgspec
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -281,6 +281,36 @@ class _Connection(TCPServer):
             await super()._read_data()
         finally:
             await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        """Write what the socket takes at once, without a trip through the scheduler.
+
+        Hypercorn's own send takes the connection's send lock, opens a shielded cancel
+        scope and awaits `send_all`; each of the lock and the socket send yields to the
+        scheduler even when the kernel takes the bytes at once, which is nearly always.
+        For a stream relayed token by token that path was most of the gateway's CPU per
+        event. Here, when no other send is under way on this connection (the lock is
+        free), the bytes are written straight to the non-blocking socket; whatever the
+        kernel did not take (a slow reader, a large body) goes through Hypercorn's path,
+        which keeps the order since it waits for the lock. TLS connections always take
+        Hypercorn's path."""
+        if type(event) is RawData and not self.send_lock.locked():
+            stream: trio.abc.Stream = self.stream
+            if type(stream) is trio.SocketStream:
+                data = event.data
+                fd = stream.socket.fileno()
+                if fd >= 0 and data:
+                    try:
+                        sent = os.write(fd, data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:  # reset or closed by the peer: as Hypercorn handles it
+                        await self.protocol.handle(Closed())
+                        return
+                    if sent == len(data):
+                        return
+                    event = RawData(data=data[sent:])
+        await super().protocol_send(event)
 
 
 async def _refuse(stream: trio.SocketStream, limit: int) -> None:
