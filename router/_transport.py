@@ -64,6 +64,7 @@ request header (credentials travel there) into an error message.
 from __future__ import annotations
 
 import math
+import os
 import select
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -108,6 +109,7 @@ class _Connection:
         "keep_alive",
         "origin",
         "parser",
+        "plain",
         "read_timeout",
         "reason",
         "received",
@@ -115,6 +117,7 @@ class _Connection:
         "skip_body",
         "socket",
         "stream",
+        "waits",
     )
 
     def __init__(
@@ -122,6 +125,10 @@ class _Connection:
     ) -> None:
         self.stream = stream
         self.socket = socket
+        self.plain = type(stream) is trio.SocketStream
+        """Plain TCP, read from the socket's descriptor (else TLS, through the stream)."""
+        self.waits = True
+        """The last read did not fill the buffer: wait for readability before the next."""
         self.origin = origin
         self.idle_since = 0.0
         self.generation = 0
@@ -248,9 +255,32 @@ class _Connection:
         self.complete = True
 
     async def receive(self) -> None:
-        """Read once and parse what came."""
+        """Read once and parse what came.
+
+        Plain TCP is read from the descriptor: after a read that did not fill the buffer
+        (a model's stream: one event per read) the next one waits for readability first
+        instead of trying a read that fails with EAGAIN (a syscall and an exception per
+        event, which is what `SocketStream.receive_some` does, and a scheduler trip when
+        it succeeds at once); after a full one it reads at once."""
         try:
-            data = await self.stream.receive_some(_READ_SIZE)
+            if not self.plain:
+                data = await self.stream.receive_some(_READ_SIZE)
+            else:
+                sock = self.socket
+                if self.waits:
+                    await trio.lowlevel.wait_readable(sock)
+                else:
+                    await trio.lowlevel.checkpoint()
+                while True:
+                    fd = sock.fileno()  # after every wait: -1 once closed, never stale
+                    if fd < 0:
+                        raise trio.ClosedResourceError("the connection was closed")
+                    try:
+                        data = os.read(fd, _READ_SIZE)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                self.waits = len(data) < _READ_SIZE
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(_describe(exc), request=self.request) from None
         if data:

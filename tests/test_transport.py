@@ -366,6 +366,19 @@ async def test_the_chunks_of_one_read_come_as_one_piece(serve, autojump_clock):
     assert server.accepted == 1
 
 
+async def test_a_body_larger_than_one_read(serve):
+    # Reads that fill the buffer are followed by a read at once, the last short one by
+    # a wait for readability: the body arrives whole either way.
+    body = bytes(range(256)) * 1200  # 300 KiB
+    server = await serve(answer(ok(body)))
+    async with client(server) as http:
+        response = await http.get("/")
+        assert response.content == body
+        again = await http.get("/")
+        assert again.content == body
+    assert server.accepted == 1
+
+
 async def test_read_timeout_in_the_body(serve, autojump_clock):
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
     server = await serve(answer(Reply([head + b"12345"], stall=True), ok()))
