@@ -647,11 +647,14 @@ class GatewayApp:
         served: _Served,
         started: float,
     ) -> int:
+        # With its length the answer needs no chunked framing (and no separate write
+        # for the end of the body).
+        length = (b"content-length", b"%d" % len(body))
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [*headers, *served.headers(started)],
+                "headers": [*headers, length, *served.headers(started)],
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
