@@ -5,14 +5,17 @@ and a stream's chunks still each written as they come."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import h11
+import pytest
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from router.gateway._serve import _Connection, _one_write_per_response_head
+from router import RouterConfig
+from router.gateway._serve import _Connection, _one_write_per_response_head, serve
 
 
 class _Protocol:
@@ -116,3 +119,53 @@ async def test_a_write_to_a_closed_peer_reports_the_connection_closed() -> None:
     await conn.protocol_send(RawData(data=b"x" * 10))
     await conn.protocol_send(RawData(data=b"x" * 10))  # the second write sees the reset
     assert any(isinstance(e, Closed) for e in conn.protocol.events)
+
+
+KEEPALIVE_CONFIG = """
+[[providers]]
+name = "sim"
+kind = "simulated"
+keys = [{ id = "k1", secret = "sk-sim-1" }]
+[[models]]
+name = "m"
+provider = "sim"
+upstream = "sim-1"
+"""
+
+
+async def _get_health(stream: trio.SocketStream) -> None:
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+        piece = await stream.receive_some(65536)
+        assert piece, "closed before the answer"
+        data += piece
+    assert data.startswith(b"HTTP/1.1 200 ")
+
+
+async def _closed_at(stream: trio.SocketStream) -> float:
+    with trio.fail_after(120):  # clock time (autojump): a timer that never fires fails
+        while await stream.receive_some(65536):
+            pass
+    return trio.current_time()
+
+
+async def test_keep_alive_closes_an_idle_connection_and_a_request_moves_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    config = RouterConfig.from_toml(KEEPALIVE_CONFIG)
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(functools.partial(serve, config, port=0))
+        port = int(urls[0].rsplit(":", 1)[1])
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        await _get_health(idle)
+        start = trio.current_time()
+        assert await _closed_at(idle) - start == pytest.approx(30.0, abs=0.5)
+
+        busy = await trio.open_tcp_stream("127.0.0.1", port)
+        await _get_health(busy)
+        await trio.sleep(20.0)
+        await _get_health(busy)  # still open at 20 s: its timer starts over
+        again = trio.current_time()
+        assert await _closed_at(busy) - again == pytest.approx(30.0, abs=0.5)
+        nursery.cancel_scope.cancel()
