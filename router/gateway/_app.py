@@ -177,14 +177,63 @@ class _ResetBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One lane: the upstream model id on `key_id` (or on every key of `provider`)."""
 
 
+class ClientConnection:
+    """What the server (`_serve._Connection`) tells the app of one client connection:
+    when reading from it is over (the client closed it, or it broke). The calls
+    `_unless_gone` runs on it are cancelled then, without a watching task per request.
+    The server sets it in `CONNECTION` for the connection's tasks (the app's included)."""
+
+    __slots__ = ("calls", "closed")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.calls: set[_Call] = set()
+
+    def close(self) -> None:
+        self.closed = True
+        calls, self.calls = self.calls, set()
+        for call in calls:
+            call.gone = True
+            call.scope.cancel()
+
+
+class _Call:
+    __slots__ = ("gone", "scope")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.gone = False
+
+
+CONNECTION: Final[contextvars.ContextVar[ClientConnection | None]] = contextvars.ContextVar(
+    "llm_router_client_connection", default=None
+)
+
+
 async def _unless_gone(
     receive: Receive, call: Callable[[], Awaitable[T]]
 ) -> T | RouterError | None:
     """`call()`'s result (or the `RouterError` it raised) while watching the client:
     None when the client went away first (the call is cancelled then, which the router
-    never counts against a key)."""
-    watch = _Watch()
+    never counts against a key). Under `serve` the connection says when the client
+    left (`CONNECTION`); otherwise (another ASGI server) a task watches `receive` for
+    ``http.disconnect``."""
     result: T | RouterError | None = None
+    connection = CONNECTION.get()
+    if connection is not None:
+        if connection.closed:
+            return None
+        with trio.CancelScope() as scope:
+            entry = _Call(scope)
+            connection.calls.add(entry)
+            try:
+                result = await call()
+            except RouterError as exc:
+                result = exc
+            finally:
+                connection.calls.discard(entry)
+        return None if entry.gone else result
+    watch = _Watch()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run, receive, nursery.cancel_scope)
         try:

@@ -75,7 +75,7 @@ from .._errors import ConfigError, RouterClosedError
 from .._provider import Provider
 from .._router import Router
 from .._secrets import header_is_secret, mask_url
-from ._app import GatewayApp, _changes
+from ._app import CONNECTION, ClientConnection, GatewayApp, _changes
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -280,11 +280,18 @@ class _Connection(TCPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = _KeepAlive(self)  # type: ignore[assignment]
+        self.client = ClientConnection()
+
+    async def run(self) -> None:
+        # The app's tasks for this connection start from this task: they see it.
+        CONNECTION.set(self.client)
+        await super().run()
 
     async def _read_data(self) -> None:
         try:
             await super()._read_data()
         finally:
+            self.client.close()  # calls still waiting on an answer are cancelled
             self.idle_task.end()  # type: ignore[attr-defined]
 
     async def protocol_send(self, event: Event) -> None:
