@@ -586,6 +586,53 @@ async def test_lean_client_keeps_cookies_and_caches_urls(serve, monkeypatch):
     assert server.requests[1][0].headers.count((b"cookie", b"session=abc")) == 1
 
 
+async def test_lean_client_send_keeps_what_httpx_send_does(serve):
+    """`LeanClient.send` skips httpx's auth, redirect and hook layers only when none of
+    them has work: each of them still works, and the response is httpx's."""
+    redirect = Reply([b"HTTP/1.1 302 Found\r\nLocation: /b\r\nContent-Length: 0\r\n\r\n"])
+
+    async def by_path(request: h11.Request, body: bytes) -> Reply:
+        return {b"/a": redirect, b"/b": ok(b"b")}.get(request.target, ok(b"plain"))
+
+    server = await serve(by_path)
+    seen: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        seen.append(request.url.path)
+
+    async with client(server) as http:
+        response = await http.get("/a")  # not followed, as httpx would not
+        assert response.status_code == 302
+        assert response.request.url.path == "/a"
+        assert response.next_request is not None and response.next_request.url.path == "/b"
+        assert response.history == []
+        followed = await http.get("/a", follow_redirects=True)
+        assert followed.content == b"b" and [r.status_code for r in followed.history] == [302]
+        http.follow_redirects = True
+        assert (await http.get("/a")).content == b"b"
+        http.follow_redirects = False
+        http.event_hooks = {"request": [hook]}
+        await http.get("/hooked")
+        http.event_hooks = {}
+        await http.get("/x", auth=("user", "pw"))
+        http.auth = ("client", "pw")
+        await http.get("/y")
+        http.auth = None
+        await http.get(f"http://who:pw@127.0.0.1:{server.port}/z")
+        async with http.stream("GET", "/s") as streamed:
+            assert await streamed.aread() == b"plain"
+    assert seen == ["/hooked"]
+    authorization = {
+        r.target: dict(r.headers).get(b"authorization") for r, _ in server.requests
+    }
+    assert authorization[b"/x"] == b"Basic dXNlcjpwdw=="
+    assert authorization[b"/y"] == b"Basic Y2xpZW50OnB3"
+    assert authorization[b"/z"] == b"Basic d2hvOnB3"
+    assert authorization[b"/s"] is None
+    with pytest.raises(RuntimeError, match="closed"):
+        await http.get("/late")
+
+
 # any split of a valid answer parses to the same answer
 
 
