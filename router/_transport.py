@@ -16,7 +16,8 @@ How a request travels, and why this way:
   parks until one is released. Taking and giving back a connection is a list pop and
   append, whatever the pool size (httpcore's pool does work per connection).
 - One cancel scope per request covers the pool wait, the connect (TCP, then TLS), the
-  write and the wait for the response head; its deadline moves from phase to phase
+  write and the wait for the response head (a request with no timeout at all, as the
+  router's are when no trio deadline bounds them, gets none); its deadline moves from phase to phase
   (httpx's ``pool``, ``connect``, ``write`` and ``read`` timeouts), and which phase
   it fired in names the `httpx.TimeoutException` raised. The body bytes that came with
   the head (a whole small answer usually does) are handed out with no further I/O;
@@ -258,28 +259,39 @@ class _Connection:
 
     async def receive(self) -> None:
         """Read once and parse what came. A plain TCP connection is read straight from
-        its file descriptor once trio says it is readable: a task parked here then holds
-        four coroutine frames fewer than through `trio.SocketStream.receive_some` (each
-        kept alive by every request in flight), and the read costs no first ``recv``
-        that would block (a response is never there the moment the request is sent)."""
+        its descriptor once trio says it is readable (`read_ready`): a task parked here
+        then holds four coroutine frames fewer than through
+        `trio.SocketStream.receive_some` (each kept alive by every request in flight),
+        and no first ``recv`` is tried that would block."""
         fd = self.fd
         try:
-            if fd < 0:
-                data = await self.stream.receive_some(_READ_SIZE)
-            else:
-                while True:
+            if fd >= 0:
+                await trio.lowlevel.wait_readable(fd)
+                while not self.read_ready():
                     await trio.lowlevel.wait_readable(fd)
-                    try:
-                        data = os.read(fd, _READ_SIZE)
-                        break
-                    except BlockingIOError:  # a spurious wakeup
-                        continue
+                return
+            data = await self.stream.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(_describe(exc), request=self.request) from None
         if data:
             self.feed(data)
         else:
             self.eof()
+
+    def read_ready(self) -> bool:
+        """Read the readable descriptor of a plain TCP connection and parse what came;
+        False when there was nothing after all (a spurious wakeup)."""
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise httpx.ReadError(_describe(exc), request=self.request) from None
+        if data:
+            self.feed(data)
+        else:
+            self.eof()
+        return True
 
     def finish(self, generation: int, *, broken: bool = False) -> None:
         """End exchange `generation` (if it is still the current one): back to the pool
@@ -372,6 +384,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+class _Unbounded:
+    """The request's cancel scope when none of its timeouts is set: it would never fire,
+    so none is opened (a scope and its status cost about 0.6 KB per request in
+    flight, and entering one costs CPU); deadlines set on it are all infinite."""
+
+    __slots__ = ()
+    cancelled_caught: Final = False
+
+    def __enter__(self) -> _Unbounded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    @property
+    def deadline(self) -> float:
+        return math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        assert math.isinf(value), "a request with no timeouts has no deadline"
+
+
+_UNBOUNDED: Final = _Unbounded()
+
+
 class _StaleConnection(Exception):
     """A reused connection failed in a way that proves the server never acted on the
     request; the request is sent again once on a new connection."""
@@ -424,96 +462,99 @@ class RouterTransport(httpx.AsyncBaseTransport):
         if origin is None:
             origin = self._origins[key] = _Origin()
         timeouts: dict[str, float | None] = request.extensions.get("timeout") or {}
-        head, keep_alive, chunked = _head(request)
         try:
             body: bytes | None = request.content
         except httpx.RequestNotRead:
             body = None
-        fresh = False
-        while True:
+        bounded = any(limit is not None for limit in timeouts.values())
+        # One frame for the whole exchange, retry included (a parked request keeps every
+        # frame of its chain alive), and the head is let go once written.
+        for fresh in (False, True):
+            head, keep_alive, chunked = _head(request)
+            phase = _POOL
+            connection: _Connection | None = None
+            generation = 0
             try:
-                return await self._attempt(
-                    request, origin, head, body, keep_alive, chunked, timeouts, fresh
-                )
+                with trio.CancelScope() if bounded else _UNBOUNDED as scope:
+                    try:
+                        connection = await self._acquire(origin, scope, timeouts.get("pool"), fresh)
+                        reused = connection is not None
+                        if connection is None:
+                            phase = _CONNECT
+                            scope.deadline = _deadline(timeouts.get("connect"))
+                            connection = await self._connect(request, origin)
+                        phase = _WRITE
+                        scope.deadline = _deadline(timeouts.get("write"))
+                        generation = connection.start(request, keep_alive, timeouts.get("read"))
+                        try:
+                            await self._write(connection.stream, head, body, request, chunked)
+                        except httpx.WriteError as exc:
+                            if reused and body is not None:
+                                raise _StaleConnection(exc) from None
+                            raise
+                        head = b""
+                        phase = _READ
+                        scope.deadline = _deadline(timeouts.get("read"))
+                        try:
+                            fd = connection.fd
+                            while not connection.headers_done:
+                                if fd < 0:
+                                    await connection.receive()
+                                    continue
+                                try:  # (`receive`, without its frame)
+                                    await trio.lowlevel.wait_readable(fd)
+                                except trio.ClosedResourceError as exc:
+                                    raise httpx.ReadError(_describe(exc), request=request) from None
+                                connection.read_ready()
+                        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+                            if (
+                                reused
+                                and connection.received == 0
+                                and body is not None
+                                and request.method in _IDEMPOTENT
+                            ):
+                                raise _StaleConnection(exc) from None
+                            raise
+                    except BaseException:
+                        # a cancelled scope (a timeout here, or the caller's) passes here too
+                        if generation:
+                            assert connection is not None
+                            connection.finish(generation, broken=True)
+                        elif connection is not None:
+                            origin.release(connection, reusable=False)
+                        elif phase == _CONNECT:
+                            origin.free_slot()
+                        raise
             except _StaleConnection as stale:
                 if fresh:
                     raise stale.error from None
-                fresh = True
-
-    async def _attempt(
-        self,
-        request: httpx.Request,
-        origin: _Origin,
-        head: bytes,
-        body: bytes | None,
-        keep_alive: bool,
-        chunked: bool,
-        timeouts: dict[str, float | None],
-        fresh: bool,
-    ) -> httpx.Response:
-        phase = _POOL
-        connection: _Connection | None = None
-        generation = 0
-        with trio.CancelScope() as scope:
-            try:
-                connection = await self._acquire(origin, scope, timeouts.get("pool"), fresh)
-                reused = connection is not None
-                if connection is None:
-                    phase = _CONNECT
-                    scope.deadline = _deadline(timeouts.get("connect"))
-                    connection = await self._connect(request, origin)
-                phase = _WRITE
-                scope.deadline = _deadline(timeouts.get("write"))
-                generation = connection.start(request, keep_alive, timeouts.get("read"))
-                try:
-                    await self._write(connection.stream, head, body, request, chunked)
-                except httpx.WriteError as exc:
-                    if reused and body is not None:
-                        raise _StaleConnection(exc) from None
-                    raise
-                phase = _READ
-                scope.deadline = _deadline(timeouts.get("read"))
-                try:
-                    while not connection.headers_done:
-                        await connection.receive()
-                except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                    if (
-                        reused
-                        and connection.received == 0
-                        and body is not None
-                        and request.method in _IDEMPOTENT
-                    ):
-                        raise _StaleConnection(exc) from None
-                    raise
-            except BaseException:
-                # a cancelled scope (a timeout here, or the caller's) passes here too
-                if generation:
-                    assert connection is not None
-                    connection.finish(generation, broken=True)
-                elif connection is not None:
-                    origin.release(connection, reusable=False)
-                elif phase == _CONNECT:
-                    origin.free_slot()
-                raise
-        if scope.cancelled_caught:
-            limit = timeouts.get(_TIMEOUT_KEYS[phase])
-            raise _TIMEOUT_ERRORS[phase](
-                f"timed out {_PHASE_NAMES[phase]} (after {limit} s)", request=request
+                continue
+            if scope.cancelled_caught:
+                limit = timeouts.get(_TIMEOUT_KEYS[phase])
+                raise _TIMEOUT_ERRORS[phase](
+                    f"timed out {_PHASE_NAMES[phase]} (after {limit} s)", request=request
+                )
+            assert connection is not None
+            version = connection.parser.get_http_version()
+            return httpx.Response(
+                connection.parser.get_status_code(),
+                headers=connection.headers,
+                stream=_Body(connection, generation),
+                extensions={
+                    "http_version": b"HTTP/1.1"
+                    if version == "1.1"
+                    else b"HTTP/" + version.encode(),
+                    "reason_phrase": connection.reason,
+                },
             )
-        assert connection is not None
-        version = connection.parser.get_http_version()
-        return httpx.Response(
-            connection.parser.get_status_code(),
-            headers=connection.headers,
-            stream=_Body(connection, generation),
-            extensions={
-                "http_version": b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode(),
-                "reason_phrase": connection.reason,
-            },
-        )
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _acquire(
-        self, origin: _Origin, scope: trio.CancelScope, pool_timeout: float | None, fresh: bool
+        self,
+        origin: _Origin,
+        scope: trio.CancelScope | _Unbounded,
+        pool_timeout: float | None,
+        fresh: bool,
     ) -> _Connection | None:
         """An idle connection that looks alive, or None with a slot taken for a new one
         (always the latter when `fresh`)."""

@@ -439,7 +439,10 @@ async def test_cancellation_mid_body_discards_the_connection(serve, autojump_clo
     assert server.accepted == 2
 
 
-async def test_cancellation_before_the_head_discards_the_connection(serve, autojump_clock):
+@pytest.mark.parametrize("limit", [5.0, None])
+async def test_cancellation_before_the_head_discards_the_connection(serve, autojump_clock, limit):
+    """With timeouts (the request's own cancel scope) or none (no scope of its own)."""
+
     async def late(request: h11.Request, body: bytes) -> Reply:
         if len(server.requests) == 1:
             await trio.sleep(5.0)
@@ -447,7 +450,7 @@ async def test_cancellation_before_the_head_discards_the_connection(serve, autoj
 
     server = await serve(late)
     transport = RouterTransport(max_connections=1)
-    async with client(server, transport) as http:
+    async with client(server, transport, timeout=limit) as http:
         with trio.move_on_after(1.0):
             await http.get("/")
         (origin,) = transport._origins.values()
@@ -622,9 +625,7 @@ async def test_lean_client_send_keeps_what_httpx_send_does(serve):
         async with http.stream("GET", "/s") as streamed:
             assert await streamed.aread() == b"plain"
     assert seen == ["/hooked"]
-    authorization = {
-        r.target: dict(r.headers).get(b"authorization") for r, _ in server.requests
-    }
+    authorization = {r.target: dict(r.headers).get(b"authorization") for r, _ in server.requests}
     assert authorization[b"/x"] == b"Basic dXNlcjpwdw=="
     assert authorization[b"/y"] == b"Basic Y2xpZW50OnB3"
     assert authorization[b"/z"] == b"Basic d2hvOnB3"
