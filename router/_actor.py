@@ -89,7 +89,7 @@ from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
 from ._failover import RETRY, RETRY_WITHOUT_MAX_TOKENS, WAIT_RETRY, Situation, Step, decide, grain
 from ._lane import Lane
-from ._provider import Provider
+from ._provider import IN_KEY_ACTOR, Provider
 from ._secrets import scrubber_for
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import (
@@ -247,6 +247,7 @@ class Job:
         "member",
         "model",
         "origin",
+        "queue",
         "queued",
         "raise_cancel",
         "request",
@@ -305,6 +306,8 @@ class Job:
         self.raise_cancel: Any = None
         self.done = False
         self.queued = False
+        self.queue: deque[Job] | None = None
+        """The actor queue the job waits in (while `queued`), for `abort`."""
         self.breaker: CircuitBreaker | None = None
         """The lane's breaker (or the tenant's breaker of the lane) the job uses."""
         self.lane: Lane | None = None
@@ -322,6 +325,22 @@ class Job:
         self.reservation: Reservation | None = None
         self.member: str | None = None
         """The id of the job's reservation in the shared budget, if it has one."""
+
+    def abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        """The caller was cancelled while parked in `KeyActor.call`: a queued job is
+        withdrawn; a running one has its worker's scope cancelled (the caller stays
+        parked until the attempt has unwound)."""
+        self.abandoned = True
+        if self.queued:  # nothing started: withdraw it
+            self.queued = False
+            self.done = True
+            if self.queue is not None:
+                self.queue.remove(self)
+            return trio.lowlevel.Abort.SUCCEEDED
+        self.raise_cancel = raise_cancel
+        if self.scope is not None:
+            self.scope.cancel()
+        return trio.lowlevel.Abort.FAILED
 
     def __lt__(self, other: Job) -> bool:  # for the queue-deadline heap's ties
         return id(self) < id(other)
@@ -598,23 +617,13 @@ class KeyActor:
         else:
             self._enqueue(job)
 
-        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
-            job.abandoned = True
-            if job.queued:  # nothing started: withdraw it
-                job.queued = False
-                job.done = True
-                self._queue.remove(job)
-                return trio.lowlevel.Abort.SUCCEEDED
-            job.raise_cancel = raise_cancel
-            if job.scope is not None:
-                job.scope.cancel()
-            return trio.lowlevel.Abort.FAILED
-
-        result: JobResult = await trio.lowlevel.wait_task_rescheduled(abort)
+        # (a bound method of the job, not a closure: a parked caller keeps it alive)
+        result: JobResult = await trio.lowlevel.wait_task_rescheduled(job.abort)
         return result
 
     def _enqueue(self, job: Job) -> None:
         job.queued = True
+        job.queue = self._queue
         self._queue.append(job)
         heapq.heappush(self._queue_deadlines, (job.deadline, job))
         watch = self._watch_scope
@@ -636,6 +645,7 @@ class KeyActor:
     # -- workers ----------------------------------------------------------------------------
 
     async def _worker(self, first: Job) -> None:
+        IN_KEY_ACTOR.set(True)  # this task's own context: the providers it calls
         me = trio.lowlevel.current_task()
         job: Job | None = first
         try:

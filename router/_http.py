@@ -14,7 +14,9 @@ headroom), the least busy taking each request: httpcore's pool does work proport
 to its connections on every request, and one pool measured 2.3x slower than separate
 ones at 64 concurrent requests. httpx's timeouts are set from the time the attempt has
 left (`trio.current_effective_deadline()`); the key actor's cancel scope stays the
-outer bound.
+outer bound. With no trio deadline, a request sent from a key actor's worker has no
+httpx timeout (the actor's timer ends every attempt at `attempt_timeout`), and one
+sent elsewhere gets `_DEFAULT_TIMEOUT`.
 
 Failures are classified here and in the protocol: an HTTP answer by its status, body
 and retry headers; refused, reset or dropped connections, DNS failures, timeouts and
@@ -45,8 +47,8 @@ import ssl
 import time
 import urllib.request
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import httpx
 import trio
@@ -54,6 +56,7 @@ import trio
 from ._classify import redact
 from ._config import ProviderConfig, resolve_headers
 from ._errors import ProviderError
+from ._provider import IN_KEY_ACTOR
 from ._secrets import (
     Scrubber,
     header_is_secret,
@@ -86,6 +89,7 @@ SHARD_SIZE = 8
 _POOL_HEADROOM = 2
 _DEFAULT_TIMEOUT = 600.0
 T = TypeVar("T")
+R = TypeVar("R")
 _DRAIN_GRACE = 0.5
 """Seconds a finished stream's body may take to end (its connection is kept then)."""
 
@@ -185,10 +189,14 @@ def _ssl_context() -> ssl.SSLContext:
     return _SSL[0]
 
 
-def _remaining() -> float:
+def _remaining() -> float | None:
+    """httpx's timeout for a request: the time left before the current trio deadline.
+    Without one: none in a key actor's worker (the actor's timer ends every attempt,
+    and a request with no timeout at all costs the router's transport no cancel scope,
+    about 0.6 KB per request in flight), else `_DEFAULT_TIMEOUT`."""
     deadline = trio.current_effective_deadline()
     if math.isinf(deadline):
-        return _DEFAULT_TIMEOUT
+        return None if IN_KEY_ACTOR.get() else _DEFAULT_TIMEOUT
     return max(0.001, deadline - trio.current_time())
 
 
@@ -290,23 +298,17 @@ class HttpProvider:
             self._shards[key.id] = shards
         return shards
 
-    async def complete(self, request: ChatRequest, key: ApiKey) -> ChatResponse:
-        protocol = self._protocol
+    def complete(self, request: ChatRequest, key: ApiKey) -> Coroutine[Any, Any, ChatResponse]:
+        """The answer (`_exchange`'s coroutine itself: a plain method, so a request in
+        flight keeps one coroutine frame fewer alive)."""
+        return self._exchange(key, self._build_chat, request, self._protocol.parse)
 
-        def build() -> WireRequest:
-            return protocol.build(
-                request,
-                base_url=self._base_url,
-                secret=key.secret,
-                stream=False,
-                headers=self._headers,
-            )
-
-        answer: ChatResponse
-        answer, wire = await self._exchange(key, build, protocol.parse)
-        if wire.dropped:
-            answer.dropped_params.extend(wire.dropped)
-        return answer
+    def _build_chat(
+        self, request: ChatRequest, *, base_url: str, secret: str, headers: Mapping[str, str]
+    ) -> WireRequest:
+        return self._protocol.build(
+            request, base_url=base_url, secret=secret, stream=False, headers=headers
+        )
 
     async def count_tokens(self, request: ChatRequest, key: ApiKey) -> int:
         """The upstream's exact prompt-token count for `request` (its model, system,
@@ -319,14 +321,7 @@ class HttpProvider:
                 "bad_request", f"{self.name}: the {protocol.name} protocol cannot count tokens"
             )
 
-        def build() -> WireRequest:
-            return protocol.build_count(
-                request, base_url=self._base_url, secret=key.secret, headers=self._headers
-            )
-
-        count: int
-        count, _ = await self._exchange(key, build, protocol.parse_count)
-        return count
+        return await self._exchange(key, protocol.build_count, request, protocol.parse_count)
 
     async def embed(self, request: EmbeddingRequest, key: ApiKey) -> EmbeddingResponse:
         """The vectors of `request`'s inputs from the protocol's embeddings endpoint
@@ -338,33 +333,61 @@ class HttpProvider:
                 "bad_request", f"{self.name}: the {protocol.name} protocol has no embeddings"
             )
 
-        def build() -> WireRequest:
-            return protocol.build_embed(
-                request, base_url=self._base_url, secret=key.secret, headers=self._headers
-            )
-
-        vectors: EmbeddingResponse
-        vectors, _ = await self._exchange(key, build, protocol.parse_embed)
-        return vectors
+        return await self._exchange(key, protocol.build_embed, request, protocol.parse_embed)
 
     async def _exchange(
         self,
         key: ApiKey,
-        build: Callable[[], WireRequest],
+        build: Callable[..., WireRequest],
+        request: R,
         parse: Callable[[int, Mapping[str, str], bytes], T],
-    ) -> tuple[T, WireRequest]:
-        """Build and send one request and `parse` a 2xx answer; any other answer
-        becomes its classified `ProviderError`. The protocol runs inside `scrubbing`,
-        and every error leaving is scrubbed of the key's and the provider's secrets."""
+    ) -> T:
+        """Build (``build(request, base_url=, secret=, headers=)``) and send one request
+        and `parse` a 2xx answer (a chat answer gets the protocol's dropped params); any
+        other answer becomes its classified `ProviderError`. The protocol runs inside
+        `scrubbing`, and every error leaving is scrubbed of the key's and the provider's
+        secrets. Sending is inline, not a helper coroutine, and the wire request's
+        headers are let go once the httpx request holds them: a request in flight keeps
+        its frames and their locals alive. `client.send(stream=True)` then `aread()`
+        (what `client.request` does inside) tells a failure before the head from one in
+        the body."""
         scrubber = self._scrubber(key)
         try:
-            wire = build()
-            response = await self._send(key, wire)
+            wire = build(request, base_url=self._base_url, secret=key.secret, headers=self._headers)
+            method, url, dropped = wire.method, wire.url, wire.dropped
+            with self._shards_for(key).lease() as client:
+                sent = client.build_request(
+                    method,
+                    url,
+                    headers=wire.headers,
+                    content=wire.body,
+                    timeout=httpx.Timeout(_remaining()),
+                )
+                del wire
+                try:
+                    response = await client.send(sent, stream=True)
+                except httpx.HTTPError as exc:
+                    raise _transport_error(
+                        exc, self.name, before_head=True, scrubber=scrubber
+                    ) from None
+                try:
+                    try:
+                        await response.aread()
+                    except BaseException:
+                        await response.aclose()
+                        raise
+                except httpx.HTTPError as exc:
+                    raise _transport_error(
+                        exc, self.name, before_head=False, scrubber=scrubber
+                    ) from None
             with scrubbing(scrubber):
                 if 200 <= response.status_code < 300:
-                    return parse(response.status_code, response.headers, response.content), wire
+                    answer = parse(response.status_code, response.headers, response.content)
+                    if dropped and isinstance(answer, ChatResponse):
+                        answer.dropped_params.extend(dropped)
+                    return answer
                 raise self._failure(
-                    response.status_code, response.headers, response.content, wire, key
+                    response.status_code, response.headers, response.content, method, url, key
                 )
         except ProviderError as exc:
             raise self._scrubbed(exc, scrubber) from None
@@ -414,7 +437,12 @@ class HttpProvider:
                             body = await response.aread()
                             with scrubbing(scrubber):
                                 error = self._failure(
-                                    response.status_code, response.headers, body, wire, key
+                                    response.status_code,
+                                    response.headers,
+                                    body,
+                                    wire.method,
+                                    wire.url,
+                                    key,
                                 )
                             raise error
                         feed = SseParser().feed
@@ -461,49 +489,25 @@ class HttpProvider:
         except ProviderError as exc:
             raise self._scrubbed(exc, scrubber) from None
 
-    async def _send(self, key: ApiKey, wire: WireRequest) -> httpx.Response:
-        """The whole response. `client.send(stream=True)` then `aread()` (what
-        `client.request` does inside) tells a failure before the head from one in the
-        body."""
-        with self._shards_for(key).lease() as client:
-            request = client.build_request(
-                wire.method,
-                wire.url,
-                headers=wire.headers,
-                content=wire.body,
-                timeout=httpx.Timeout(_remaining()),
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise _transport_error(
-                    exc, self.name, before_head=True, scrubber=self._scrubber(key)
-                ) from None
-            try:
-                try:
-                    await response.aread()
-                except BaseException:
-                    await response.aclose()
-                    raise
-            except httpx.HTTPError as exc:
-                raise _transport_error(
-                    exc, self.name, before_head=False, scrubber=self._scrubber(key)
-                ) from None
-            return response
-
     def _failure(
-        self, status: int, headers: Mapping[str, str], body: bytes, wire: WireRequest, key: ApiKey
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        method: str,
+        url: str,
+        key: ApiKey,
     ) -> ProviderError:
         """A non-2xx answer, classified by the protocol; a route 404 (key-wide: the
         answer names no missing model) is reworded to name the URL, and logged once."""
         error = self._protocol.classify(status, headers, body, time.time())
         if status == 404 and error.key_wide:
-            error = self._route_404(error, wire, key.secret)
+            error = self._route_404(error, method, url, key.secret)
         return error
 
-    def _route_404(self, error: ProviderError, wire: WireRequest, secret: str) -> ProviderError:
+    def _route_404(self, error: ProviderError, method: str, url: str, secret: str) -> ProviderError:
         scrubber = scrubber_for((secret, *self.known_secrets), "[redacted]")
-        url = redact(mask_url(wire.url), scrubber)
+        url = redact(mask_url(url), scrubber)
         base_url = redact(self._shown_url, scrubber)
         if url not in self._route_404_logged:
             self._route_404_logged.add(url)
@@ -512,13 +516,13 @@ class HttpProvider:
                 "not an API route, base_url %r of provider %s is probably wrong; "
                 "every key of this provider fails until it is fixed",
                 self.name,
-                wire.method,
+                method,
                 url,
                 base_url,
                 self.name,
             )
         message = scrubber.scrub(
-            f"{self.name}: {wire.method} {url} answered HTTP 404 (not an API route, no missing "
+            f"{self.name}: {method} {url} answered HTTP 404 (not an API route, no missing "
             f"model named): base_url {base_url!r} is probably wrong; {error.message}"
         )
         return ProviderError(

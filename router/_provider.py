@@ -8,11 +8,17 @@ it does all of that. It must be safe to call concurrently for the same key.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from contextvars import ContextVar
+from typing import Final, Protocol, runtime_checkable
 
 from ._types import ApiKey, ChatRequest, ChatResponse
 
 __all__ = ["Provider"]
+
+IN_KEY_ACTOR: Final[ContextVar[bool]] = ContextVar("router_in_key_actor", default=False)
+"""True in a key actor's worker task, whose attempts the actor's own timer ends (at
+`attempt_timeout`): a built-in provider called there adds no fallback timeout of its own
+when no trio deadline is set (see `router._http`)."""
 
 
 @runtime_checkable

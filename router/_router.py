@@ -242,6 +242,48 @@ class _Plan:
         self.windows_needed = False
 
 
+class _Walk:
+    """Where one request's walk along its chain stands, for `alternatives`: asked by
+    the key actor only after a failure (see `router._failover.Situation.alternatives`),
+    could another key of the current model, or a later model, take the request now?
+    An object, not a closure over the walk's variables: every request in flight keeps
+    it alive, and the closure and its cells cost three times as much."""
+
+    __slots__ = ("current", "position", "router", "routes", "tenant", "tokens")
+
+    def __init__(
+        self,
+        router: Router,
+        routes: list[Route[_ProviderRuntime]],
+        tenant: str | None,
+        tokens: int,
+    ) -> None:
+        self.router = router
+        self.routes = routes
+        self.tenant = tenant
+        self.tokens = tokens
+        self.position = 0
+        self.current: KeyActor | None = None
+
+    def alternatives(self, same_model: bool, later: bool) -> bool:
+        router, routes, tenant, tokens = self.router, self.routes, self.tenant, self.tokens
+        at = router._clock.current_time()
+        here = routes[self.position]
+        if same_model:
+            for a in here.provider.actors:
+                if a is not self.current and a.is_available(at, tenant, tokens, here.upstream):
+                    return True
+        if later:
+            for r in routes[self.position + 1 :]:
+                h = router._health.get(r.name)
+                if h is not None and not h.is_callable(at):
+                    continue
+                for a in r.provider.actors:
+                    if a.is_available(at, tenant, tokens, r.upstream):
+                        return True
+        return False
+
+
 class _ProviderRuntime:
     """A provider's key actors in their configured order, plus balancing state."""
 
@@ -708,31 +750,11 @@ class Router:
         attempts: list[Attempt] = []
         last_error: RouterError | None = None
         routes = list(chain)
-        # Where the walk stands, for `alternatives` (asked by the actor after a failure).
-        position = [0]
-        current: list[KeyActor | None] = [None]
-
-        def alternatives(same_model: bool, later: bool) -> bool:
-            at = clock.current_time()
-            here = routes[position[0]]
-            if same_model:
-                for a in here.provider.actors:
-                    if a is not current[0] and a.is_available(at, tenant, tokens, here.upstream):
-                        return True
-            if later:
-                for r in routes[position[0] + 1 :]:
-                    h = self._health.get(r.name)
-                    if h is not None and not h.is_callable(at):
-                        continue
-                    for a in r.provider.actors:
-                        if a.is_available(at, tenant, tokens, r.upstream):
-                            return True
-            return False
-
+        walk = _Walk(self, routes, tenant, tokens)
         index = 0
         while index < len(routes):
             route = routes[index]
-            position[0] = index
+            walk.position = index
             index += 1
             health = self._health.get(route.name)
             if health is not None and not health.is_callable(now):
@@ -766,7 +788,7 @@ class Router:
                     )
                 if not actor.is_available(now, tenant, tokens, upstream):
                     continue
-                current[0] = actor
+                walk.current = actor
                 job = Job(
                     upstream_request,
                     route.name,
@@ -774,7 +796,7 @@ class Router:
                     attempts,
                     stream,
                     tokens,
-                    alternatives=alternatives,
+                    alternatives=walk.alternatives,
                     origin=origin,
                 )
                 hedge_after = self._hedge_after(route, actor)
@@ -1327,7 +1349,7 @@ class Router:
         if not actors[start].is_saturated():
             if not start:
                 return actors
-            return itertools.chain(itertools.islice(actors, start, None), actors[:start])
+            return actors[start:] + actors[:start]  # (smaller than a chain of slices)
         # Spill over: keys with free capacity first, in order; saturated ones last.
         rotated = actors[start:] + actors[:start]
         free = [a for a in rotated if not a.is_saturated()]

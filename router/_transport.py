@@ -16,7 +16,8 @@ How a request travels, and why this way:
   parks until one is released. Taking and giving back a connection is a list pop and
   append, whatever the pool size (httpcore's pool does work per connection).
 - One cancel scope per request covers the pool wait, the connect (TCP, then TLS), the
-  write and the wait for the response head; its deadline moves from phase to phase
+  write and the wait for the response head (a request with no timeout at all, as the
+  router's are when no trio deadline bounds them, gets none); its deadline moves from phase to phase
   (httpx's ``pool``, ``connect``, ``write`` and ``read`` timeouts), and which phase
   it fired in names the `httpx.TimeoutException` raised. The body bytes that came with
   the head (a whole small answer usually does) are handed out with no further I/O;
@@ -53,8 +54,10 @@ How a request travels, and why this way:
   answer), `PoolTimeout`, `LocalProtocolError` (a header value with a line break).
 
 `LeanClient` is an `httpx.AsyncClient` that skips what a browser needs and an API client
-does not: the cookie jar is not consulted for responses without ``Set-Cookie``, and the
-merged URL of a URL string seen before is reused instead of parsed again.
+does not: the cookie jar is not consulted for responses without ``Set-Cookie``, the
+merged URL of a URL string seen before is reused instead of parsed again, and `send`
+goes straight to the transport when httpx's auth, redirect and event-hook layers would
+have nothing to do (each is a coroutine frame every request in flight keeps alive).
 
 What this module must never do: return a connection to the pool that has unread bytes
 or an unfinished message, retry a request the server may have acted on, or put a
@@ -63,6 +66,7 @@ request header (credentials travel there) into an error message.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import select
@@ -90,6 +94,8 @@ _TIMEOUT_ERRORS: Final = (
 )
 _PHASE_NAMES: Final = ("waiting for a connection", "connecting", "writing", "reading")
 _TIMEOUT_KEYS: Final = ("pool", "connect", "write", "read")
+_OPENED: Final = httpx._client.ClientState.OPENED
+_httpx_log: Final = logging.getLogger("httpx")
 
 
 class _Connection:
@@ -117,7 +123,6 @@ class _Connection:
         "skip_body",
         "socket",
         "stream",
-        "waits",
     )
 
     def __init__(
@@ -127,8 +132,6 @@ class _Connection:
         self.socket = socket
         self.plain = type(stream) is trio.SocketStream
         """Plain TCP, read from the socket's descriptor (else TLS, through the stream)."""
-        self.waits = True
-        """The last read did not fill the buffer: wait for readability before the next."""
         self.origin = origin
         self.idle_since = 0.0
         self.generation = 0
@@ -255,38 +258,45 @@ class _Connection:
         self.complete = True
 
     async def receive(self) -> None:
-        """Read once and parse what came.
-
-        Plain TCP is read from the descriptor: after a read that did not fill the buffer
-        (a model's stream: one event per read) the next one waits for readability first
-        instead of trying a read that fails with EAGAIN (a syscall and an exception per
-        event, which is what `SocketStream.receive_some` does, and a scheduler trip when
-        it succeeds at once); after a full one it reads at once."""
+        """Read once and parse what came. A plain TCP connection is read straight from
+        its descriptor once trio says it is readable (`read_ready`): no first read is
+        tried that fails with EAGAIN (a syscall and an exception per streamed event, as
+        in `trio.SocketStream.receive_some`), and a task parked here holds four
+        coroutine frames fewer (each kept alive by every request in flight)."""
         try:
-            if not self.plain:
-                data = await self.stream.receive_some(_READ_SIZE)
-            else:
+            if self.plain:
                 sock = self.socket
-                if self.waits:
+                if sock.fileno() < 0:
+                    raise trio.ClosedResourceError("the connection was closed")
+                await trio.lowlevel.wait_readable(sock)
+                while not self.read_ready():
                     await trio.lowlevel.wait_readable(sock)
-                else:
-                    await trio.lowlevel.checkpoint()
-                while True:
-                    fd = sock.fileno()  # after every wait: -1 once closed, never stale
-                    if fd < 0:
-                        raise trio.ClosedResourceError("the connection was closed")
-                    try:
-                        data = os.read(fd, _READ_SIZE)
-                        break
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(sock)
-                self.waits = len(data) < _READ_SIZE
+                return
+            data = await self.stream.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(_describe(exc), request=self.request) from None
         if data:
             self.feed(data)
         else:
             self.eof()
+
+    def read_ready(self) -> bool:
+        """Read the readable descriptor of a plain TCP connection and parse what came;
+        False when there was nothing after all (a spurious wakeup)."""
+        fd = self.socket.fileno()  # after every wait: -1 once closed, never a stale number
+        if fd < 0:
+            raise httpx.ReadError("the connection was closed", request=self.request)
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise httpx.ReadError(_describe(exc), request=self.request) from None
+        if data:
+            self.feed(data)
+        else:
+            self.eof()
+        return True
 
     def finish(self, generation: int, *, broken: bool = False) -> None:
         """End exchange `generation` (if it is still the current one): back to the pool
@@ -379,6 +389,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+class _Unbounded:
+    """The request's cancel scope when none of its timeouts is set: it would never fire,
+    so none is opened (a scope and its status cost about 0.6 KB per request in
+    flight, and entering one costs CPU); deadlines set on it are all infinite."""
+
+    __slots__ = ()
+    cancelled_caught: Final = False
+
+    def __enter__(self) -> _Unbounded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    @property
+    def deadline(self) -> float:
+        return math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        assert math.isinf(value), "a request with no timeouts has no deadline"
+
+
+_UNBOUNDED: Final = _Unbounded()
+
+
 class _StaleConnection(Exception):
     """A reused connection failed in a way that proves the server never acted on the
     request; the request is sent again once on a new connection."""
@@ -431,96 +467,99 @@ class RouterTransport(httpx.AsyncBaseTransport):
         if origin is None:
             origin = self._origins[key] = _Origin()
         timeouts: dict[str, float | None] = request.extensions.get("timeout") or {}
-        head, keep_alive, chunked = _head(request)
         try:
             body: bytes | None = request.content
         except httpx.RequestNotRead:
             body = None
-        fresh = False
-        while True:
+        bounded = any(limit is not None for limit in timeouts.values())
+        # One frame for the whole exchange, retry included (a parked request keeps every
+        # frame of its chain alive), and the head is let go once written.
+        for fresh in (False, True):
+            head, keep_alive, chunked = _head(request)
+            phase = _POOL
+            connection: _Connection | None = None
+            generation = 0
             try:
-                return await self._attempt(
-                    request, origin, head, body, keep_alive, chunked, timeouts, fresh
-                )
+                with trio.CancelScope() if bounded else _UNBOUNDED as scope:
+                    try:
+                        connection = await self._acquire(origin, scope, timeouts.get("pool"), fresh)
+                        reused = connection is not None
+                        if connection is None:
+                            phase = _CONNECT
+                            scope.deadline = _deadline(timeouts.get("connect"))
+                            connection = await self._connect(request, origin)
+                        phase = _WRITE
+                        scope.deadline = _deadline(timeouts.get("write"))
+                        generation = connection.start(request, keep_alive, timeouts.get("read"))
+                        try:
+                            await self._write(connection.stream, head, body, request, chunked)
+                        except httpx.WriteError as exc:
+                            if reused and body is not None:
+                                raise _StaleConnection(exc) from None
+                            raise
+                        head = b""
+                        phase = _READ
+                        scope.deadline = _deadline(timeouts.get("read"))
+                        try:
+                            sock = connection.socket
+                            while not connection.headers_done:
+                                if not connection.plain:
+                                    await connection.receive()
+                                    continue
+                                try:  # (`receive`, without its frame)
+                                    await trio.lowlevel.wait_readable(sock)
+                                except (trio.ClosedResourceError, OSError) as exc:
+                                    raise httpx.ReadError(_describe(exc), request=request) from None
+                                connection.read_ready()
+                        except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+                            if (
+                                reused
+                                and connection.received == 0
+                                and body is not None
+                                and request.method in _IDEMPOTENT
+                            ):
+                                raise _StaleConnection(exc) from None
+                            raise
+                    except BaseException:
+                        # a cancelled scope (a timeout here, or the caller's) passes here too
+                        if generation:
+                            assert connection is not None
+                            connection.finish(generation, broken=True)
+                        elif connection is not None:
+                            origin.release(connection, reusable=False)
+                        elif phase == _CONNECT:
+                            origin.free_slot()
+                        raise
             except _StaleConnection as stale:
                 if fresh:
                     raise stale.error from None
-                fresh = True
-
-    async def _attempt(
-        self,
-        request: httpx.Request,
-        origin: _Origin,
-        head: bytes,
-        body: bytes | None,
-        keep_alive: bool,
-        chunked: bool,
-        timeouts: dict[str, float | None],
-        fresh: bool,
-    ) -> httpx.Response:
-        phase = _POOL
-        connection: _Connection | None = None
-        generation = 0
-        with trio.CancelScope() as scope:
-            try:
-                connection = await self._acquire(origin, scope, timeouts.get("pool"), fresh)
-                reused = connection is not None
-                if connection is None:
-                    phase = _CONNECT
-                    scope.deadline = _deadline(timeouts.get("connect"))
-                    connection = await self._connect(request, origin)
-                phase = _WRITE
-                scope.deadline = _deadline(timeouts.get("write"))
-                generation = connection.start(request, keep_alive, timeouts.get("read"))
-                try:
-                    await self._write(connection.stream, head, body, request, chunked)
-                except httpx.WriteError as exc:
-                    if reused and body is not None:
-                        raise _StaleConnection(exc) from None
-                    raise
-                phase = _READ
-                scope.deadline = _deadline(timeouts.get("read"))
-                try:
-                    while not connection.headers_done:
-                        await connection.receive()
-                except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
-                    if (
-                        reused
-                        and connection.received == 0
-                        and body is not None
-                        and request.method in _IDEMPOTENT
-                    ):
-                        raise _StaleConnection(exc) from None
-                    raise
-            except BaseException:
-                # a cancelled scope (a timeout here, or the caller's) passes here too
-                if generation:
-                    assert connection is not None
-                    connection.finish(generation, broken=True)
-                elif connection is not None:
-                    origin.release(connection, reusable=False)
-                elif phase == _CONNECT:
-                    origin.free_slot()
-                raise
-        if scope.cancelled_caught:
-            limit = timeouts.get(_TIMEOUT_KEYS[phase])
-            raise _TIMEOUT_ERRORS[phase](
-                f"timed out {_PHASE_NAMES[phase]} (after {limit} s)", request=request
+                continue
+            if scope.cancelled_caught:
+                limit = timeouts.get(_TIMEOUT_KEYS[phase])
+                raise _TIMEOUT_ERRORS[phase](
+                    f"timed out {_PHASE_NAMES[phase]} (after {limit} s)", request=request
+                )
+            assert connection is not None
+            version = connection.parser.get_http_version()
+            return httpx.Response(
+                connection.parser.get_status_code(),
+                headers=connection.headers,
+                stream=_Body(connection, generation),
+                extensions={
+                    "http_version": b"HTTP/1.1"
+                    if version == "1.1"
+                    else b"HTTP/" + version.encode(),
+                    "reason_phrase": connection.reason,
+                },
             )
-        assert connection is not None
-        version = connection.parser.get_http_version()
-        return httpx.Response(
-            connection.parser.get_status_code(),
-            headers=connection.headers,
-            stream=_Body(connection, generation),
-            extensions={
-                "http_version": b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode(),
-                "reason_phrase": connection.reason,
-            },
-        )
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _acquire(
-        self, origin: _Origin, scope: trio.CancelScope, pool_timeout: float | None, fresh: bool
+        self,
+        origin: _Origin,
+        scope: trio.CancelScope | _Unbounded,
+        pool_timeout: float | None,
+        fresh: bool,
     ) -> _Connection | None:
         """An idle connection that looks alive, or None with a slot taken for a new one
         (always the latter when `fresh`)."""
@@ -659,6 +698,61 @@ class LeanClient(httpx.AsyncClient):
         super().__init__(**kwargs)
         self._cookies = _LeanCookies(self._cookies)
         self._urls: dict[str, httpx.URL] = {}
+
+    async def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        """`httpx.AsyncClient.send`, in one coroutine frame when nothing asks for
+        httpx's auth, redirect or event-hook layers (each a frame kept alive while the
+        request is in flight, about 0.4 KB apiece): no client or per-call auth, no
+        credentials in the URL, redirects not followed, no hooks, no mounts. The
+        response is the one httpx would give (``request``, ``history``,
+        ``next_request``, cookies, the ``HTTP Request`` log line), except that
+        ``elapsed`` is not measured."""
+        if (
+            auth is not httpx.USE_CLIENT_DEFAULT
+            or follow_redirects is not httpx.USE_CLIENT_DEFAULT
+            or self._auth is not None
+            or self.follow_redirects
+            or self._mounts
+            or self._event_hooks["request"]
+            or self._event_hooks["response"]
+            or request.url.userinfo
+        ):
+            return await super().send(
+                request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        self._state = _OPENED
+        self._set_timeout(request)
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        self._cookies.extract_cookies(response)
+        response.default_encoding = self._default_encoding
+        if _httpx_log.isEnabledFor(logging.INFO):
+            _httpx_log.info(
+                'HTTP Request: %s %s "%s %d %s"',
+                request.method,
+                request.url,
+                response.http_version,
+                response.status_code,
+                response.reason_phrase,
+            )
+        if response.has_redirect_location:
+            response.next_request = self._build_redirect_request(request, response)
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
 
     def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
         if not isinstance(url, str):

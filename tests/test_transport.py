@@ -452,7 +452,10 @@ async def test_cancellation_mid_body_discards_the_connection(serve, autojump_clo
     assert server.accepted == 2
 
 
-async def test_cancellation_before_the_head_discards_the_connection(serve, autojump_clock):
+@pytest.mark.parametrize("limit", [5.0, None])
+async def test_cancellation_before_the_head_discards_the_connection(serve, autojump_clock, limit):
+    """With timeouts (the request's own cancel scope) or none (no scope of its own)."""
+
     async def late(request: h11.Request, body: bytes) -> Reply:
         if len(server.requests) == 1:
             await trio.sleep(5.0)
@@ -460,7 +463,7 @@ async def test_cancellation_before_the_head_discards_the_connection(serve, autoj
 
     server = await serve(late)
     transport = RouterTransport(max_connections=1)
-    async with client(server, transport) as http:
+    async with client(server, transport, timeout=limit) as http:
         with trio.move_on_after(1.0):
             await http.get("/")
         (origin,) = transport._origins.values()
@@ -597,6 +600,51 @@ async def test_lean_client_keeps_cookies_and_caches_urls(serve, monkeypatch):
         assert str(http.build_request("GET", "/b?q=1").url).endswith("/b?q=1")
         assert merged == ["/b?q=1"]
     assert server.requests[1][0].headers.count((b"cookie", b"session=abc")) == 1
+
+
+async def test_lean_client_send_keeps_what_httpx_send_does(serve):
+    """`LeanClient.send` skips httpx's auth, redirect and hook layers only when none of
+    them has work: each of them still works, and the response is httpx's."""
+    redirect = Reply([b"HTTP/1.1 302 Found\r\nLocation: /b\r\nContent-Length: 0\r\n\r\n"])
+
+    async def by_path(request: h11.Request, body: bytes) -> Reply:
+        return {b"/a": redirect, b"/b": ok(b"b")}.get(request.target, ok(b"plain"))
+
+    server = await serve(by_path)
+    seen: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        seen.append(request.url.path)
+
+    async with client(server) as http:
+        response = await http.get("/a")  # not followed, as httpx would not
+        assert response.status_code == 302
+        assert response.request.url.path == "/a"
+        assert response.next_request is not None and response.next_request.url.path == "/b"
+        assert response.history == []
+        followed = await http.get("/a", follow_redirects=True)
+        assert followed.content == b"b" and [r.status_code for r in followed.history] == [302]
+        http.follow_redirects = True
+        assert (await http.get("/a")).content == b"b"
+        http.follow_redirects = False
+        http.event_hooks = {"request": [hook]}
+        await http.get("/hooked")
+        http.event_hooks = {}
+        await http.get("/x", auth=("user", "pw"))
+        http.auth = ("client", "pw")
+        await http.get("/y")
+        http.auth = None
+        await http.get(f"http://who:pw@127.0.0.1:{server.port}/z")
+        async with http.stream("GET", "/s") as streamed:
+            assert await streamed.aread() == b"plain"
+    assert seen == ["/hooked"]
+    authorization = {r.target: dict(r.headers).get(b"authorization") for r, _ in server.requests}
+    assert authorization[b"/x"] == b"Basic dXNlcjpwdw=="
+    assert authorization[b"/y"] == b"Basic Y2xpZW50OnB3"
+    assert authorization[b"/z"] == b"Basic d2hvOnB3"
+    assert authorization[b"/s"] is None
+    with pytest.raises(RuntimeError, match="closed"):
+        await http.get("/late")
 
 
 # any split of a valid answer parses to the same answer
