@@ -599,11 +599,10 @@ def run_continuation(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _upstream_stats(base: str) -> dict[str, int]:
-    """The upstream's counts, not counting the connection this request itself opened."""
+    """The upstream's counts. Each call opens a connection of its own (counted): the
+    difference of two calls' `connections` is what was opened between them, plus one."""
     with urllib.request.urlopen(base.replace("/v1", "/stats"), timeout=10) as r:
-        stats = dict(json.loads(r.read()))
-    stats["connections"] -= 1
-    return stats
+        return dict(json.loads(r.read()))
 
 
 def _proc_rss(pid: int) -> int:
@@ -706,7 +705,7 @@ async def streams_inprocess(base: str, n: int, args: argparse.Namespace) -> dict
         after = await trio.to_thread.run_sync(_upstream_stats, base)
     return _stream_summary(
         n, events, cpu, rss0, peak, ttfe, gaps, done, errors,
-        after["connections"] - before["connections"], after["streams"] - before["streams"],
+        after["connections"] - before["connections"] - 1, after["streams"] - before["streams"],
     )  # fmt: skip
 
 
@@ -720,7 +719,7 @@ async def streams_sequential(base: str, count: int) -> dict[str, Any]:
                 async for _chunk in stream:
                     pass
         after = await trio.to_thread.run_sync(_upstream_stats, base)
-    conns = after["connections"] - before["connections"]
+    conns = after["connections"] - before["connections"] - 1
     return {"streams": count, "connections": conns, "connections_per_stream": conns / count}
 
 
@@ -748,7 +747,7 @@ def _streams_over_http(
     rep = json.loads(lines[-1])
     res = _stream_summary(
         n, rep["events"], cpu, rss0, peak, rep["ttfe"], rep["gaps"], rep["completed"],
-        rep["errors"], after["connections"] - before["connections"],
+        rep["errors"], after["connections"] - before["connections"] - 1,
         after["streams"] - before["streams"],
     )  # fmt: skip
     res["client_cpu_s"] = rep["client_cpu"]
@@ -1135,6 +1134,15 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             f"{seq.get('connections', '?')} upstream connection(s).",
             "",
         ]  # fmt: skip
+        for label, rows in st["rows"].items():
+            for r in rows:
+                if r["completed"] < r["streams"] and r.get("first_error"):
+                    lines += [
+                        f"{label} at {r['streams']:,} streams: {r['completed']:,} completed; "
+                        f"the client's first error: {r['first_error']} (events received: "
+                        f"{r['events']:,} of {r['streams'] * st['events']:,}).",
+                        "",
+                    ]
         if st.get("litellm_skipped"):
             lines += [f"LiteLLM's proxy was skipped: {st['litellm_skipped']}", ""]
         for label, limit in (("router.stream", 30.0), ("gateway", 80.0)):
