@@ -882,14 +882,8 @@ class Router:
                     self._disable(route.name)
                 break
             now = clock.current_time()
-        if now >= deadline:
-            raise DeadlineExceededError(timeout, attempts)
-        raise ChainExhaustedError(
-            len({a.model for a in attempts}),
-            attempts,
-            last_error,
-            self._retry_after(chain, tenant, tokens),
-            chain_length=len(chain),
+        raise self._chain_failed(
+            now >= deadline, timeout, attempts, last_error, chain, tenant, tokens
         )
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
@@ -999,9 +993,25 @@ class Router:
                     self._disable(route.name)
                 break
             now = clock.current_time()
-        if now >= deadline:
-            raise DeadlineExceededError(timeout, attempts)
-        raise ChainExhaustedError(
+        raise self._chain_failed(
+            now >= deadline, timeout, attempts, last_error, chain, tenant, tokens
+        )
+
+    def _chain_failed(
+        self,
+        late: bool,
+        timeout: float,
+        attempts: list[Attempt],
+        last_error: RouterError | None,
+        chain: tuple[Route[_ProviderRuntime], ...],
+        tenant: str | None,
+        tokens: int,
+    ) -> RouterError:
+        """The error a walk of the chain ends with when nothing answered: the deadline
+        passed (`late`), or every model was tried or is cooling."""
+        if late:
+            return DeadlineExceededError(timeout, attempts)
+        return ChainExhaustedError(
             len({a.model for a in attempts}),
             attempts,
             last_error,

@@ -54,7 +54,7 @@ from .._errors import (
     UnknownModelError,
 )
 from .._router import ReloadResult, Router, RouterSnapshot
-from .._stream import Segment
+from .._stream import ChatStream, Segment
 from .._tokens import OfflineTokenCounter, get_encoding
 from .._types import (
     Attempt,
@@ -80,6 +80,7 @@ from ._metrics import CONTENT_TYPE, GatewayMetrics
 from ._shapes import (
     BadBody,
     ChatOptions,
+    ErrorReply,
     NotAllowed,
     chunk_json,
     completion_id,
@@ -1184,6 +1185,23 @@ class GatewayApp:
                 if name not in allowed:
                     raise NotAllowed(field, name)
 
+    def _interrupted(
+        self,
+        request: ChatRequest,
+        served: _Served,
+        started: float,
+        stream: ChatStream,
+        exc: StreamInterruptedError,
+    ) -> ErrorReply:
+        """A stream cut after its head went out: record it (attempts, usage, cost so
+        far) and give the error to end the body with."""
+        served.attempts = exc.attempts
+        self._record(
+            request, served, exc.kind, started, stream.usage, stream.segments, stream.cost_usd
+        )
+        log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
+        return error_reply(exc)
+
     def _record(
         self,
         request: ChatRequest | EmbeddingRequest,
@@ -1337,18 +1355,7 @@ class GatewayApp:
                     if body:
                         await send({"type": "http.response.body", "body": body, "more_body": True})
             except StreamInterruptedError as exc:
-                reply = error_reply(exc)
-                served.attempts = exc.attempts
-                self._record(
-                    request,
-                    served,
-                    exc.kind,
-                    started,
-                    stream.usage,
-                    stream.segments,
-                    stream.cost_usd,
-                )
-                log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
+                reply = self._interrupted(request, served, started, stream, exc)
                 await send(_event(reply.body))
                 watch.finishing = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -1483,18 +1490,7 @@ class GatewayApp:
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
             except StreamInterruptedError as exc:
-                reply = error_reply(exc)
-                served.attempts = exc.attempts
-                self._record(
-                    request,
-                    served,
-                    exc.kind,
-                    started,
-                    stream.usage,
-                    stream.segments,
-                    stream.cost_usd,
-                )
-                log.warning("stream for model %r interrupted: %s", stream.model, exc.message)
+                reply = self._interrupted(request, served, started, stream, exc)
                 watch.finishing = True
                 body = error_event(reply.status, reply.body)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
