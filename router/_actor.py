@@ -89,7 +89,7 @@ from ._cooldown import Cooldown
 from ._errors import ProviderError, RouterClosedError
 from ._failover import RETRY, RETRY_WITHOUT_MAX_TOKENS, WAIT_RETRY, Situation, Step, decide, grain
 from ._lane import Lane
-from ._provider import IN_KEY_ACTOR, Provider
+from ._provider import IN_KEY_ACTOR, STREAM_CUT, Provider, ReadCut
 from ._secrets import scrubber_for
 from ._stream import STREAM_END, StreamFailure, StreamItem, StreamStart
 from ._types import (
@@ -187,7 +187,7 @@ class _IdleTimer:
     stream about once per `limit` seconds, not once per chunk. While the pump waits
     on a slow reader (`waiting` False) the timeout does not run, as before."""
 
-    __slots__ = ("done", "due", "fired", "limit", "scope", "since", "waiting")
+    __slots__ = ("cut", "done", "due", "fired", "limit", "scope", "since", "waiting")
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
@@ -199,6 +199,9 @@ class _IdleTimer:
         self.done = False
         self.fired = False
         self.scope = trio.CancelScope()
+        self.cut: Callable[[], None] | None = None
+        """Ends the pending read instead of cancelling `scope`, where the transport
+        offers it (`router._provider.STREAM_CUT`)."""
 
     def __lt__(self, other: _IdleTimer) -> bool:  # for the heap's ties
         return id(self) < id(other)
@@ -221,6 +224,153 @@ class _Singles:
     async def aclose(self) -> None:
         aclose = getattr(self._chunks, "aclose", None)
         if aclose is not None:
+            await aclose()
+
+
+class _Pull:
+    """A handed-over stream that the caller's own task reads (a `StreamSource`).
+
+    For providers whose batches may be read from any task (`reads_anywhere`: no cancel
+    scope or nursery open across a yield) and whose transport can cut a pending read
+    from outside (`STREAM_CUT`): the built-in HTTP ones on the router's transport.
+    Each `receive` reads one batch upstream where the caller runs, so a token costs
+    one task step, not a worker's step, a channel hop and the caller's step, and no
+    cancel scope either: the idle timer ends a read that waited too long by the cut.
+    The worker keeps the key's slot and waits for the end (`wait`); the pump's duties
+    run here: the idle timer, the short grace after the finish reason, usage
+    reconciliation, and a failure recorded at its grain."""
+
+    __slots__ = (
+        "_actor",
+        "_done",
+        "_finished",
+        "_grace",
+        "_idle",
+        "_job",
+        "_timer",
+        "_upstream",
+        "closed",
+        "reading",
+    )
+
+    def __init__(
+        self,
+        actor: KeyActor,
+        job: Job,
+        upstream: AsyncIterator[list[StreamChunk]],
+        timer: _IdleTimer,
+        finished: bool,
+        idle: float,
+        grace: float,
+    ) -> None:
+        self._actor = actor
+        self._job = job
+        self._upstream = upstream
+        self._timer = timer
+        self._finished = finished
+        self._idle = idle
+        self._grace = grace
+        self._done = trio.Event()
+        self.closed = False
+        """Over: the end was handed out, or the caller or the worker let go."""
+        self.reading = False
+        """The caller's task is inside the upstream's read right now."""
+
+    async def wait(self) -> None:
+        """The worker's wait for the end of the stream."""
+        await self._done.wait()
+
+    def close(self) -> None:
+        """The caller stops reading (`StreamSource.close`)."""
+        self._over()
+
+    def let_go(self) -> bool:
+        """The worker stops waiting (its scope was cancelled: the caller's `aclose`, a
+        lost hedge race, the router closing). Returns whether the upstream is the
+        worker's to close: not while the caller's task is inside a read, which is cut
+        instead (the read fails, and the upstream ends as that failure unwinds it)."""
+        self._over()
+        if not self.reading:  # (always so once the stream ended)
+            return True
+        cut = self._timer.cut
+        assert cut is not None
+        cut()
+        return False
+
+    def _over(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.done = True
+        # The key's count is settled before the caller sees the end (the worker that
+        # waits on `_done` runs later).
+        self._actor.in_flight -= 1
+        self._done.set()
+
+    async def receive(self) -> StreamItem:
+        if self.closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        timer = self._timer
+        actor = self._actor
+        clock = actor._clock
+        upstream = self._upstream
+        timer.since = clock.current_time()
+        timer.waiting = self.reading = True
+        try:
+            batch = await upstream.__anext__()
+        except StopAsyncIteration:
+            return self._end(None)
+        except Exception as exc:
+            return self._end(exc)
+        except BaseException:  # the caller's cancellation ended the upstream as it unwound
+            self._over()
+            raise
+        finally:
+            timer.waiting = self.reading = False
+        if self.closed:  # let go while a batch was arriving: close the upstream here
+            await _close_upstream(upstream, clock)
+            raise trio.ClosedResourceError("the stream was closed")
+        for chunk in batch:
+            if chunk.finish_reason and not self._finished:
+                self._finished = True
+                timer.limit = self._grace
+                if self._grace < self._idle:
+                    actor._idle_file(timer, clock.current_time() + self._grace)
+            usage = chunk.usage
+            if usage is not None and usage.total_tokens:
+                actor._reconcile(self._job, usage.total_tokens, clock.current_time())
+        if timer.fired:  # it fell due just as the batch came: not idle, file it again
+            timer.done = timer.fired = False
+            actor._idle_file(timer, clock.current_time() + timer.limit)
+        return batch
+
+    def _end(self, exc: Exception | None) -> StreamItem:
+        """The upstream ended (`exc` None) or raised `exc` (a cut read among others):
+        the item that says how, handed out last."""
+        if self.closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        self._over()
+        if self._finished:
+            # Whole: the upstream ended after its finish reason, the grace after it
+            # ran out, or the connection broke once the answer was complete.
+            return STREAM_END
+        if exc is not None and self._timer.fired:  # the idle timer cut the read
+            error = ProviderError("transient", f"stream idle for {self._idle:g}s", timed_out=True)
+        elif exc is None:
+            error = ProviderError("transient", "stream ended before its finish reason")
+        elif isinstance(exc, ProviderError):
+            error = exc
+        else:
+            error = ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
+        return StreamFailure(self._actor._stream_recorded(self._job, error))
+
+
+async def _close_upstream(upstream: object, clock: trio.abc.Clock) -> None:
+    """Close a stream's upstream iterator, even inside a cancelled scope (bounded)."""
+    aclose = getattr(upstream, "aclose", None)
+    if aclose is not None:
+        with trio.CancelScope(shield=True) as closing:
+            closing.deadline = clock.current_time() + 5.0
             await aclose()
 
 
@@ -566,7 +716,10 @@ class KeyActor:
             expiry = timer.since + timer.limit
             if expiry <= now:
                 timer.done = timer.fired = True
-                timer.scope.cancel()
+                if timer.cut is not None:
+                    timer.cut()
+                else:
+                    timer.scope.cancel()
                 return
         else:
             expiry = now + timer.limit  # busy handing a batch over: not idle
@@ -777,10 +930,7 @@ class KeyActor:
                 self.in_flight += 1
                 if job.stream:
                     scope.deadline = job.deadline  # the first-token timeout is inside
-                    try:
-                        error = await self._stream_attempt(job, now, scope)
-                    finally:
-                        self.in_flight -= 1
+                    error = await self._stream_attempt(job, now, scope)  # ends in_flight
                     job.in_attempt = False
                     if error is None:
                         return STREAMED
@@ -1082,17 +1232,23 @@ class KeyActor:
         self, job: Job, now: float, scope: trio.CancelScope
     ) -> ProviderError | None:
         """One streamed attempt. Before the first content chunk a failure is returned
-        (and may fail over); after it, the stream belongs to the caller: the batches
-        are pumped into its channel and a failure reaches it as `StreamInterruptedError`.
-        Returns None once the stream has been handed over and pumped to its end."""
+        (and may fail over); after it, the stream belongs to the caller, whose task
+        reads the rest itself where the provider allows (`_Pull`), else the batches are
+        pumped into its channel; a failure reaches it as `StreamInterruptedError`.
+        Returns None once the stream has been handed over and has ended."""
         settings = self.settings
         clock = self._clock
         assert type(job.request) is ChatRequest
         upstream = self._open_stream(job.request)
+        # The caller's task reads the rest itself where the provider allows it and its
+        # transport can cut a pending read (see `_Pull`); else the worker pumps it.
+        cut = ReadCut() if getattr(self.provider, "reads_anywhere", False) is True else None
+        relay: _Pull | None = None
         try:
             first: list[StreamChunk] = []
             ended = False
             with trio.CancelScope(deadline=now + settings.first_token_timeout) as ttft:
+                token = STREAM_CUT.set(cut)
                 try:
                     while True:
                         try:
@@ -1107,6 +1263,8 @@ class KeyActor:
                     return exc
                 except Exception as exc:
                     return ProviderError("unknown", f"provider raised {type(exc).__name__}: {exc}")
+                finally:
+                    STREAM_CUT.reset(token)
             if ttft.cancelled_caught:
                 return ProviderError(
                     "transient",
@@ -1123,9 +1281,20 @@ class KeyActor:
             for chunk in first:  # a short answer's usage may come in its first read
                 if chunk.usage is not None and chunk.usage.total_tokens:
                     self._reconcile(job, chunk.usage.total_tokens, end)
-            send, receive = trio.open_memory_channel[StreamItem](16)
             pump = job.scope = trio.CancelScope()  # what the caller's aclose() cancels
             scope.deadline = math.inf  # the request deadline bounded the wait for this
+            if cut is not None and cut.cut is not None and not ended:
+                idle = settings.idle_timeout
+                grace = min(idle, _AFTER_FINISH_GRACE)
+                timer = _IdleTimer(grace if finished else idle)
+                timer.cut = cut.cut
+                relay = _Pull(self, job, upstream, timer, finished, idle, grace)
+                self._finish(job, StreamStart(first, relay, job))
+                with pump:
+                    self._idle_file(timer, clock.current_time() + timer.limit)
+                    await relay.wait()
+                return None  # ended, or cut short: the caller's aclose, a hedge race, shutdown
+            send, receive = trio.open_memory_channel[StreamItem](16)
             self._finish(job, StreamStart(first, receive, job))
             with send:
                 if ended:
@@ -1134,11 +1303,15 @@ class KeyActor:
                     await self._pump(job, upstream, send, pump, finished)
             return None
         finally:
-            with trio.CancelScope(shield=True) as closing:
-                closing.deadline = clock.current_time() + 5.0
-                aclose = getattr(upstream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            # The upstream iterator is this worker's to close, unless the caller's task
+            # is inside a read of it right now (then that read is cut instead).
+            owned = relay.let_go() if relay is not None else True  # (settles in_flight)
+            try:
+                if owned:
+                    await _close_upstream(upstream, clock)
+            finally:
+                if relay is None:
+                    self.in_flight -= 1  # (a pulled stream gave it back as it ended)
 
     async def _pump(
         self,
@@ -1237,6 +1410,18 @@ class KeyActor:
     ) -> None:
         """A stream failed after it was handed to the caller: record it at its grain
         (its first chunk already counted as the attempt's success) and tell the caller."""
+        error = self._stream_recorded(job, error)
+        # The caller learns of it without the actor ever waiting on the caller: in the
+        # channel when there is room, else from the job when the channel ends (a full
+        # channel means a slow reader, who must not hold the worker or break the actor).
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            send.send_nowait(StreamFailure(error))
+
+    def _stream_recorded(self, job: Job, error: ProviderError) -> ProviderError:
+        """Record a handed-over stream's failure at its grain; returns it stamped and
+        scrubbed (and kept on the job)."""
         error = self._own(error, job)
         # The first chunk settled the attempt's tickets; these verdicts count only
         # where the breaker is closed (a probe's slot was already given back).
@@ -1246,14 +1431,8 @@ class KeyActor:
         if job.lane is not None:
             job.lane.failures += 1
         self._record_failure(job, error, self._clock.current_time())
-        # The caller learns of it without the actor ever waiting on the caller: in the
-        # channel when there is room, else from the job when the channel ends (a full
-        # channel means a slow reader, who must not hold the worker or break the actor).
         job.failure = error
-        with contextlib.suppress(
-            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            send.send_nowait(StreamFailure(error))
+        return error
 
     def _log(self, job: Job, outcome: str, duration: float, status: int | None = None) -> None:
         job.attempts.append(

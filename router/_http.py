@@ -48,7 +48,7 @@ import time
 import urllib.request
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import httpx
 import trio
@@ -231,6 +231,10 @@ def _transport_error(
 
 class HttpProvider:
     """A `Provider` speaking one wire protocol over HTTP, with one client per key."""
+
+    reads_anywhere: Final = True
+    """`stream_batches` holds no cancel scope or nursery across a yield: once the
+    stream is handed over, the caller's task may read it (see `router._actor._Pull`)."""
 
     def __init__(
         self,

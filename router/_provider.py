@@ -8,6 +8,7 @@ it does all of that. It must be safe to call concurrently for the same key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Final, Protocol, runtime_checkable
 
@@ -19,6 +20,25 @@ IN_KEY_ACTOR: Final[ContextVar[bool]] = ContextVar("router_in_key_actor", defaul
 """True in a key actor's worker task, whose attempts the actor's own timer ends (at
 `attempt_timeout`): a built-in provider called there adds no fallback timeout of its own
 when no trio deadline is set (see `router._http`)."""
+
+
+class ReadCut:
+    """How to end a stream's pending body read from another task, without a cancel
+    scope around every read (see `STREAM_CUT`)."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut: Callable[[], None] | None = None
+        """Set by the transport once the response head is in: makes the reader's pending
+        (or next parked) read fail with a read error, and the connection is discarded."""
+
+
+STREAM_CUT: Final[ContextVar[ReadCut | None]] = ContextVar("router_stream_cut", default=None)
+"""Set by the key actor while it opens a stream: a transport able to cut a pending read
+of the response body from outside (`router._transport` can, for plain TCP and TLS)
+fills the `ReadCut` in, and the stream's idle timeout then costs the reader no cancel
+scope per read."""
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ which closes the upstream connection.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
 import msgspec
 import trio
@@ -57,16 +57,27 @@ StreamItem = list[StreamChunk] | StreamFailure | _End
 """One channel item: a batch (the chunks one upstream read produced), or the end."""
 
 
+class StreamSource(Protocol):
+    """Where a handed-over stream's batches come from: a memory channel the worker
+    pumps into, or the caller's own reads (`router._actor`'s pull relay). Both end
+    with `STREAM_END` or a `StreamFailure`; `EndOfChannel` or `ClosedResourceError`
+    mean the worker let go first."""
+
+    async def receive(self) -> StreamItem: ...
+
+    def close(self) -> None: ...
+
+
 class StreamStart:
     """A job's result when a stream has produced its first content: the chunks so far
-    and the channel the rest will come through."""
+    and where the rest will come from."""
 
     __slots__ = ("first", "job", "receive")
 
     def __init__(
         self,
         first: list[StreamChunk],
-        receive: trio.MemoryReceiveChannel[StreamItem],
+        receive: StreamSource,
         job: Job,
     ) -> None:
         self.first = first

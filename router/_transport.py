@@ -78,6 +78,8 @@ import httptools
 import httpx
 import trio
 
+from ._provider import STREAM_CUT
+
 __all__ = ["IDLE_CHECK_AFTER", "LeanClient", "RouterTransport"]
 
 IDLE_CHECK_AFTER: Final = 1.0
@@ -381,6 +383,14 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._connection.finish(self._generation)
 
+    def cut(self) -> None:
+        """End a pending read of this body from another task (a stream's idle timeout):
+        the reader gets a `ReadError` and the connection is closed. A reader that is
+        not parked on the socket right now is not affected."""
+        connection = self._connection
+        if connection.generation == self._generation and connection.request is not None:
+            trio.lowlevel.notify_closing(connection.socket)
+
 
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
@@ -541,10 +551,14 @@ class RouterTransport(httpx.AsyncBaseTransport):
                 )
             assert connection is not None
             version = connection.parser.get_http_version()
+            stream = _Body(connection, generation)
+            cut = STREAM_CUT.get()
+            if cut is not None:
+                cut.cut = stream.cut
             return httpx.Response(
                 connection.parser.get_status_code(),
                 headers=connection.headers,
-                stream=_Body(connection, generation),
+                stream=stream,
                 extensions={
                     "http_version": b"HTTP/1.1"
                     if version == "1.1"

@@ -4,10 +4,12 @@ config builder. Tests use the real Router, real key actors and the real trio clo
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 
 from router import (
@@ -20,6 +22,7 @@ from router import (
     StreamChunk,
     Usage,
 )
+from router._provider import STREAM_CUT
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,30 @@ class StreamScript:
     ending: str = "finish"
 
 
+def cuttable_reads(provider: object) -> Callable[[float], Awaitable[None]]:
+    """A stream's waits for its next piece, made cuttable from outside as the router's
+    HTTP transport makes its socket reads: when the stream may be read from any task
+    (`reads_anywhere` on `provider`), the key actor gets a way to cut a pending read
+    (`STREAM_CUT`), and the cut read fails as a broken connection would. Call it where
+    the stream starts (the actor's context)."""
+    cut = STREAM_CUT.get() if getattr(provider, "reads_anywhere", False) else None
+    reading: list[trio.CancelScope] = []
+    if cut is not None:
+        cut.cut = lambda: reading[-1].cancel() if reading else None
+
+    async def read(seconds: float) -> None:
+        with trio.CancelScope() as scope:
+            reading.append(scope)
+            try:
+                await trio.sleep(seconds)
+            finally:
+                reading.pop()
+        if scope.cancelled_caught:
+            raise ProviderError("transient", "the read was cut")
+
+    return read
+
+
 @dataclass
 class StreamingScriptedProvider(ScriptedProvider):
     """A ScriptedProvider that also streams: a StreamScript action streams, other
@@ -138,6 +165,7 @@ class StreamingScriptedProvider(ScriptedProvider):
     async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
         self.calls.append(Call(trio.current_time(), key.id, request.model, request.max_tokens))
         action = self._next(key.id, request.model)
+        read = cuttable_reads(self)
         try:
             if not isinstance(action, StreamScript):
                 self._scripts[f"{key.id}/{request.model}"].appendleft(action)
@@ -145,17 +173,17 @@ class StreamingScriptedProvider(ScriptedProvider):
                 response = await self.complete(request, key)
                 yield StreamChunk(text=response.content, finish_reason="stop")
                 return
-            await trio.sleep(action.latency)
+            await read(action.latency)
             for i, piece in enumerate(action.pieces):
                 if i:
-                    await trio.sleep(action.interval)
+                    await read(action.interval)
                 yield StreamChunk(text=piece)
             if action.ending == "finish":
                 yield StreamChunk(finish_reason="stop", usage=Usage(total_tokens=2))
             elif action.ending == "cut":
                 raise ProviderError("transient", "stream cut")
             else:
-                await trio.sleep_forever()
+                await read(math.inf)
         finally:
             self.closed.append(key.id)
 
@@ -166,3 +194,19 @@ def make_config(text: str) -> RouterConfig:
     cfg.router.retry_jitter = 0.0
     cfg.router.breaker.jitter = 0.0
     return cfg
+
+
+def reading_both_ways(*classes: type) -> Callable[..., str]:
+    """A fixture that runs each test of a module twice, once for each way a handed-over
+    stream is read: "pump" (the key's worker reads the provider and feeds the caller
+    through a channel) and "pull" (the caller's own task reads the provider, as it does
+    the built-in HTTP ones: `reads_anywhere`). It sets the flag on `classes` (their
+    streams hold no cancel scope across a yield, so both ways are valid for them)."""
+
+    @pytest.fixture(params=["pump", "pull"], autouse=True)
+    def stream_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+        for cls in classes:
+            monkeypatch.setattr(cls, "reads_anywhere", request.param == "pull", raising=False)
+        return str(request.param)
+
+    return stream_reading

@@ -14,6 +14,7 @@ from scripted import (
     StreamingScriptedProvider,
     StreamScript,
     make_config,
+    reading_both_ways,
 )
 
 from router import ChainExhaustedError, ChatRequest, Message, Router
@@ -39,6 +40,9 @@ def req(**kw: object) -> ChatRequest:
 def lane_of(router: Router, key_id: str):  # type: ignore[no-untyped-def]
     (actor,) = [a for a in router._runtimes["p"].actors if a.key_id == key_id]
     return actor, actor.lane_state("u")
+
+
+stream_reading = reading_both_ways(StreamingScriptedProvider)
 
 
 async def test_a_slow_first_token_is_beaten_by_the_hedge(autojump_clock):

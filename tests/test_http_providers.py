@@ -31,11 +31,13 @@ from router import (
     ModelSnapshot,
     ProviderError,
     Router,
+    RouterClosedError,
     RouterConfig,
     StreamChunk,
     StreamInterruptedError,
     Tool,
     ToolCall,
+    _transport,
 )
 from router.emulator import Emulator, Fault
 
@@ -615,6 +617,70 @@ async def test_stream_stall_is_interrupted_after_the_idle_timeout(kind: str) -> 
         assert "".join(got) == "alpha beta "
         assert "idle" in str(info.value)
         assert len(emu.calls) == 1
+
+
+@by_kind
+async def test_stream_is_read_by_the_callers_task(kind: str, monkeypatch) -> None:
+    # On the router's transport, once the stream is handed over, the caller's own task
+    # reads the socket: no worker step and no channel hop per event.
+    readers: list[trio.lowlevel.Task] = []
+    real = _transport._Connection.read_ready
+
+    def recording(self: Any) -> bool:
+        readers.append(trio.lowlevel.current_task())
+        return real(self)
+
+    monkeypatch.setattr(_transport._Connection, "read_ready", recording)
+    async with rig(kind) as (emu, router):
+        emu.script(Fault(reply=LONG, chunk_interval=0.02), key=SECRET_A, model=UP)
+        me = trio.lowlevel.current_task()
+        async with router.stream(req()) as stream:
+            await stream.__anext__()
+            handed = len(readers)  # (the head and the first chunk: the worker's reads)
+            rest = [chunk.text async for chunk in stream]
+        assert stream.text == LONG and "".join(rest)
+        assert readers[:handed] and me not in readers[:handed]
+        assert len(readers) - handed >= 3
+        assert set(readers[handed:]) == {me}
+        assert key(router, "p", "a").in_flight == 0
+
+
+@by_kind
+async def test_stream_closed_by_another_task_mid_read_drops_the_connection(kind: str) -> None:
+    # The consumer is parked on the socket when another task closes the stream: its
+    # read is cut at once, the connection is discarded (never reused mid-body), and
+    # the next request works on a fresh one.
+    async with rig(kind, max_continuations=0) as (emu, router):
+        emu.script(
+            Fault(reply=LONG, stall_after_chunks=2, stall_seconds=3.0), key=SECRET_A, model=UP
+        )
+        errors: list[StreamInterruptedError] = []
+        async with router.stream(req()) as stream:
+            two = trio.Event()
+
+            async def consume() -> None:
+                try:
+                    async for _ in stream:
+                        if stream.text == "alpha beta ":
+                            two.set()
+                except StreamInterruptedError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await two.wait()
+                await trio.sleep(0.05)  # parked on the stalled socket
+                start = trio.current_time()
+                await stream.aclose()
+            assert trio.current_time() - start < 0.5  # not after the 3 s stall
+        (err,) = errors
+        assert err.partial_text == "alpha beta "
+        assert isinstance(err.cause, RouterClosedError)
+        assert key(router, "p", "a").in_flight == 0
+        before = emu.connections_accepted
+        again, _ = await read_all(router, req("again"))
+        assert again.text == "echo: again"
+        assert emu.connections_accepted - before == 1  # the cut one was not reused
 
 
 @by_kind

@@ -11,6 +11,7 @@ and call the gateway app in process, counting the body messages it sends.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,13 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scripted import StreamingScriptedProvider, StreamScript, make_config
+from scripted import (
+    StreamingScriptedProvider,
+    StreamScript,
+    cuttable_reads,
+    make_config,
+    reading_both_ways,
+)
 
 from router import (
     ApiKey,
@@ -79,15 +86,20 @@ class Batches:
     async def stream_batches(
         self, request: ChatRequest, key: ApiKey
     ) -> AsyncIterator[list[StreamChunk]]:
+        read = cuttable_reads(self)
+
         try:
             for i, batch in enumerate(self.batches):
                 if i:
-                    await trio.sleep(self.gap)
+                    await read(self.gap)
                 yield batch
             if self.stall:
-                await trio.sleep_forever()
+                await read(math.inf)
         finally:
             self.closed += 1
+
+
+stream_reading = reading_both_ways(Batches, StreamingScriptedProvider)
 
 
 def texts(batch: list[StreamChunk]) -> list[str]:

@@ -22,6 +22,7 @@ from scripted import (
     StreamingScriptedProvider,
     StreamScript,
     make_config,
+    reading_both_ways,
 )
 
 from router import (
@@ -40,6 +41,8 @@ from router import (
     StreamInterruptedError,
     Usage,
 )
+
+stream_reading = reading_both_ways(StreamingScriptedProvider)
 
 FTT = 5.0
 """first_token_timeout of the default config."""
@@ -533,6 +536,66 @@ async def test_cancelled_consumer_closes_upstream(autojump_clock, script, leave_
         await _assert_left_cleanly(router, p, t0 + leave_at)
         assert p.calls_to("b") == 0
         await _serves_again(router, p)
+
+
+async def test_closing_from_another_task_while_the_reader_waits(autojump_clock):
+    # The consumer is parked waiting for the next piece when another task closes the
+    # stream: the wait ends at once (pulled: the read is cut; pumped: the pump stops),
+    # the consumer learns the stream was closed, and nothing is charged to the key.
+    p = StreamingScriptedProvider()
+    p.set_default("a", LONG)
+    cfg = config()
+    cfg.router.breaker.failure_threshold = 1
+    errors: list[StreamInterruptedError] = []
+    async with Router.open(cfg, providers=providers(p)) as router:
+        async with router.stream(req()) as stream:
+
+            async def consume() -> None:
+                try:
+                    async for _ in stream:
+                        pass
+                except StreamInterruptedError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await trio.sleep(1.5)  # "1 " and "2 " are in; the consumer waits for "3 "
+                await stream.aclose()
+                t_closed = trio.current_time()
+        (err,) = errors
+        assert err.partial_text == "1 2 "
+        assert isinstance(err.cause, RouterClosedError)
+        await _assert_left_cleanly(router, p, t_closed)
+        await _serves_again(router, p)
+
+
+async def test_a_pulled_stream_is_read_by_the_callers_own_task(autojump_clock, stream_reading):
+    # Once handed over, the caller's task reads the provider itself (one task step per
+    # chunk); a pumped stream is read by the key's worker.
+    readers: list[trio.lowlevel.Task] = []
+
+    class Recording(StreamingScriptedProvider):
+        async def stream(self, request: ChatRequest, key: ApiKey) -> AsyncIterator[StreamChunk]:
+            async for chunk in super().stream(request, key):
+                yield chunk
+                readers.append(trio.lowlevel.current_task())  # who asks for the next one
+
+    p = Recording()
+    p.set_default("a", GOOD)
+    async with (
+        Router.open(config(), providers=providers(p)) as router,
+        router.stream(req()) as stream,
+    ):
+        chunks = [(c.text, c.finish_reason) async for c in stream]
+    assert chunks == GOOD_CHUNKS
+    me = trio.lowlevel.current_task()
+    # (the worker read the first chunk, before the hand-over; each entry is who asked
+    # for the chunk after one)
+    assert len(readers) == len(GOOD_CHUNKS)
+    if stream_reading == "pull":
+        assert readers == [me] * len(GOOD_CHUNKS)
+    else:
+        assert me not in readers
 
 
 # -- providers without stream(), and the simulated provider -----------------------------
