@@ -47,7 +47,15 @@ import ssl
 import time
 import urllib.request
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import httpx
@@ -452,8 +460,8 @@ class HttpProvider:
                         feed = SseParser().feed
                         decoder = self._protocol.stream_decoder()
                         decode = decoder.feed
-                        raw = response.aiter_raw()
-                        async for data in raw:
+                        read = _body_reader(response)
+                        while data := await read():
                             events = feed(data)
                             if not events:
                                 continue
@@ -477,7 +485,7 @@ class HttpProvider:
                                 # goes back to the pool for the next request instead of
                                 # being dropped.
                                 with trio.move_on_after(_DRAIN_GRACE):
-                                    async for _ in raw:
+                                    while await read():
                                         pass
                                 return
                         if not decoder.finished:
@@ -554,6 +562,23 @@ class HttpProvider:
         shards, self._shards = self._shards, {}
         for group in shards.values():
             await group.aclose()
+
+
+def _body_reader(response: httpx.Response) -> Callable[[], Awaitable[bytes]]:
+    """The response body's next piece, b"" at its end: straight from the router's
+    transport (a coroutine per read, no generator layers), else through httpx."""
+    read: Callable[[], Awaitable[bytes]] | None = response.extensions.get("router.read_body")
+    if read is not None:
+        return read
+    pieces = response.aiter_raw()
+
+    async def next_piece() -> bytes:
+        try:
+            return await pieces.__anext__()  # (never b"": httpx yields no empty pieces)
+        except StopAsyncIteration:
+            return b""
+
+    return next_piece
 
 
 def _environment_proxies() -> bool:

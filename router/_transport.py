@@ -110,6 +110,7 @@ class _Connection:
         "body",
         "complete",
         "dirty",
+        "fd",
         "generation",
         "headers",
         "headers_done",
@@ -132,6 +133,8 @@ class _Connection:
     ) -> None:
         self.stream = stream
         self.socket = socket
+        self.fd = socket.fileno()
+        """The socket's descriptor, -1 once `close` ran (never a stale number)."""
         self.plain = type(stream) is trio.SocketStream
         """Plain TCP, read from the socket's descriptor (else TLS, through the stream)."""
         self.origin = origin
@@ -176,6 +179,7 @@ class _Connection:
     def close(self) -> None:
         """Close at once, without a TLS close_notify (a discarded connection owes the
         peer nothing, and this must work inside a cancelled scope)."""
+        self.fd = -1
         self.socket.close()
 
     # httptools callbacks
@@ -267,13 +271,13 @@ class _Connection:
         coroutine frames fewer (each kept alive by every request in flight)."""
         try:
             if self.plain:
-                sock = self.socket
-                if sock.fileno() < 0:
-                    raise trio.ClosedResourceError("the connection was closed")
-                await trio.lowlevel.wait_readable(sock)
-                while not self.read_ready():
-                    await trio.lowlevel.wait_readable(sock)
-                return
+                while True:
+                    fd = self.fd
+                    if fd < 0:
+                        raise trio.ClosedResourceError("the connection was closed")
+                    await trio.lowlevel.wait_readable(fd)
+                    if self.read_ready():
+                        return
             data = await self.stream.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(_describe(exc), request=self.request) from None
@@ -285,7 +289,7 @@ class _Connection:
     def read_ready(self) -> bool:
         """Read the readable descriptor of a plain TCP connection and parse what came;
         False when there was nothing after all (a spurious wakeup)."""
-        fd = self.socket.fileno()  # after every wait: -1 once closed, never a stale number
+        fd = self.fd  # after every wait: -1 once closed
         if fd < 0:
             raise httpx.ReadError("the connection was closed", request=self.request)
         try:
@@ -353,32 +357,47 @@ class _Body(httpx.AsyncByteStream):
         self._connection = connection
         self._generation = generation
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def read(self) -> bytes:
+        """The next piece of the body: what one socket read brought (a chunked body
+        parses into one piece per HTTP chunk, joined here), so a stream's parser sees
+        a whole burst and its events travel together; b"" at the end. A coroutine, not
+        an async generator: a streamed event passes no generator layers on its way
+        (the response's ``extensions["router.read_body"]``)."""
         connection, generation = self._connection, self._generation
         try:
             while connection.generation == generation and connection.request is not None:
-                if connection.body:
-                    # What one socket read brought is handed over as one piece (a
-                    # chunked body parses into one piece per HTTP chunk): a stream's
-                    # parser then sees the whole burst, and its events travel together.
-                    pieces, connection.body = connection.body, []
-                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                body = connection.body
+                if body:
+                    connection.body = []
+                    return body[0] if len(body) == 1 else b"".join(body)
                 if connection.complete:
                     break
                 timeout = connection.read_timeout
-                if timeout is None:
-                    await connection.receive()
-                else:
+                if timeout is not None:
                     with trio.move_on_after(timeout) as scope:
                         await connection.receive()
                     if scope.cancelled_caught:
                         raise httpx.ReadTimeout(
                             f"no body data within {timeout} s", request=connection.request
                         )
+                elif connection.plain and connection.fd >= 0:
+                    try:  # (`receive`, without its frame)
+                        await trio.lowlevel.wait_readable(connection.fd)
+                    except (trio.ClosedResourceError, OSError) as exc:
+                        raise httpx.ReadError(_describe(exc), request=connection.request) from None
+                    connection.read_ready()
+                else:
+                    await connection.receive()
         except BaseException:
             connection.finish(generation, broken=True)
             raise
         connection.finish(generation)
+        return b""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = self.read
+        while data := await read():
+            yield data
 
     async def aclose(self) -> None:
         self._connection.finish(self._generation)
@@ -388,8 +407,12 @@ class _Body(httpx.AsyncByteStream):
         the reader gets a `ReadError` and the connection is closed. A reader that is
         not parked on the socket right now is not affected."""
         connection = self._connection
-        if connection.generation == self._generation and connection.request is not None:
-            trio.lowlevel.notify_closing(connection.socket)
+        if (
+            connection.generation == self._generation
+            and connection.request is not None
+            and connection.fd >= 0
+        ):
+            trio.lowlevel.notify_closing(connection.fd)
 
 
 def _describe(exc: BaseException) -> str:
@@ -511,13 +534,12 @@ class RouterTransport(httpx.AsyncBaseTransport):
                         phase = _READ
                         scope.deadline = _deadline(timeouts.get("read"))
                         try:
-                            sock = connection.socket
                             while not connection.headers_done:
                                 if not connection.plain:
                                     await connection.receive()
                                     continue
                                 try:  # (`receive`, without its frame)
-                                    await trio.lowlevel.wait_readable(sock)
+                                    await trio.lowlevel.wait_readable(connection.fd)
                                 except (trio.ClosedResourceError, OSError) as exc:
                                     raise httpx.ReadError(_describe(exc), request=request) from None
                                 connection.read_ready()
@@ -560,6 +582,7 @@ class RouterTransport(httpx.AsyncBaseTransport):
                 headers=connection.headers,
                 stream=stream,
                 extensions={
+                    "router.read_body": stream.read,
                     "http_version": b"HTTP/1.1"
                     if version == "1.1"
                     else b"HTTP/" + version.encode(),
