@@ -65,6 +65,7 @@ from router import (
     Router,
     RouterConfig,
     StreamInterruptedError,
+    tune_gc,
 )
 
 SECTIONS = (
@@ -638,7 +639,43 @@ def _ramp(n: int) -> float:
     return max(1.0, n / 600)  # 3,000 streams start over 5 s
 
 
-async def streams_inprocess(base: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+class _GcClock:
+    """CPU seconds spent in garbage collections while `on` (a `gc.callbacks` hook)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds = 0.0
+        self.collections = 0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.process_time()
+        elif self.on:
+            self.seconds += time.process_time() - self._start
+            self.collections += 1
+
+
+async def streams_inprocess(
+    base: str, n: int, args: argparse.Namespace, tuned: bool = False
+) -> dict[str, Any]:
+    """N paced streams through `router.stream` in this process; `tuned`: with
+    `router.tune_gc()` applied (and undone after)."""
+    previous = tune_gc() if tuned else None
+    gc_clock = _GcClock()
+    gc.callbacks.append(gc_clock)
+    try:
+        return await _streams_inprocess(base, n, args, gc_clock)
+    finally:
+        gc.callbacks.remove(gc_clock)
+        if previous is not None:
+            gc.set_threshold(*previous)
+            gc.unfreeze()
+
+
+async def _streams_inprocess(
+    base: str, n: int, args: argparse.Namespace, gc_clock: _GcClock
+) -> dict[str, Any]:
     per_key = 256
     config = RouterConfig.from_toml(c.router_config(base, -(-n // per_key), per_key))
     ttfe: list[float] = []
@@ -686,6 +723,7 @@ async def streams_inprocess(base: str, n: int, args: argparse.Namespace) -> dict
         rss0 = c.rss_bytes()
         peak = rss0
         ramp = _ramp(n)
+        gc_clock.on = True
         cpu0 = time.process_time()
         with trio.move_on_after(ramp + args.stream_events * args.stream_interval * 3 + 30):
             async with trio.open_nursery() as nursery:
@@ -702,11 +740,15 @@ async def streams_inprocess(base: str, n: int, args: argparse.Namespace) -> dict
                 await all_done.wait()
                 nursery.cancel_scope.cancel()
         cpu = time.process_time() - cpu0
+        gc_clock.on = False
         after = await trio.to_thread.run_sync(_upstream_stats, base)
-    return _stream_summary(
+    res = _stream_summary(
         n, events, cpu, rss0, peak, ttfe, gaps, done, errors,
         after["connections"] - before["connections"] - 1, after["streams"] - before["streams"],
     )  # fmt: skip
+    res["gc_share"] = gc_clock.seconds / cpu if cpu else None
+    res["gc_collections"] = gc_clock.collections
+    return res
 
 
 async def streams_sequential(base: str, count: int) -> dict[str, Any]:
@@ -758,9 +800,11 @@ def _streams_over_http(
 
 def _print_streams(label: str, r: dict[str, Any]) -> None:
     per_event = r["cpu_us_per_event"]
-    print(f"streams {label:14s} {r['streams']:5d}  completed {r['completed']:5d}  "
+    gc_share = r.get("gc_share")
+    print(f"streams {label:24s} {r['streams']:5d}  completed {r['completed']:5d}  "
           f"{per_event if per_event is None else round(per_event, 1)} µs/event  "
-          f"gap max {r['gap_max_ms']} ms  conns/stream {r['connections_per_stream']}",
+          f"gap max {r['gap_max_ms']} ms  conns/stream {r['connections_per_stream']}"
+          + (f"  GC {gc_share * 100:.0f}% of CPU" if gc_share is not None else ""),
           flush=True)  # fmt: skip
 
 
@@ -768,6 +812,7 @@ def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"events": args.stream_events, "interval": args.stream_interval}
     rows: dict[str, list[dict[str, Any]]] = {
         "router.stream": [],
+        "router.stream, tune_gc()": [],
         "gateway": [],
         "litellm-proxy": [],
     }
@@ -787,9 +832,10 @@ def run_streams(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(f"streams sequential: {out['sequential']}", flush=True)
             for n in args.stream_counts:
-                r = trio.run(streams_inprocess, base, n, args)
-                rows["router.stream"].append(r)
-                _print_streams("router.stream", r)
+                for label, tuned in (("router.stream", False), ("router.stream, tune_gc()", True)):
+                    r = trio.run(streams_inprocess, base, n, args, tuned)
+                    rows[label].append(r)
+                    _print_streams(label, r)
             for n in args.stream_counts:
                 gport = c.free_port()
                 cfg = Path(tmp) / "gw.toml"
@@ -1120,10 +1166,11 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
             "stream.",
             "",
             c.markdown_table(
-                ["path", "streams", "completed", "CPU µs/event", "RSS KiB/stream",
-                 "first event p50 ms", "p99 ms", "gap p99 ms", "gap max ms",
+                ["path", "streams", "completed", "CPU µs/event", "GC share of CPU",
+                 "RSS KiB/stream", "first event p50 ms", "p99 ms", "gap p99 ms", "gap max ms",
                  "upstream conns/stream"],
                 [[label, str(r["streams"]), str(r["completed"]), c.fmt(r["cpu_us_per_event"], 1),
+                  "" if r.get("gc_share") is None else f"{r['gc_share'] * 100:.0f}%",
                   c.fmt(r["rss_kib_per_stream"], 1), c.fmt(r["ttfe_p50_ms"], 1),
                   c.fmt(r["ttfe_p99_ms"], 1), c.fmt(r["gap_p99_ms"], 1),
                   c.fmt(r["gap_max_ms"], 1), c.fmt(r["connections_per_stream"], 2)]
@@ -1145,7 +1192,11 @@ def build_markdown(p: dict[str, Any], args: argparse.Namespace) -> str:
                     ]
         if st.get("litellm_skipped"):
             lines += [f"LiteLLM's proxy was skipped: {st['litellm_skipped']}", ""]
-        for label, limit in (("router.stream", 30.0), ("gateway", 80.0)):
+        for label, limit in (
+            ("router.stream", 30.0),
+            ("router.stream, tune_gc()", 30.0),
+            ("gateway", 80.0),
+        ):
             for r in st["rows"].get(label, []):
                 v = r["cpu_us_per_event"]
                 if v is None:

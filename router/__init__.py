@@ -25,6 +25,7 @@ Layout (every implementation module is private; this file re-exports the public 
 - `_chain.py`     ModelChain: request -> ordered, de-duplicated models to try
 - `_router.py`    Router: the supervisor that walks the chain over the actors
 - `_otel.py`      OpenTelemetry traces of requests (imported only when tracing is on)
+- `_gc.py`        `tune_gc`: the garbage collector set for many open streams
 - `_demo.py`      the `llm-router demo` command
 """
 
@@ -57,6 +58,7 @@ from ._errors import (
     StreamInterruptedError,
     UnknownModelError,
 )
+from ._gc import tune_gc
 from ._health import ModelHealth
 from ._provider import Provider
 from ._router import (
@@ -153,6 +155,7 @@ __all__ = [
     "ToolCallDelta",
     "UnknownModelError",
     "Usage",
+    "tune_gc",
 ]
 
 # Show `router.X` in reprs and tracebacks, as httpx does. msgspec Structs keep their

@@ -191,6 +191,11 @@ class GatewayConfig(_Section):
     access_log: Literal["json", "text", "off"] = "json"
     """One line per request on the ``router.access`` logger (stderr under `serve`): JSON,
     a readable line, or none. `serve --access-log` overrides it."""
+    gc_threshold: PositiveInt | None = 10_000
+    """``llm-router serve`` sets CPython's generation-0 collection threshold to this at
+    startup and freezes the objects made so far (`router.tune_gc`): with thousands of
+    streams open, the default (700) spends a large share of the CPU walking parked
+    coroutine frames. None leaves the interpreter's settings alone."""
 
     def __repr__(self) -> str:
         return (

@@ -79,6 +79,7 @@ EXPECTED_ALL = [
     "ToolCallDelta",
     "UnknownModelError",
     "Usage",
+    "tune_gc",
 ]
 
 EXPECTED_KINDS = {

@@ -72,6 +72,7 @@ from .._config import (
     resolve_secret,
 )
 from .._errors import ConfigError, RouterClosedError
+from .._gc import tune_gc
 from .._provider import Provider
 from .._router import Router
 from .._secrets import header_is_secret, mask_url
@@ -675,6 +676,8 @@ def serve_command(args: argparse.Namespace) -> int:
             gateway = msgspec.structs.replace(config.gateway, access_log=args.access_log)
             config = msgspec.structs.replace(config, gateway=gateway)
         _setup_access_log(config.gateway.access_log)
+        if config.gateway.gc_threshold is not None:
+            tune_gc(config.gateway.gc_threshold)
         if args.workers < 1:
             raise ConfigError("--workers", "must be at least 1")
         if args.workers > 1 and args.worker_fd is None:
