@@ -461,12 +461,13 @@ class HttpProvider:
                         decoder = self._protocol.stream_decoder()
                         decode = decoder.feed
                         read = _body_reader(response)
+                        scrub = scrubbing(scrubber)  # (one per stream: entered per read)
                         while data := await read():
                             events = feed(data)
                             if not events:
                                 continue
                             broken: ProviderError | None = None
-                            with scrubbing(scrubber):  # no await or yield inside
+                            with scrub:  # no await or yield inside
                                 if len(events) == 1:
                                     batch = decode(events[0])
                                 else:

@@ -74,6 +74,17 @@ class SseParser:
             self._started = True
             if buffer.startswith(_BOM):
                 buffer = buffer[len(_BOM) :]
+        if (  # one whole ``data:`` event and nothing else (a token, streamed alone)
+            not self._data
+            and buffer[:6] == b"data: "
+            and buffer.find(b"\n") == len(buffer) - 2
+            and buffer[-1:] == b"\n"
+            and b"\r" not in buffer
+        ):
+            self._buffer = b""
+            event = self._event or "message"
+            self._event = ""
+            return [SseEvent(event=event, data=buffer[6:-2].decode("utf-8", "replace"))]
         events: list[SseEvent] = []
         line = self._line
         if b"\r" not in buffer:  # LF endings only (nearly every upstream): split at once

@@ -252,11 +252,24 @@ class ChatStream:
             at = self._at
             if at < len(pending):
                 self._at = at + 1
-                chunk = self._match(pending[at])
+                chunk = self._match(pending[at]) if self._skip or self._trim else pending[at]
                 if chunk is not None:
                     return self._take(chunk)
                 continue
-            await self._refill()
+            # The next batch (`_refill`, inlined for the common case: one frame fewer
+            # parked per stream and per event).
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                item = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                await self._channel_ended()
+                continue
+            if type(item) is list:
+                self._pending = item
+                self._at = 0
+            else:
+                await self._arrived(item)
 
     def batches(self) -> AsyncIterator[list[StreamChunk]]:
         """The same chunks, as they arrived together: each batch holds the chunks one
@@ -291,21 +304,30 @@ class ChatStream:
             await self._refill()
 
     async def _refill(self) -> None:
-        """The next batch from the worker into `_pending`, or the end (raises
-        StopAsyncIteration), or the interruption (continued, or raised)."""
+        """The next batch into `_pending`, or the end (raises StopAsyncIteration), or
+        the interruption (continued, or raised)."""
         if self._ended:
             raise StopAsyncIteration
         try:
             item = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            failure = self._job.failure  # a failure the full channel had no room for
-            cause: RouterError = (
-                failure
-                if failure is not None
-                else RouterClosedError("the stream was closed before it finished")
-            )
-            await self._interrupted(cause)
+            await self._channel_ended()
             return
+        await self._arrived(item)
+
+    async def _channel_ended(self) -> None:
+        """The source ended without an end item: the worker let go first."""
+        failure = self._job.failure  # a failure the full channel had no room for
+        cause: RouterError = (
+            failure
+            if failure is not None
+            else RouterClosedError("the stream was closed before it finished")
+        )
+        await self._interrupted(cause)
+
+    async def _arrived(self, item: StreamItem) -> None:
+        """A batch (into `_pending`), the end (raises StopAsyncIteration) or a failure
+        (continued, or raised)."""
         if type(item) is list:
             self._pending = item
             self._at = 0

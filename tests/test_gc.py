@@ -4,6 +4,7 @@ applying ``[gateway] gc_threshold`` at startup."""
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_tune_gc_refuses_a_threshold_below_one(restored_gc: None) -> None:
 
 
 @pytest.fixture
-def startup_only(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def startup_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """`serve_command` up to the point where it would serve, with nothing left behind in
     this process (logging, signals), recording what it passes to `tune_gc`."""
     calls: list[int] = []
@@ -58,7 +59,11 @@ def startup_only(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(_serve.logging, "basicConfig", lambda **kw: None)
     monkeypatch.setattr(_serve.signal, "signal", lambda *a: None)
     monkeypatch.setattr(_serve, "_setup_access_log", lambda fmt: None)
-    return calls
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpcore")]
+    levels = [logger.level for logger in loggers]
+    yield calls
+    for logger, level in zip(loggers, levels, strict=True):  # it quiets them; others read them
+        logger.setLevel(level)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [("", 10_000), ("gc_threshold = 2500", 2500)])
