@@ -43,6 +43,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -751,6 +752,72 @@ async def _streams_inprocess(
     return res
 
 
+_FLOOR_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
+
+
+async def streams_floor(base: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The floor under the library's per-event cost: the same N paced streams read by
+    bare trio, one task per stream waiting on its socket (`wait_readable`) and reading
+    it (`os.read`), counting events without parsing HTTP, SSE or JSON."""
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json"
+        b"\r\ncontent-length: %d\r\n\r\n%s" % (host.encode(), len(_FLOOR_BODY), _FLOOR_BODY)
+    )
+    ttfe: list[float] = []
+    gaps: list[float] = []
+    done = events = errors = 0
+
+    async def one(delay: float) -> None:
+        nonlocal done, events, errors
+        await trio.sleep(delay)
+        start = last = time.monotonic()
+        gap = 0.0
+        first = True
+        sock = trio.socket.socket()
+        try:
+            await sock.connect((host, int(port)))
+            await sock.send(request)
+            fd = sock.fileno()
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                data = os.read(fd, 65536)
+                now = time.monotonic()
+                count = data.count(b"data: {")
+                if count:
+                    if first:
+                        ttfe.append(now - start)
+                        first = False
+                    else:
+                        gap = max(gap, now - last)
+                    last = now
+                    events += count
+                if not data or data.endswith(b"0\r\n\r\n"):
+                    break
+            done += 1
+            gaps.append(gap)
+        except OSError:
+            errors += 1
+        finally:
+            sock.close()
+
+    before = await trio.to_thread.run_sync(_upstream_stats, base)
+    gc.collect()
+    rss0 = c.rss_bytes()
+    ramp = _ramp(n)
+    cpu0 = time.process_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, ramp * i / n)
+    cpu = time.process_time() - cpu0
+    after = await trio.to_thread.run_sync(_upstream_stats, base)
+    # (events counted here include the role, finish and usage events: 3 per stream more)
+    return _stream_summary(
+        n, events, cpu, rss0, c.rss_bytes(), ttfe, gaps, done, errors,
+        after["connections"] - before["connections"] - 1, after["streams"] - before["streams"],
+    )  # fmt: skip
+
+
 async def streams_sequential(base: str, count: int) -> dict[str, Any]:
     """`count` streams one after the other on one key: connections opened per stream."""
     config = RouterConfig.from_toml(c.router_config(base, 1, 4))
@@ -811,6 +878,7 @@ def _print_streams(label: str, r: dict[str, Any]) -> None:
 def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"events": args.stream_events, "interval": args.stream_interval}
     rows: dict[str, list[dict[str, Any]]] = {
+        "trio floor": [],
         "router.stream": [],
         "router.stream, tune_gc()": [],
         "gateway": [],
@@ -832,6 +900,9 @@ def run_streams(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(f"streams sequential: {out['sequential']}", flush=True)
             for n in args.stream_counts:
+                r = trio.run(streams_floor, base, n, args)
+                rows["trio floor"].append(r)
+                _print_streams("trio floor", r)
                 for label, tuned in (("router.stream", False), ("router.stream, tune_gc()", True)):
                     r = trio.run(streams_inprocess, base, n, args, tuned)
                     rows[label].append(r)
