@@ -247,10 +247,10 @@ class _Pull:
         "_grace",
         "_idle",
         "_job",
+        "_now",
         "_timer",
         "_upstream",
         "closed",
-        "reading",
     )
 
     def __init__(
@@ -270,11 +270,10 @@ class _Pull:
         self._finished = finished
         self._idle = idle
         self._grace = grace
+        self._now = actor._clock.current_time
         self._done = trio.Event()
         self.closed = False
         """Over: the end was handed out, or the caller or the worker let go."""
-        self.reading = False
-        """The caller's task is inside the upstream's read right now."""
 
     async def wait(self) -> None:
         """The worker's wait for the end of the stream."""
@@ -290,7 +289,7 @@ class _Pull:
         worker's to close: not while the caller's task is inside a read, which is cut
         instead (the read fails, and the upstream ends as that failure unwinds it)."""
         self._over()
-        if not self.reading:  # (always so once the stream ended)
+        if not self._timer.waiting:  # not inside a read (always so once the stream ended)
             return True
         cut = self._timer.cut
         assert cut is not None
@@ -311,11 +310,9 @@ class _Pull:
         if self.closed:
             raise trio.ClosedResourceError("the stream was closed")
         timer = self._timer
-        actor = self._actor
-        clock = actor._clock
         upstream = self._upstream
-        timer.since = clock.current_time()
-        timer.waiting = self.reading = True
+        timer.since = self._now()
+        timer.waiting = True  # (also: the caller's task is inside the upstream's read)
         try:
             batch = await upstream.__anext__()
         except StopAsyncIteration:
@@ -326,22 +323,22 @@ class _Pull:
             self._over()
             raise
         finally:
-            timer.waiting = self.reading = False
+            timer.waiting = False
         if self.closed:  # let go while a batch was arriving: close the upstream here
-            await _close_upstream(upstream, clock)
+            await _close_upstream(upstream, self._actor._clock)
             raise trio.ClosedResourceError("the stream was closed")
         for chunk in batch:
             if chunk.finish_reason and not self._finished:
                 self._finished = True
                 timer.limit = self._grace
                 if self._grace < self._idle:
-                    actor._idle_file(timer, clock.current_time() + self._grace)
+                    self._actor._idle_file(timer, self._now() + self._grace)
             usage = chunk.usage
             if usage is not None and usage.total_tokens:
-                actor._reconcile(self._job, usage.total_tokens, clock.current_time())
+                self._actor._reconcile(self._job, usage.total_tokens, self._now())
         if timer.fired:  # it fell due just as the batch came: not idle, file it again
             timer.done = timer.fired = False
-            actor._idle_file(timer, clock.current_time() + timer.limit)
+            self._actor._idle_file(timer, self._now() + timer.limit)
         return batch
 
     def _end(self, exc: Exception | None) -> StreamItem:

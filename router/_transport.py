@@ -381,11 +381,17 @@ class _Body(httpx.AsyncByteStream):
                             f"no body data within {timeout} s", request=connection.request
                         )
                 elif connection.plain and connection.fd >= 0:
-                    try:  # (`receive`, without its frame)
+                    try:  # (`receive` and `read_ready`, without their frames)
                         await trio.lowlevel.wait_readable(connection.fd)
+                        data = os.read(connection.fd, _READ_SIZE)
+                    except BlockingIOError:
+                        continue  # a spurious wakeup
                     except (trio.ClosedResourceError, OSError) as exc:
                         raise httpx.ReadError(_describe(exc), request=connection.request) from None
-                    connection.read_ready()
+                    if data:
+                        connection.feed(data)
+                    else:
+                        connection.eof()
                 else:
                     await connection.receive()
         except BaseException:

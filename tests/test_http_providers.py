@@ -624,13 +624,13 @@ async def test_stream_is_read_by_the_callers_task(kind: str, monkeypatch) -> Non
     # On the router's transport, once the stream is handed over, the caller's own task
     # reads the socket: no worker step and no channel hop per event.
     readers: list[trio.lowlevel.Task] = []
-    real = _transport._Connection.read_ready
+    real = _transport._Connection.feed
 
-    def recording(self: Any) -> bool:
+    def recording(self: Any, data: bytes) -> None:  # every socket read that brought bytes
         readers.append(trio.lowlevel.current_task())
-        return real(self)
+        real(self, data)
 
-    monkeypatch.setattr(_transport._Connection, "read_ready", recording)
+    monkeypatch.setattr(_transport._Connection, "feed", recording)
     async with rig(kind) as (emu, router):
         emu.script(Fault(reply=LONG, chunk_interval=0.02), key=SECRET_A, model=UP)
         me = trio.lowlevel.current_task()

@@ -278,7 +278,7 @@ def test_admin_reload_reports_changes_and_a_bad_file_keeps_the_running_config(
         assert answer.status_code == 200
         # a listen address change is logged, not applied
         text = config_text(emulator.url, ("k1", "k2"), ("smart", "fresh"))
-        write(path, text.replace("[gateway]", "[gateway]\nport = 1\n"))
+        write(path, text.replace("[gateway]", "[gateway]\nport = 1\ngc_threshold = 777\n"))
         r = httpx.post(reload_url, headers=ADMIN_AUTH, timeout=10)
         assert r.status_code == 200, r.text
         assert httpx.get(f"{proc.url}/healthz", timeout=5).status_code == 200
@@ -293,6 +293,7 @@ def test_admin_reload_reports_changes_and_a_bad_file_keeps_the_running_config(
     assert len(refused) == 4, refused  # three admin calls, one SIGHUP: a line each
     assert "providers[0].kind" in refused[0]
     assert "listen address changes only on restart" in log
+    assert "gateway.gc_threshold changed to 777: it is applied only at startup" in log
 
 
 def _until(check: Callable[[], bool], proc: Proc, timeout: float = 15.0) -> None:

@@ -411,7 +411,8 @@ class GatewayApp:
         gateway, or raise `ConfigError` having changed nothing. Live: the router's
         keys, models and live settings (`Router.reload`), the gateway's api_keys (their
         tenants and models lists), admin_key, limits and fallback policy. Not live: the
-        listen address (logged when it changed) and the access-log format."""
+        listen address and `gc_threshold` (logged when they changed) and the access-log
+        format."""
         router = self.router
         if router is None:
             raise RouterClosedError()
@@ -422,8 +423,17 @@ class GatewayApp:
                 config = RouterConfig.load(self.config_path)
             old = self.config.gateway
             gw = config.gateway
-            if gw.access_log != old.access_log:
-                gw = msgspec.structs.replace(gw, access_log=old.access_log)
+            if gw.access_log != old.access_log or gw.gc_threshold != old.gc_threshold:
+                if gw.gc_threshold != old.gc_threshold:
+                    log.warning(
+                        "gateway.gc_threshold changed to %s: it is applied only at startup "
+                        "(the running process keeps %s)",
+                        gw.gc_threshold,
+                        old.gc_threshold,
+                    )
+                gw = msgspec.structs.replace(
+                    gw, access_log=old.access_log, gc_threshold=old.gc_threshold
+                )
                 config = msgspec.structs.replace(config, gateway=gw)
             for i, k in enumerate(gw.api_keys):  # the gateway's secrets, before any change
                 resolve_secret(k.secret, f"gateway.api_keys[{i}].secret")
