@@ -44,11 +44,17 @@ How a job travels, and why this way:
   the HTTP pool.
 - The actor's task also ends queued jobs at their deadlines, so a request waiting for
   a free worker still ends at its deadline.
-- A handed-over stream is pumped one batch (the chunks of one upstream read) per
-  channel item. Its idle timeout is an `_IdleTimer` in a heap the actor's task
-  watches: the pump writes two attributes around each wait, and the heap sees the
-  stream about once per idle timeout. (A fresh cancel scope per chunk, as before,
-  measured about a third of the library's CPU per chunk in bursts.)
+- A handed-over stream is read by the caller's own task (`_Pull`) when the provider
+  allows it and its transport can cut a pending read from outside (the built-in HTTP
+  kinds on the router's transport): one task step per upstream read, where a pump
+  and a channel cost two and a hop (about a quarter of a token-by-token stream's CPU,
+  measured). The worker keeps the key's slot and waits for the end. Other providers'
+  streams are pumped by the worker, one batch (the chunks of one upstream read) per
+  channel item. Either way the idle timeout is an `_IdleTimer` in a heap the actor's
+  task watches: the reader writes two attributes around each wait, the heap sees the
+  stream about once per idle timeout, and a read that waited too long is cut (the
+  transport's cut, or the pump's cancel scope). A fresh cancel scope per chunk, as
+  before, measured about a third of the library's CPU per chunk in bursts.
 
 Draining (a key a reload removed, `drain`): the key takes no new job (`is_available`
 says no, `call` answers SKIPPED so the router moves on), its idle workers retire, busy

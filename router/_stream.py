@@ -1,14 +1,15 @@
-"""Streams as the caller sees them: `ChatStream`, fed by the key actor's worker.
+"""Streams as the caller sees them: `ChatStream`, fed through a `StreamSource`.
 
-The worker that served the first content chunk keeps pumping the upstream stream into
-a small memory channel; the caller iterates `ChatStream`. The worker puts `STREAM_END`
-into the channel after a whole answer, or a `StreamFailure` when the upstream broke;
-a channel that ends with neither (the router closed) is an interruption too. So a cut
-answer can never look whole: `ChatStream` raises `StreamInterruptedError` with the
-text received so far.
+After the first content chunk the stream is the caller's. Its source is either the
+upstream itself, read in the caller's task (`router._actor._Pull`, for the built-in
+HTTP kinds), or a small memory channel the key actor's worker pumps the upstream
+into. Both end with `STREAM_END` after a whole answer, or a `StreamFailure` when the
+upstream broke; a source that ends with neither (the router closed) is an interruption
+too. So a cut answer can never look whole: `ChatStream` raises
+`StreamInterruptedError` with the text received so far.
 
-Closing the `ChatStream` early (or cancelling its consumer) cancels the worker's pump,
-which closes the upstream connection.
+Closing the `ChatStream` early (or cancelling its consumer) stops the source and
+closes the upstream connection.
 """
 
 from __future__ import annotations
