@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from router import ApiKey, ChatRequest, ConfigError, Message, Router, RouterConfig
 from router._http import HttpProvider, protocol_for
+from router._provider import STREAM_CUT, ReadCut
 from router._transport import IDLE_CHECK_AFTER, LeanClient, RouterTransport, _Connection
 
 
@@ -797,3 +798,75 @@ async def test_closing_the_transport_closes_connections_in_use_when_they_end(ser
         await http.aclose()
         await response.aread()
     assert (origin.open, origin.idle) == (0, [])  # closed, not kept idle
+
+
+# -- cutting a pending body read from another task (a stream's idle timeout) ---------------
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_pending_body_read_is_cut_from_another_task(serve, ca, scheme):
+    # A stream's reader is parked on a stalled body; the key actor's idle timer cuts the
+    # read through the cut the transport registered (`STREAM_CUT`): the read fails at
+    # once with a ReadError, the connection is closed, never reused, and the next
+    # request gets a new one.
+    tls = _server_context(ca, "localhost") if scheme == "https" else None
+    server = await serve(
+        answer(Reply([CHUNKED_HEAD + b"5\r\nfirst\r\n"], stall=True), ok(b"again")), tls=tls
+    )
+    transport = RouterTransport(ssl_context=_client_context(ca))
+    cut = ReadCut()
+    async with LeanClient(transport=transport) as http:
+        token = STREAM_CUT.set(cut)
+        try:
+            request = http.build_request("GET", f"{scheme}://localhost:{server.port}/")
+            response = await http.send(request, stream=True)
+        finally:
+            STREAM_CUT.reset(token)
+        assert cut.cut is not None
+        read = response.extensions["router.read_body"]
+        assert await read() == b"first"
+        failed: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                await read()
+            except httpx.ReadError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            cut.cut()
+        assert trio.current_time() - start < 1.0
+        assert len(failed) == 1
+        await response.aclose()
+        cut.cut()  # a cut after the exchange ended touches nothing
+        again = await http.get(f"{scheme}://localhost:{server.port}/")
+        assert again.content == b"again"
+    assert server.accepted == 2
+
+
+async def test_a_cut_misses_a_reader_that_is_not_parked(serve):
+    # Cut while nobody waits on the socket: nothing happens, the body reads on.
+    server = await serve(answer(Reply([CHUNKED_HEAD + b"3\r\none\r\n", b"3\r\ntwo\r\n0\r\n\r\n"])))
+    transport = RouterTransport()
+    cut = ReadCut()
+    async with LeanClient(transport=transport) as http:
+        token = STREAM_CUT.set(cut)
+        try:
+            response = await http.send(
+                http.build_request("GET", f"http://127.0.0.1:{server.port}/"), stream=True
+            )
+        finally:
+            STREAM_CUT.reset(token)
+        read = response.extensions["router.read_body"]
+        pieces = [await read()]
+        assert cut.cut is not None
+        cut.cut()
+        while piece := await read():
+            pieces.append(piece)
+        assert b"".join(pieces) == b"onetwo"
+        await response.aclose()
