@@ -316,6 +316,8 @@ class _Pull:
         if self.closed:
             raise trio.ClosedResourceError("the stream was closed")
         timer = self._timer
+        if timer.waiting:  # (the caller's mistake, never the upstream's failure)
+            raise trio.BusyResourceError("another task is already reading this stream")
         upstream = self._upstream
         timer.since = self._now()
         timer.waiting = True  # (also: the caller's task is inside the upstream's read)

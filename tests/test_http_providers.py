@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from router import (
     ChainExhaustedError,
@@ -681,6 +682,38 @@ async def test_stream_closed_by_another_task_mid_read_drops_the_connection(kind:
         again, _ = await read_all(router, req("again"))
         assert again.text == "echo: again"
         assert emu.connections_accepted - before == 1  # the cut one was not reused
+
+
+@by_kind
+async def test_a_second_task_reading_the_same_stream_is_refused(kind: str) -> None:
+    # Two tasks iterating one stream at once is the caller's mistake: the second gets
+    # BusyResourceError, the first reads the whole answer, and the key is not charged.
+    async with rig(kind) as (emu, router):
+        emu.script(Fault(reply=LONG, chunk_interval=0.05), key=SECRET_A, model=UP)
+        refused: list[BaseException] = []
+        async with router.stream(req()) as stream:
+            first = await stream.__anext__()
+
+            async def second() -> None:
+                try:
+                    await stream.__anext__()
+                except trio.BusyResourceError as exc:
+                    refused.append(exc)
+
+            rest: list[str] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    rest.extend([chunk.text async for chunk in stream])
+
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()  # the reader waits on the socket
+                nursery.start_soon(second)
+        assert len(refused) == 1
+        assert first.text + "".join(rest) == LONG
+        assert stream.finish_reason == "stop"
+        snap = key(router, "p", "a")
+        assert (snap.failures, snap.in_flight, snap.breaker) == (0, 0, "closed")
 
 
 @by_kind
