@@ -628,9 +628,9 @@ def _stream_summary(
         "cpu_us_per_event": cpu / events * 1e6 if events else None,
         "cpu_s": cpu,
         "rss_kib_per_stream": max(0, rss_peak - rss0) / 1024 / n,
-        "ttfe_p50_ms": c.percentile(ttfe, 0.5) * 1e3 if ttfe else None,
-        "ttfe_p99_ms": c.percentile(ttfe, 0.99) * 1e3 if ttfe else None,
-        "gap_p99_ms": c.percentile(gaps, 0.99) * 1e3 if gaps else None,
+        "ttfe_p50_ms": c.percentile(ttfe, 50) * 1e3 if ttfe else None,
+        "ttfe_p99_ms": c.percentile(ttfe, 99) * 1e3 if ttfe else None,
+        "gap_p99_ms": c.percentile(gaps, 99) * 1e3 if gaps else None,
         "gap_max_ms": gaps[-1] * 1e3 if gaps else None,
         "connections_per_stream": conns / streams if streams else None,
     }
