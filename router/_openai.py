@@ -125,20 +125,22 @@ _encode = msgspec.json.encode
 
 
 # ----------------------------------------------------------------------- wire shapes
+# Decoded from JSON, these are trees that never hold a cycle: `gc=False` keeps the
+# garbage collector from tracking the few made per streamed event.
 
 
-class _Function(msgspec.Struct):
+class _Function(msgspec.Struct, gc=False):
     name: str | None = None
     arguments: str | None = None
 
 
-class _ToolCall(msgspec.Struct):
+class _ToolCall(msgspec.Struct, gc=False):
     id: str | None = None
     function: _Function | None = None
     index: int | None = None
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     content: str | None = None
     tool_calls: list[_ToolCall] | None = None
     refusal: str | None = None
@@ -150,7 +152,7 @@ class _Message(msgspec.Struct):
     audio: Any = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     message: _Message | None = None
     delta: _Message | None = None
     finish_reason: str | None = None
@@ -158,15 +160,15 @@ class _Choice(msgspec.Struct):
     logprobs: Any = None
 
 
-class _PromptDetails(msgspec.Struct):
+class _PromptDetails(msgspec.Struct, gc=False):
     cached_tokens: int | None = None
 
 
-class _CompletionDetails(msgspec.Struct):
+class _CompletionDetails(msgspec.Struct, gc=False):
     reasoning_tokens: int | None = None
 
 
-class _Usage(msgspec.Struct):
+class _Usage(msgspec.Struct, gc=False):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
@@ -176,7 +178,7 @@ class _Usage(msgspec.Struct):
     """DeepSeek's name for the cached prompt tokens."""
 
 
-class _Completion(msgspec.Struct):
+class _Completion(msgspec.Struct, gc=False):
     choices: list[_Choice] | None = None
     model: str | None = None
     usage: _Usage | None = None
