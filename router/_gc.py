@@ -5,8 +5,9 @@ next event, and every event replaces the chain with a new one. CPython collects 
 youngest generation whenever allocations outrun deallocations by 700 objects; with
 thousands of streams open, those collections keep finding tens of thousands of young
 parked frames to walk (none of them garbage), and the walks grow with the number of
-streams. At 3,000 token-by-token streams in one process, the default thresholds spent
-about half of the CPU in collections (`benchmarks/scaling.py --sections streams`).
+streams. At 3,000 token-by-token streams in one process, collections took 12-39% of
+the CPU with the default thresholds, from run to run, and 5-6% with a first threshold
+of 10,000 (`benchmarks/scaling.py --sections streams`).
 Raising the first threshold makes such collections rare; objects still go away by
 reference counting the moment they are unused, and only garbage cycles (rare on the
 request path) wait longer.
