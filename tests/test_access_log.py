@@ -27,15 +27,6 @@ def _serve(config: Path, *extra: str) -> Proc:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
 def config(emulator: Proc, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("access") / "router.toml"
     path.write_text(_config(emulator.url))

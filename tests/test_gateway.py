@@ -126,15 +126,6 @@ class Proc:
                 self.proc.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
 def _start_gateway(tmp: Path, emulator_url: str, grace: float = 10.0) -> Proc:
     config = tmp / "router.toml"
     config.write_text(_config(emulator_url, grace))

@@ -102,15 +102,6 @@ upstream = "claude-sonnet-4-5"
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
 def gateway(emulator: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     config: Path = tmp_path_factory.mktemp("fidelity") / "router.toml"
     config.write_text(_config(emulator.url))

@@ -363,30 +363,12 @@ upstream = "gpt-4o"
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def emulator_proc() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
 def pair(
-    emulator_proc: Proc, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    emulator: Proc, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Proc]]:
     """Two `llm-router serve` processes sharing one redis-server."""
     path = tmp_path_factory.mktemp("quota-shared") / "router.toml"
-    path.write_text(_shared_config(emulator_proc.url, redis.port, f"q-{uuid.uuid4().hex[:8]}"))
+    path.write_text(_shared_config(emulator.url, redis.port, f"q-{uuid.uuid4().hex[:8]}"))
     procs: list[Proc] = []
     try:
         for _ in range(2):
@@ -437,17 +419,17 @@ def _usage(proc: Proc) -> dict[str, Any]:
 
 
 def test_two_processes_enforce_one_rpm_and_one_budget_through_redis(
-    pair: list[Proc], emulator_proc: Proc
+    pair: list[Proc], emulator: Proc
 ) -> None:
-    httpx.post(f"{emulator_proc.url}/_emulator/reset", timeout=5).raise_for_status()
+    httpx.post(f"{emulator.url}/_emulator/reset", timeout=5).raise_for_status()
     statuses = [_post(pair[i % 2], "rpm").status_code for i in range(4)]
     assert statuses == [200, 200, 200, 429]
     over = _post(pair[0], "rpm")
     assert over.status_code == 429 and int(over.headers["retry-after"]) >= 50
-    assert _upstream_calls(emulator_proc) == 3
+    assert _upstream_calls(emulator) == 3
 
     fault = {"faults": [{"usage": {"prompt_tokens": 5000, "completion_tokens": 1000}}]}
-    httpx.post(f"{emulator_proc.url}/_emulator/script", json=fault, timeout=5)
+    httpx.post(f"{emulator.url}/_emulator/script", json=fault, timeout=5)
     assert _post(pair[0], "budget").status_code == 200
     deadline = time.monotonic() + 5
     while True:  # the spend is charged off the request path: wait until Redis has it
@@ -459,7 +441,7 @@ def test_two_processes_enforce_one_rpm_and_one_budget_through_redis(
     refused_elsewhere = _post(pair[1], "budget")
     assert refused_elsewhere.status_code == 429
     assert refused_elsewhere.json()["error"]["code"] == "budget_quota_exceeded"
-    assert _upstream_calls(emulator_proc) == 4
+    assert _upstream_calls(emulator) == 4
 
     deadline = time.monotonic() + 5
     while True:  # each instance adds its totals to Redis about once a second
@@ -476,7 +458,7 @@ def test_two_processes_enforce_one_rpm_and_one_budget_through_redis(
 
 
 def test_with_redis_down_quotas_are_counted_locally_and_say_so(
-    pair: list[Proc], redis: RedisServer, emulator_proc: Proc
+    pair: list[Proc], redis: RedisServer, emulator: Proc
 ) -> None:
     redis.stop()
     try:

@@ -419,17 +419,6 @@ def test_no_secret_in_reload_result_or_error(monkeypatch):
 # -- shared state (a real redis-server) ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from test_shared import RedisServer
-
-    server = RedisServer(tmp_path_factory.mktemp("redis-reload"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _shared_config(port: int, prefix: str, keys: tuple[str, ...]) -> RouterConfig:
     key_list = ", ".join(f'{{ id = "{k}" }}' for k in keys)
     return RouterConfig.from_toml(f"""

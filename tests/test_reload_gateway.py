@@ -11,11 +11,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from test_gateway import Proc
 
 KEY = "reload-secret-alice-0001"
@@ -65,15 +64,6 @@ def write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
 
 
 def start(path: Path, *extra: str) -> Proc:

@@ -164,24 +164,6 @@ def _stop(proc: Proc) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[Proc]:
-    proc = Proc(["-m", "router.emulator", "--port", "0"], "http://")
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
 def config_path(
     emulator: Proc, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:

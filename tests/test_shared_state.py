@@ -5,7 +5,6 @@ half-open probe lease: one instance probes a lane (a key's upstream model), not 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -175,15 +174,6 @@ def test_mask_url() -> None:
 
 
 # -- the probe lease, two routers in one run --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-lease"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _lease_config(port: int, prefix: str) -> RouterConfig:
