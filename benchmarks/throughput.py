@@ -521,37 +521,34 @@ def evaluate_targets(payload: dict[str, Any]) -> list[list[str]]:
         return None if r is None or "skipped" in r else r.get(field)
 
     targets: list[list[str]] = []
-    r64, raw64 = get("router", 64, "cpu_us"), get("raw", 64, "cpu_us")
-    if r64:
-        targets.append([
-            "router.submit over HTTP at 64: ≤ 300 µs CPU/request (#13)",
-            f"{r64:,.0f} µs", "met" if r64 <= 300 else "not met",
-        ])  # fmt: skip
-    if r64 and raw64:
-        targets.append([
-            "router.submit ≥ 3x less CPU than raw httpx at 64 (#13)",
-            f"{raw64:,.0f} / {r64:,.0f} µs = {raw64 / r64:.1f}x",
-            "met" if raw64 / r64 >= 3 else "not met",
-        ])  # fmt: skip
-    lite = get("litellm", 64, "cpu_us")
-    if r64 and lite:
-        targets.append([
-            "router.submit ≥ 20x less CPU than LiteLLM Router at 64 (#13)",
-            f"{lite:,.0f} / {r64:,.0f} µs = {lite / r64:.1f}x",
-            "met" if lite / r64 >= 20 else "not met",
-        ])  # fmt: skip
-    g64, p64 = get("gateway", 64, "cpu_us"), get("litellm-proxy", 64, "cpu_us")
-    if g64:
-        targets.append([
-            "gateway at 64: ≤ 1,000 µs CPU/request (#13)",
-            f"{g64:,.0f} µs", "met" if g64 <= 1000 else "not met",
-        ])  # fmt: skip
-    if g64 and p64:
-        targets.append([
-            "gateway ≥ 10x less CPU than LiteLLM's proxy at 64 (#13)",
-            f"{p64:,.0f} / {g64:,.0f} µs = {p64 / g64:.1f}x",
-            "met" if p64 / g64 >= 10 else "not met",
-        ])  # fmt: skip
+
+    def at_most(label: str, value: float | None, limit: float) -> None:
+        """A CPU µs ceiling."""
+        if value:
+            targets.append([label, f"{value:,.0f} µs", "met" if value <= limit else "not met"])
+
+    def times_less(label: str, theirs: float | None, ours: float | None, factor: float) -> None:
+        """Ours at least `factor` times less CPU than theirs."""
+        if theirs and ours:
+            targets.append([
+                label, f"{theirs:,.0f} / {ours:,.0f} µs = {theirs / ours:.1f}x",
+                "met" if theirs / ours >= factor else "not met",
+            ])  # fmt: skip
+
+    r64, g64 = get("router", 64, "cpu_us"), get("gateway", 64, "cpu_us")
+    at_most("router.submit over HTTP at 64: ≤ 300 µs CPU/request (#13)", r64, 300)
+    times_less(
+        "router.submit ≥ 3x less CPU than raw httpx at 64 (#13)", get("raw", 64, "cpu_us"), r64, 3
+    )
+    times_less(
+        "router.submit ≥ 20x less CPU than LiteLLM Router at 64 (#13)",
+        get("litellm", 64, "cpu_us"), r64, 20,
+    )  # fmt: skip
+    at_most("gateway at 64: ≤ 1,000 µs CPU/request (#13)", g64, 1000)
+    times_less(
+        "gateway ≥ 10x less CPU than LiteLLM's proxy at 64 (#13)",
+        get("litellm-proxy", 64, "cpu_us"), g64, 10,
+    )  # fmt: skip
     overhead = c.RESULTS / "overhead.json"
     if overhead.exists():
         rows = json.loads(overhead.read_text())["rows"]
