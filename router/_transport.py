@@ -78,6 +78,7 @@ import httptools
 import httpx
 import trio
 
+from ._hub import Watch, current_hub
 from ._provider import STREAM_CUT
 
 __all__ = ["IDLE_CHECK_AFTER", "LeanClient", "RouterTransport"]
@@ -126,6 +127,7 @@ class _Connection:
         "skip_body",
         "socket",
         "stream",
+        "watch",
     )
 
     def __init__(
@@ -150,6 +152,8 @@ class _Connection:
         self.body: list[bytes] = []
         self.received = 0
         self.headers_done = self.complete = self.dirty = False
+        self.watch: Watch | None = None
+        """Its place in the run's `ReadHub` once a body read had to wait (plain TCP)."""
 
     def start(self, request: httpx.Request, keep_alive: bool, read_timeout: float | None) -> int:
         """Take `request`'s exchange; returns its generation (a stale body stream holds
@@ -180,6 +184,10 @@ class _Connection:
         """Close at once, without a TLS close_notify (a discarded connection owes the
         peer nothing, and this must work inside a cancelled scope)."""
         self.fd = -1
+        watch = self.watch
+        if watch is not None:
+            self.watch = None
+            watch.close()
         self.socket.close()
 
     # httptools callbacks
@@ -381,13 +389,23 @@ class _Body(httpx.AsyncByteStream):
                             f"no body data within {timeout} s", request=connection.request
                         )
                 elif connection.plain and connection.fd >= 0:
-                    try:  # (`receive` and `read_ready`, without their frames)
-                        await trio.lowlevel.wait_readable(connection.fd)
+                    # Through the run's read hub (`router._hub`): one epoll wakeup for
+                    # all streams, no syscall to arm the socket per read, and nothing
+                    # allocated to park (inlined: this runs once per streamed token).
+                    watch = connection.watch
+                    if watch is None or watch.hub.closed:
+                        watch = connection.watch = current_hub().watch(connection.fd)
+                    try:
+                        if not watch.ready:
+                            await watch.wait()
                         data = os.read(connection.fd, _READ_SIZE)
                     except BlockingIOError:
-                        continue  # a spurious wakeup
+                        watch.ready = False  # drained: the next edge says when to read
+                        continue
                     except (trio.ClosedResourceError, OSError) as exc:
                         raise httpx.ReadError(_describe(exc), request=connection.request) from None
+                    if len(data) < _READ_SIZE:
+                        watch.ready = False  # a short read drained it (more raises an edge)
                     if data:
                         connection.feed(data)
                     else:
@@ -418,7 +436,9 @@ class _Body(httpx.AsyncByteStream):
             and connection.request is not None
             and connection.fd >= 0
         ):
-            trio.lowlevel.notify_closing(connection.fd)
+            watch = connection.watch
+            if watch is None or not watch.cut("the read was cut (stream idle)"):
+                trio.lowlevel.notify_closing(connection.fd)  # (a read parked in trio)
 
 
 def _describe(exc: BaseException) -> str:
