@@ -477,6 +477,7 @@ class HttpProvider:
                                             batch += decode(event)
                                     except ProviderError as exc:
                                         broken = exc  # after the chunks before it
+                            del events  # (not parked with the reader until the next read)
                             if batch:
                                 yield batch
                             if broken is not None:

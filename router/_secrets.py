@@ -329,3 +329,4 @@ class scrubbing:
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.reset(self._token)
+        del self._token  # (not kept alive between uses: a stream's reader parks without it)

@@ -376,8 +376,9 @@ class _Body(httpx.AsyncByteStream):
             while connection.generation == generation and connection.request is not None:
                 body = connection.body
                 if body:
-                    connection.body = []
-                    return body[0] if len(body) == 1 else b"".join(body)
+                    data = body[0] if len(body) == 1 else b"".join(body)
+                    body.clear()  # (the same list again: none made per read)
+                    return data
                 if connection.complete:
                     break
                 timeout = connection.read_timeout
@@ -396,8 +397,11 @@ class _Body(httpx.AsyncByteStream):
                     if watch is None or watch.hub.closed:
                         watch = connection.watch = current_hub().watch(connection.fd)
                     try:
-                        if not watch.ready:
-                            await watch.wait()
+                        if not watch.ready:  # park (`Watch.wait`, without its frame)
+                            if watch.reader is not None:
+                                raise trio.BusyResourceError("another task is reading this body")
+                            watch.reader = trio.lowlevel.current_task()
+                            await trio.lowlevel.wait_task_rescheduled(watch.abort)
                         data = os.read(connection.fd, _READ_SIZE)
                     except BlockingIOError:
                         watch.ready = False  # drained: the next edge says when to read
