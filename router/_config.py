@@ -180,6 +180,11 @@ class GatewayConfig(_Section):
     `timeout`); a request may shorten its deadline, never extend it past this."""
     body_timeout: Positive = 30.0
     """Seconds a client has to send the whole request body once its headers are in."""
+    send_timeout: Positive = 30.0
+    """Seconds a client may go without taking any of its answer while the gateway has
+    bytes waiting for it (the socket's buffers full: the client stopped reading); each
+    64 KiB it takes starts the time over. Past it the connection is closed and its
+    requests end, upstream streams included, which frees their keys' slots."""
     max_connections: PositiveInt = 4096
     """Concurrent client connections; past it new connections are refused."""
     max_in_flight: PositiveInt = 512

@@ -378,6 +378,7 @@ class GatewayApp:
         self.config = config
         self.max_body = gw.max_body_bytes
         self.body_timeout = gw.body_timeout
+        self.send_timeout = gw.send_timeout
         self.max_in_flight = gw.max_in_flight
         self.max_queue_delay = gw.max_queue_delay
         self.max_connections = gw.max_connections

@@ -271,7 +271,7 @@ class GatewayMetrics:
         self.rejected = Counter(
             "llm_router_gateway_rejected",
             "Requests and connections refused by the gateway's limits, by reason "
-            "(in_flight, queue_delay, draining, connections, body_timeout)",
+            "(in_flight, queue_delay, draining, connections, body_timeout, send_timeout)",
             ["reason"],
             registry=registry,
         )

@@ -28,6 +28,9 @@ computed, so it would cut legitimate requests; the app bounds the body instead
 keep-alive timeout (the connection counts as idle until the head is complete) and by
 `h11_max_incomplete_size` (16 KiB, 431). Hypercorn answers a request it cannot parse
 with an empty body; `_protocol_errors_as_json` gives those answers the OpenAI shape.
+Hypercorn's writes have no deadline; ours (`_Connection._send_within`) give a client that
+stops reading `gateway.send_timeout` to take the next 64 KiB, then close its connection
+and cancel its requests (an unread stream would otherwise hold its upstream key's slot).
 
 Shutdown (SIGTERM or SIGINT, or `shutdown_trigger` returning): the listening socket
 closes at once (new connections are refused, not accepted and dropped), idle
@@ -202,7 +205,7 @@ async def _serve_http(
     async def connection(stream: trio.SocketStream) -> None:
         streams.add(stream)
         try:
-            await _Connection(asgi, hc, context, state, stream).run()
+            await _Connection(app, asgi, hc, context, state, stream).run()
         except Exception:  # one connection's failure never ends the server
             log.exception("connection handler failed")
         finally:
@@ -278,10 +281,11 @@ class _Connection(TCPServer):
     the timer is stopped, so the handler ends when its request task does.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, gateway: GatewayApp, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = _KeepAlive(self)  # type: ignore[assignment]
         self.client = ClientConnection()
+        self.gateway = gateway
 
     async def run(self) -> None:
         # The app's tasks for this connection start from this task: they see it.
@@ -304,9 +308,9 @@ class _Connection(TCPServer):
         For a stream relayed token by token that path was most of the gateway's CPU per
         event. Here, when no other send is under way on this connection (the lock is
         free), the bytes are written straight to the non-blocking socket; whatever the
-        kernel did not take (a slow reader, a large body) goes through Hypercorn's path,
+        kernel did not take (a slow reader, a large body) goes through `_send_within`,
         which keeps the order since it waits for the lock. TLS connections always take
-        Hypercorn's path."""
+        that path."""
         if type(event) is RawData and not self.send_lock.locked():
             stream: trio.abc.Stream = self.stream
             if type(stream) is trio.SocketStream:
@@ -323,7 +327,47 @@ class _Connection(TCPServer):
                     if sent == len(data):
                         return
                     event = RawData(data=data[sent:])
-        await super().protocol_send(event)
+        if type(event) is RawData:
+            await self._send_within(event.data)
+        else:
+            await super().protocol_send(event)
+
+    async def _send_within(self, data: bytes) -> None:
+        """Hypercorn's send (behind the send lock, in order, shielded from the app's
+        cancellation so a write is never left half done), with a deadline: Hypercorn's
+        has none, so a client that stops reading (its socket buffers full) held the
+        request's task, and through it the upstream stream and the key's slot, for as
+        long as it kept the connection open. When the client takes no 64 KiB of what
+        waits for it within `gateway.send_timeout`, the connection is closed and the
+        calls on it are cancelled, as when the client leaves."""
+        timeout = self.gateway.send_timeout
+        async with self.send_lock:
+            with trio.CancelScope(shield=True) as scope:
+                try:
+                    # The deadline is for progress, not for the whole: it starts over
+                    # for each 64 KiB the client takes, so a slow but steady reader of a
+                    # long answer is never cut.
+                    view = memoryview(data)
+                    for start in range(0, len(view), _SEND_PIECE):
+                        scope.deadline = trio.current_time() + timeout
+                        await self.stream.send_all(view[start : start + _SEND_PIECE])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+        if scope.cancelled_caught:
+            self.gateway.metrics.rejected.labels("send_timeout").inc()
+            log.warning(
+                "a client took no part of its answer for %g s (gateway.send_timeout): "
+                "connection closed, its requests cancelled",
+                timeout,
+            )
+            self.client.close()
+            await trio.aclose_forcefully(self.stream)
+            await self.protocol.handle(Closed())
+
+
+_SEND_PIECE: Final = 65536
+"""Bytes a blocked write gets `gateway.send_timeout` for (`_Connection._send_within`)."""
 
 
 class _KeepAlive:
