@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -134,10 +134,8 @@ def test_no_byte_of_a_streamed_body_is_left_unread(writes):
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-async def test_a_cut_wakes_the_parked_reader_and_only_it(pairs, autojump_clock):
-    a, _b = pair(pairs)
-    watch = current_hub().watch(a.fileno())
-    assert watch.cut("nobody waits") is False  # no reader: nothing happens
+async def parked_then(watch: Watch, end: Callable[[], object]) -> list[BaseException]:
+    """Park a reader on `watch`, call `end()` once it waits; what the reader raised."""
     watch.ready = False
     failed: list[BaseException] = []
 
@@ -150,7 +148,15 @@ async def test_a_cut_wakes_the_parked_reader_and_only_it(pairs, autojump_clock):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
-        assert watch.cut("idle for 1s") is True
+        assert end() is not False
+    return failed
+
+
+async def test_a_cut_wakes_the_parked_reader_and_only_it(pairs, autojump_clock):
+    a, _b = pair(pairs)
+    watch = current_hub().watch(a.fileno())
+    assert watch.cut("nobody waits") is False  # no reader: nothing happens
+    failed = await parked_then(watch, lambda: watch.cut("idle for 1s"))
     assert [str(exc) for exc in failed] == ["idle for 1s"]
     assert watch.reader is None
 
@@ -160,21 +166,12 @@ async def test_closing_wakes_the_reader_and_frees_the_descriptor_number(pairs, a
     a, b = pair(pairs)
     fd = a.fileno()
     watch = hub.watch(fd)
-    watch.ready = False
-    failed: list[BaseException] = []
 
-    async def reader() -> None:
-        try:
-            await watch.wait()
-        except trio.ClosedResourceError as exc:
-            failed.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        await trio.testing.wait_all_tasks_blocked()
+    def close() -> None:
         watch.close()
         a.close()
-    assert len(failed) == 1
+
+    assert len(await parked_then(watch, close)) == 1
     # The same descriptor number, reused by a new socket, is watched afresh.
     c, d = pair(pairs)
     again = hub.watch(c.fileno())
