@@ -78,7 +78,7 @@ import httptools
 import httpx
 import trio
 
-from ._hub import Watch, current_hub
+from ._hub import HUB, Watch, current_hub
 from ._provider import STREAM_CUT
 
 __all__ = ["IDLE_CHECK_AFTER", "LeanClient", "RouterTransport"]
@@ -389,7 +389,7 @@ class _Body(httpx.AsyncByteStream):
                         raise httpx.ReadTimeout(
                             f"no body data within {timeout} s", request=connection.request
                         )
-                elif connection.plain and connection.fd >= 0:
+                elif HUB and connection.plain and connection.fd >= 0:
                     # Through the run's read hub (`router._hub`): one epoll wakeup for
                     # all streams, no syscall to arm the socket per read, and nothing
                     # allocated to park (inlined: this runs once per streamed token).

@@ -8,6 +8,7 @@ shows as a timeout, not as a hung suite.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import router._hub
+import router._transport
 from router._hub import ReadHub, Watch, current_hub
 from router._transport import _READ_SIZE, LeanClient, RouterTransport
 
@@ -235,3 +238,30 @@ def test_a_hub_ends_with_its_run_and_a_connection_moves_to_the_next():
     assert trio.run(one_run) == b"body"  # (a new server: the old connection is stale)
     assert hubs[1] is not hubs[0]
     assert hubs[1].wakeups >= 1
+
+
+async def test_without_epoll_a_streamed_body_waits_in_trio(monkeypatch, autojump_clock):
+    # Where `select.epoll` is missing (`HUB` False) the transport never starts a hub.
+    monkeypatch.setattr(router._transport, "HUB", False)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b"one", b"two"):
+            await trio.sleep(1.0)
+            await stream.send_all(b"3\r\n%b\r\n" % piece)
+        await stream.send_all(b"0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0))
+        port = listeners[0].socket.getsockname()[1]
+        async with (
+            LeanClient(transport=RouterTransport()) as http,
+            http.stream(
+                "GET", f"http://127.0.0.1:{port}/", timeout=httpx.Timeout(5, read=None)
+            ) as response,
+        ):
+            assert [piece async for piece in response.aiter_raw()] == [b"one", b"two"]
+        with pytest.raises(LookupError):
+            router._hub._HUB.get()  # no hub was started in this run
+        nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import router._transport
 from router import ApiKey, ChatRequest, ConfigError, Message, Router, RouterConfig
 from router._http import HttpProvider, protocol_for
 from router._provider import STREAM_CUT, ReadCut
@@ -805,12 +806,15 @@ async def test_closing_the_transport_closes_connections_in_use_when_they_end(ser
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
+@pytest.mark.parametrize("hub", [True, False], ids=["read-hub", "no-epoll"])
 @pytest.mark.parametrize("scheme", ["http", "https"])
-async def test_a_pending_body_read_is_cut_from_another_task(serve, ca, scheme):
+async def test_a_pending_body_read_is_cut_from_another_task(serve, ca, scheme, hub, monkeypatch):
     # A stream's reader is parked on a stalled body; the key actor's idle timer cuts the
     # read through the cut the transport registered (`STREAM_CUT`): the read fails at
     # once with a ReadError, the connection is closed, never reused, and the next
     # request gets a new one.
+    # (Without epoll, where the read hub is off, a plain read parks in trio instead.)
+    monkeypatch.setattr(router._transport, "HUB", hub)
     tls = _server_context(ca, "localhost") if scheme == "https" else None
     server = await serve(
         answer(Reply([CHUNKED_HEAD + b"5\r\nfirst\r\n"], stall=True), ok(b"again")), tls=tls
