@@ -45,6 +45,24 @@ def pair(made: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket
     return a, b
 
 
+class RequestHeads:
+    """A test server's view of bodiless requests (GET) on one connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> bool:
+        """Wait for the next request's head; False once the client closed."""
+        while b"\r\n\r\n" not in self._buffer:
+            data = await self._stream.receive_some(65536)
+            if not data:
+                return False
+            self._buffer += data
+        self._buffer = self._buffer.split(b"\r\n\r\n", 1)[1]
+        return True
+
+
 async def read_once(watch: Watch) -> bytes:
     """What the transport does: read while marked ready, park when drained."""
     while True:
@@ -101,14 +119,8 @@ def test_no_byte_of_a_streamed_body_is_left_unread(writes):
     async def serve(stream: trio.SocketStream) -> None:
         nonlocal accepted
         accepted += 1
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffer += data
-            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+        requests = RequestHeads(stream)
+        while await requests.next():
             await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
             for n, (size, pause) in enumerate(writes):
                 if pause:
@@ -205,14 +217,8 @@ def test_a_hub_ends_with_its_run_and_a_connection_moves_to_the_next():
     # A transport (and its idle connection) outlives one trio run: the next run's
     # body reads park on that run's hub, not on the stopped one.
     async def serve(stream: trio.SocketStream) -> None:
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffer += data
-            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+        requests = RequestHeads(stream)
+        while await requests.next():
             await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             await trio.sleep(0.05)  # the body comes later: the reader has to park
             await stream.send_all(b"4\r\nbody\r\n0\r\n\r\n")
